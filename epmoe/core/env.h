@@ -1,0 +1,17 @@
+// Environment tunables, all prefixed EPMOE_, read once and cached. The README lists them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace epmoe {
+
+// Integer tunable `EPMOE_<name>`; `fallback` when unset. Throws Error(kInvalidConfig) when the
+// variable is set but not an integer.
+int64_t env_int(const char* name, int64_t fallback);
+std::string env_str(const char* name, const std::string& fallback);
+
+// Budget for every bounded wait (flags, counters, barriers): EPMOE_TIMEOUT_MS, default 10000.
+int64_t wait_timeout_ms();
+
+}  // namespace epmoe

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages epmoe builds against (run as root or with sudo available).
+# The CUDA toolkit (nvcc, cuBLAS, NCCL) is expected in /usr/local/cuda; without nvcc the build
+# still produces the CPU backend.
+set -euo pipefail
+pkgs=(build-essential cmake libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
+      libfmt-dev libopenmpi-dev openmpi-bin)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
