@@ -1,0 +1,56 @@
+// The weights of one MoE layer, in host memory, laid out for the expert bank used by every
+// backend. Loaded from DeepSeek/transformers checkpoint naming or initialised at random.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "epmoe/core/config.h"
+#include "epmoe/core/tensor.h"
+
+namespace epmoe {
+
+struct MoeWeights {
+  MoeConfig config;
+  // gate: [E, H] bf16 or f32, the router weight (logits = x · gateᵀ in f32).
+  Tensor gate;
+  // gate_bias: [E] f32 e_score_correction_bias; numel() == 0 when the checkpoint has none.
+  Tensor gate_bias;
+  // The expert bank: routed experts 0..E-1, then (config.fuse_shared) the n_shared slices of the
+  // shared MLP as experts E..E+n_shared-1 of the same shape (DESIGN §2).
+  // w13: [E_bank, 2I, H] bf16|f32; rows [0, I) are gate_proj, rows [I, 2I) up_proj.
+  Tensor w13;
+  // w2: [E_bank, H, I] bf16|f32 down_proj.
+  Tensor w2;
+  // Unfused shared MLP (config.n_shared_experts > 0 && !config.fuse_shared), else empty:
+  // shared_w13: [2·n_shared·I, H], shared_w2: [H, n_shared·I], same dtype as w13.
+  Tensor shared_w13;
+  Tensor shared_w2;
+
+  int bank_size() const { return config.n_routed_experts + config.fused_shared(); }
+  bool has_bias() const { return gate_bias.numel() > 0; }
+};
+
+// Deterministic random weights for a preset-style config: N(0, 1/sqrt(fan_in)) rounded to bf16;
+// a small random e_score_correction_bias for sigmoid scoring (none for softmax).
+MoeWeights random_moe_weights(const MoeConfig& config, uint64_t seed);
+
+// Moves the shared expert in or out of the bank when the fusion setting changes (the weights are
+// the same numbers either way: a shared MLP of n_shared·I is n_shared MLPs of I).
+MoeWeights with_shared_fusion(MoeWeights weights, bool fuse, bool scale_on_output);
+
+struct LoadOptions {
+  // Tensor-name prefix, e.g. "model.layers.3.mlp." for a full checkpoint; "" for layer files.
+  std::string prefix;
+};
+
+// Builds a layer from a safetensors file in DeepSeek/transformers naming (DESIGN §3):
+// gate.weight [E,H], gate.e_score_correction_bias [E] (optional),
+// experts.{e}.{gate,up,down}_proj.weight, shared_experts.{gate,up,down}_proj.weight.
+// FP8 e4m3 weights with a `weight_scale_inv` ([ceil(rows/128), ceil(cols/128)] f32) are
+// dequantised to bf16. `config` must already describe the layer (shapes are checked against it).
+// Throws Error(kBadFile / kMissingTensor / kInvalidArgument) naming the tensor and the problem.
+MoeWeights load_moe_weights(const std::string& path, const MoeConfig& config,
+                            const LoadOptions& options = {});
+
+}  // namespace epmoe
