@@ -1,0 +1,25 @@
+// The single-rank CPU reference of a whole MoE layer (DESIGN §1): the ground truth for the
+// golden files, for the CUDA layer, and for every expert-parallel run.
+#pragma once
+
+#include "epmoe/core/tensor.h"
+#include "epmoe/weights/moe_weights.h"
+
+namespace epmoe {
+
+struct LayerResult {
+  Tensor y;             // [T, H] f32
+  Tensor topk_ids;      // [T, K'] i32
+  Tensor topk_weights;  // [T, K'] f32
+};
+
+// x: [T, H] bf16|f32. Routed experts (and fused shared experts) through preprocess →
+// pre_reorder → contiguous expert MLP → post_reorder; the unfused shared MLP added after; the
+// output scaled by rsf when the config says scale_on_output.
+LayerResult moe_forward_cpu(const MoeWeights& weights, const TensorView& x, int threads = 0);
+
+// The shared expert alone on rows: out: [T, H] f32 += shared MLP(x) (unfused layout).
+void add_shared_expert_cpu(const TensorView& out, const MoeWeights& weights, const TensorView& x,
+                           int threads = 0);
+
+}  // namespace epmoe
