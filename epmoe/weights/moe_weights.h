@@ -53,4 +53,36 @@ struct LoadOptions {
 MoeWeights load_moe_weights(const std::string& path, const MoeConfig& config,
                             const LoadOptions& options = {});
 
+// --- additions beyond the original interface ------------------------------------------------
+
+class SafetensorsFile;
+
+// The same, from a file already open (tests compare the bank against the file's own tensors).
+MoeWeights load_moe_weights(const SafetensorsFile& file, const MoeConfig& config,
+                            const LoadOptions& options = {});
+
+// Reads `__metadata__.config`, the JSON the golden files and save_moe_weights carry (keys hidden,
+// moe_intermediate, n_routed_experts, top_k, n_group, topk_group, n_shared_experts,
+// routed_scaling_factor, norm_topk_prob, scoring; others ignored), into a validated MoeConfig
+// with fuse_shared = false. Throws Error(kBadFile) naming the file and the missing or ill-typed
+// key, or the rule the described layer breaks.
+MoeConfig config_from_safetensors_metadata(const SafetensorsFile& file);
+MoeConfig config_from_safetensors_metadata(const std::string& path);
+
+// Writes `weights` in checkpoint naming (the inverse of load_moe_weights: a fused shared expert
+// is written back as one shared MLP), in the bank's dtype, with `__metadata__.config`.
+void save_moe_weights(const std::string& path, const MoeWeights& weights,
+                      const std::string& prefix = "");
+
+// Throws Error(kInvalidArgument) naming the first tensor whose dtype or shape does not match
+// weights.config (see MoeWeights for the contract).
+void validate_moe_weights(const MoeWeights& weights);
+
+// Host memory this process may still allocate: /proc/meminfo MemAvailable, capped by a cgroup v2
+// limit; sysconf(_SC_AVPHYS_PAGES) where /proc is absent.
+uint64_t available_host_memory();
+// Throws Error(kUnsupported) giving the GiB needed and available when `bytes` exceed 3/4 of
+// available_host_memory() (the rest is left for activations and the system).
+void check_host_memory(uint64_t bytes, const std::string& what);
+
 }  // namespace epmoe
