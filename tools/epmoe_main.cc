@@ -1,17 +1,59 @@
+// The epmoe command-line tool: thin front end over the library.
 #include <cstdio>
+#include <exception>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
 #include "epmoe/core/config.h"
+#include "epmoe/core/error.h"
+#include "tools/run_command.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"epmoe: Mixture-of-Experts layers under expert parallelism"};
-  auto* presets = app.add_subcommand("presets", "list the built-in model presets");
   app.require_subcommand(1);
-  CLI11_PARSE(app, argc, argv);
-  if (presets->parsed()) {
-    for (const auto& p : epmoe::presets()) fmt::print("{:18} {}\n", p.name, p.config.summary());
+
+  auto* presets = app.add_subcommand("presets", "list the built-in model presets");
+
+  epmoe::cli::RunOptions run;
+  auto* run_cmd = app.add_subcommand("run", "run one MoE layer forward (default: deepseek-v3-tiny, "
+                                            "4 CPU ranks, uneven tokens, checked)");
+  run_cmd->add_option("--preset", run.preset, "model preset (see `epmoe presets`)");
+  run_cmd->add_option("--golden", run.golden, "safetensors layer file with expected outputs");
+  run_cmd->add_option("--ranks", run.ranks, "expert-parallel ranks");
+  run_cmd->add_option("--tokens", run.tokens,
+                      "tokens per rank: N for every rank, or a comma list (one per rank)");
+  run_cmd->add_option("--max-tokens", run.max_tokens, "T_max, the per-rank buffer capacity");
+  run_cmd->add_option("--mode", run.mode, "normal | low-latency");
+  run_cmd->add_option("--backend", run.backend, "cpu | cuda");
+  run_cmd->add_option("--iters", run.iters, "timed iterations (median reported)");
+  run_cmd->add_flag("--check,!--no-check", run.check,
+                    "compare with the single-rank reference (and the golden output)");
+  run_cmd->add_flag("--fuse-shared", run.fuse_shared, "run the shared expert as fused experts");
+  run_cmd->add_flag("--scale-on-output", run.scale_on_output,
+                    "with --fuse-shared: routed weights exclude rsf, output scaled by rsf");
+  run_cmd->add_option("--threads", run.threads, "CPU threads in all (default: every core)");
+  run_cmd->add_option("--seed", run.seed, "seed of the random weights and inputs");
+  run_cmd->add_option("--json", run.json, "write machine-readable results to this file");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    if (presets->parsed()) {
+      for (const auto& p : epmoe::presets())
+        fmt::print("{:18} {}\n{:18} {}\n", p.name, p.description, "", p.config.summary());
+      return 0;
+    }
+    if (run_cmd->parsed()) return epmoe::cli::run_command(run);
+  } catch (const epmoe::Error& e) {
+    fmt::print(stderr, "epmoe: error: {}\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "epmoe: error: {}\n", e.what());
+    return 2;
   }
   return 0;
 }

@@ -74,11 +74,12 @@ class Tensor {
   int64_t numel() const { return shape_.numel(); }
   size_t nbytes() const { return size_t(numel()) * dtype_size(dtype_); }
   bool empty() const { return numel() == 0; }
+  bool defined() const { return data_ != nullptr; }
 
  private:
   struct Free { void operator()(void* p) const; };
   std::unique_ptr<void, Free> data_;
-  Shape shape_;
+  Shape shape_{0};  // a default tensor holds no elements
   DType dtype_ = DType::kF32;
 };
 

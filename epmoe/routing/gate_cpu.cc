@@ -17,9 +17,9 @@ void gate_gemm_cpu(const TensorView& logits, const TensorView& x, const TensorVi
               x.shape.str(), weight.shape.str());
   logits.expect("logits", DType::kF32, {t, e});
   float* out = logits.as<float>();
-  const int64_t grain = 16;
+  const int64_t grain = 64;
   parallel_for(t, grain, threads, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(size_t(grain * h));
+    std::vector<float> row(static_cast<size_t>((end - begin) * h));
     for (int64_t i = begin; i < end; ++i) {
       float* dst = row.data() + (i - begin) * h;
       if (x.dtype == DType::kF32) {

@@ -1,0 +1,313 @@
+#include "tools/run_command.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <set>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "epmoe/core/parallel.h"
+#include "epmoe/ep/ep_runner.h"
+#include "epmoe/layer/moe_layer_cpu.h"
+#include "epmoe/weights/moe_weights.h"
+#include "epmoe/weights/safetensors.h"
+#if defined(EPMOE_WITH_CUDA) && __has_include("epmoe/layer/moe_layer_cuda.h")
+#include "epmoe/cuda/device.h"
+#include "epmoe/layer/moe_layer_cuda.h"
+#define EPMOE_CLI_CUDA 1
+#endif
+
+namespace epmoe::cli {
+
+namespace {
+
+using json = nlohmann::json;
+
+std::vector<int64_t> parse_tokens(const std::string& spec, int ranks) {
+  std::vector<int64_t> out;
+  if (spec.empty()) {  // uneven by default, with an empty rank when there are several
+    for (int r = 0; r < ranks; ++r) out.push_back(ranks > 1 && r == 1 ? 0 : 40 + (61 * r) % 89);
+    return out;
+  }
+  std::stringstream ss(spec);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    char* end = nullptr;
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    EPMOE_CHECK(!item.empty() && *end == '\0' && v >= 0, kInvalidArgument,
+                "--tokens: '{}' is not a non-negative integer", item);
+    out.push_back(v);
+  }
+  if (out.size() == 1) out.assign(size_t(ranks), out[0]);
+  EPMOE_CHECK(int(out.size()) == ranks, kInvalidArgument,
+              "--tokens lists {} counts for {} ranks", out.size(), ranks);
+  return out;
+}
+
+Tensor random_input(int64_t t, int64_t h, uint64_t seed) {
+  Tensor x(DType::kBF16, {t, h});
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.f, 1.f);
+  bf16* p = x.as<bf16>();
+  for (int64_t i = 0; i < t * h; ++i) p[i] = f32_to_bf16(d(rng));
+  return x;
+}
+
+double rel_l2(const float* a, const float* b, int64_t n) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = double(a[i]) - double(b[i]);
+    num += d * d;
+    den += double(b[i]) * double(b[i]);
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// Compares per-token id sets (and weights matched by id) of two routings.
+struct RoutingDiff {
+  int64_t tokens_differing = 0;
+  double max_weight_diff = 0;
+};
+RoutingDiff compare_routing(const TensorView& ids_a, const TensorView& w_a, const TensorView& ids_b,
+                            const TensorView& w_b, int k_cmp) {
+  RoutingDiff d;
+  const int64_t T = ids_a.shape[0];
+  const int64_t ka = ids_a.shape[1], kb = ids_b.shape[1];
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<std::pair<int, float>> a, b;
+    for (int k = 0; k < k_cmp; ++k) {
+      a.emplace_back(ids_a.as<int32_t>()[t * ka + k], w_a.as<float>()[t * ka + k]);
+      b.emplace_back(ids_b.as<int32_t>()[t * kb + k], w_b.as<float>()[t * kb + k]);
+    }
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    bool same = true;
+    for (int k = 0; k < k_cmp; ++k) {
+      same &= a[size_t(k)].first == b[size_t(k)].first;
+      if (same)
+        d.max_weight_diff =
+            std::max(d.max_weight_diff, double(std::fabs(a[size_t(k)].second - b[size_t(k)].second)));
+    }
+    d.tokens_differing += same ? 0 : 1;
+  }
+  return d;
+}
+
+void print_stage_table(const std::vector<EpStageTimes>& times) {
+  const int R = int(times.size());
+  std::string head = fmt::format("{:<10}", "stage (ms)");
+  for (int r = 0; r < R; ++r) head += fmt::format(" {:>9}", fmt::format("rank {}", r));
+  fmt::print("{} {:>9}\n", head, "max");
+  const std::pair<const char*, double EpStageTimes::*> rows[] = {
+      {"gate", &EpStageTimes::gate},       {"dispatch", &EpStageTimes::dispatch},
+      {"experts", &EpStageTimes::experts}, {"combine", &EpStageTimes::combine},
+      {"shared", &EpStageTimes::shared},   {"total", &EpStageTimes::total}};
+  for (const auto& row : rows) {
+    std::string line = fmt::format("{:<10}", row.first);
+    double mx = 0;
+    for (int r = 0; r < R; ++r) {
+      const double v = times[size_t(r)].*(row.second);
+      mx = std::max(mx, v);
+      line += fmt::format(" {:>9.3f}", v);
+    }
+    fmt::print("{} {:>9.3f}\n", line, mx);
+  }
+}
+
+}  // namespace
+
+int run_command(const RunOptions& o) {
+  EPMOE_CHECK(o.iters >= 1, kInvalidArgument, "--iters must be >= 1, got {}", o.iters);
+  EPMOE_CHECK(o.ranks >= 1, kInvalidConfig, "--ranks must be >= 1, got {}", o.ranks);
+  EPMOE_CHECK(o.backend == "cpu" || o.backend == "cuda", kInvalidArgument,
+              "--backend must be 'cpu' or 'cuda', got '{}'", o.backend);
+  const EpMode mode = parse_ep_mode(o.mode);
+
+  // ---- the layer ----
+  MoeWeights weights;
+  Tensor x_all, golden_out, golden_ids, golden_w;
+  std::string source;
+  std::unique_ptr<SafetensorsFile> file;
+  if (!o.golden.empty()) {
+    file = std::make_unique<SafetensorsFile>(o.golden);
+    MoeConfig cfg = config_from_safetensors_metadata(*file);
+    cfg.fuse_shared = o.fuse_shared && cfg.n_shared_experts > 0;
+    cfg.scale_on_output = o.scale_on_output && cfg.fuse_shared;
+    weights = load_moe_weights(o.golden, cfg);
+    const TensorView in = file->tensor("input");
+    EPMOE_CHECK(in.shape.rank == 2 && in.shape[1] == cfg.hidden, kBadFile,
+                "{}: 'input' must be [T, {}], got {}", o.golden, cfg.hidden, in.shape.str());
+    x_all = to_dtype(in, in.dtype == DType::kF32 ? DType::kF32 : DType::kBF16);
+    golden_out = to_f32(file->tensor("output"));
+    golden_ids = to_dtype(file->tensor("topk_ids"), DType::kI32);
+    golden_w = to_f32(file->tensor("topk_weights"));
+    source = o.golden;
+  } else {
+    MoeConfig cfg = find_preset(o.preset).config;
+    cfg.fuse_shared = o.fuse_shared && cfg.n_shared_experts > 0;
+    cfg.scale_on_output = o.scale_on_output && cfg.fuse_shared;
+    cfg.validate();
+    weights = random_moe_weights(cfg, o.seed);
+    source = "preset " + o.preset;
+  }
+  const MoeConfig& cfg = weights.config;
+  std::vector<int64_t> tokens;
+  if (!o.golden.empty() && o.tokens.empty()) {  // even split of the file's tokens
+    const int64_t T = x_all.shape()[0];
+    for (int r = 0; r < o.ranks; ++r) tokens.push_back(T / o.ranks + (r < T % o.ranks ? 1 : 0));
+  } else {
+    tokens = parse_tokens(o.tokens, o.ranks);
+  }
+  int64_t total = 0;
+  for (int64_t t : tokens) total += t;
+  if (o.golden.empty()) x_all = random_input(total, cfg.hidden, o.seed * 7919 + 1);
+  const std::vector<TensorView> xs = split_rows(x_all, tokens);
+  EpConfig ep{.num_ranks = o.ranks, .mode = mode, .max_tokens_per_rank = o.max_tokens};
+  if (ep.max_tokens_per_rank == 0)
+    for (int64_t t : tokens) ep.max_tokens_per_rank = std::max(ep.max_tokens_per_rank, t);
+  ep.validate(cfg);
+
+  fmt::print("epmoe run: {} | {}\n", source, cfg.summary());
+  std::string tok;
+  for (size_t r = 0; r < tokens.size(); ++r) tok += (r ? "," : "") + std::to_string(tokens[r]);
+  fmt::print("backend {} | {} rank(s), mode {} | tokens per rank [{}], T_max {} | {} iteration(s)\n",
+             o.backend, o.ranks, ep_mode_name(mode), tok, ep.max_tokens_per_rank, o.iters);
+
+  json out;
+  out["source"] = source;
+  out["config"] = {{"hidden", cfg.hidden}, {"moe_intermediate", cfg.moe_intermediate},
+                   {"n_routed_experts", cfg.n_routed_experts}, {"top_k", cfg.top_k},
+                   {"n_group", cfg.n_group}, {"topk_group", cfg.topk_group},
+                   {"n_shared_experts", cfg.n_shared_experts},
+                   {"routed_scaling_factor", cfg.routed_scaling_factor},
+                   {"norm_topk_prob", cfg.norm_topk_prob}, {"scoring", scoring_name(cfg.scoring)},
+                   {"fuse_shared", cfg.fuse_shared}, {"scale_on_output", cfg.scale_on_output}};
+  out["backend"] = o.backend;
+  out["ranks"] = o.ranks;
+  out["mode"] = ep_mode_name(mode);
+  out["tokens_per_rank"] = tokens;
+  out["max_tokens_per_rank"] = ep.max_tokens_per_rank;
+  out["iters"] = o.iters;
+
+  // ---- run ----
+  Tensor y_all(DType::kF32, {total, cfg.hidden});
+  Tensor run_ids, run_w;  // routing of the run (cuda backend reports its own)
+  if (o.backend == "cuda") {
+#ifdef EPMOE_CLI_CUDA
+    cuda::require_device();
+    EPMOE_CHECK(o.ranks == 1, kUnsupported,
+                "the cuda backend runs one rank so far; expert parallelism over NCCL is not built "
+                "yet (use --backend cpu for --ranks {})", o.ranks);
+    fmt::print("device: {}\n", cuda::device_description(0));
+    cuda::CudaMoeLayer layer(weights, 0);
+    LayerResult r = layer.forward(x_all);
+    std::memcpy(y_all.view().data, r.y.view().data, y_all.nbytes());
+    run_ids = std::move(r.topk_ids);
+    run_w = std::move(r.topk_weights);
+    const cuda::CudaStageTimes t = layer.time_forward(x_all, o.iters);
+    EpStageTimes st{t.gate_us / 1e3, t.dispatch_us / 1e3, t.experts_us / 1e3,
+                    t.combine_us / 1e3, t.shared_us / 1e3, t.total_us / 1e3};
+    print_stage_table({st});
+    out["stages_ms"] = {{{"gate", st.gate}, {"dispatch", st.dispatch}, {"experts", st.experts},
+                         {"combine", st.combine}, {"shared", st.shared}, {"total", st.total}}};
+#else
+    EPMOE_FAIL(kUnsupported, "this epmoe was built without CUDA (--backend cuda needs nvcc at "
+                             "build time and a GPU at run time)");
+#endif
+  } else {
+    const int threads = o.threads > 0 ? o.threads : default_cpu_threads();
+    const int per_rank = std::max(1, threads / o.ranks);
+    if (!ep_ranks_are_tree_nodes(cfg.n_routed_experts, o.ranks))
+      fmt::print("note: {} ranks do not split the {} experts along the reduction tree; results "
+                 "match the single-rank layer to rounding, not bitwise\n",
+                 o.ranks, cfg.n_routed_experts);
+    EpRunResult res = run_ep_cpu(weights, ep, xs, o.iters, per_rank);
+    for (int r = 0, row = 0; r < o.ranks; ++r) {
+      std::memcpy(y_all.as<float>() + int64_t(row) * cfg.hidden, res.y[size_t(r)].view().data,
+                  res.y[size_t(r)].nbytes());
+      row += int(tokens[size_t(r)]);
+    }
+    print_stage_table(res.median_times);
+    fmt::print("{:<6} {:>8} {:>13} {:>15} {:>15}\n", "rank", "tokens", "copies sent",
+               "dispatch bytes", "combine bytes");
+    json per_rank_json = json::array();
+    for (int r = 0; r < o.ranks; ++r) {
+      const EpTraffic& tr = res.traffic[size_t(r)];
+      const EpStageTimes& st = res.median_times[size_t(r)];
+      fmt::print("{:<6} {:>8} {:>13} {:>15} {:>15}\n", r, tokens[size_t(r)], tr.dispatch_tokens,
+                 tr.dispatch_bytes, tr.combine_bytes);
+      per_rank_json.push_back({{"rank", r}, {"tokens", tokens[size_t(r)]},
+                               {"dispatch_token_copies", tr.dispatch_tokens},
+                               {"dispatch_bytes", tr.dispatch_bytes},
+                               {"combine_bytes", tr.combine_bytes},
+                               {"ms", {{"gate", st.gate}, {"dispatch", st.dispatch},
+                                       {"experts", st.experts}, {"combine", st.combine},
+                                       {"shared", st.shared}, {"total", st.total}}}});
+    }
+    out["per_rank"] = per_rank_json;
+  }
+
+  // ---- check ----
+  int code = 0;
+  if (o.check) {
+    LayerResult ref = moe_forward_cpu(weights, x_all);
+    const int64_t n = total * cfg.hidden;
+    const bool bitwise_expected =
+        o.backend == "cpu" && ep_ranks_are_tree_nodes(cfg.n_routed_experts, o.ranks);
+    int64_t mismatches = 0;
+    for (int64_t i = 0; i < n; ++i)
+      mismatches += std::memcmp(y_all.as<float>() + i, ref.y.as<float>() + i, 4) != 0;
+    const double err = rel_l2(y_all.as<float>(), ref.y.as<float>(), n);
+    const double tol_ref = o.backend == "cpu" ? (bitwise_expected ? 0.0 : 1e-6) : 2e-2;
+    bool pass = bitwise_expected ? mismatches == 0 : err <= tol_ref;
+    fmt::print("check vs single-rank CPU reference: rel L2 {:.3e}, {} of {} values differ{} -> {}\n",
+               err, mismatches, n, bitwise_expected ? " (bitwise required)" : "",
+               pass ? "ok" : "MISMATCH");
+    json check = {{"ref_rel_l2", err}, {"ref_mismatches", mismatches},
+                  {"bitwise_required", bitwise_expected}};
+    if (run_ids.defined()) {
+      const RoutingDiff rd = compare_routing(run_ids, run_w, ref.topk_ids, ref.topk_weights,
+                                             cfg.top_k);
+      fmt::print("routing vs CPU reference: {} token(s) with different expert sets, max weight "
+                 "diff {:.2e}\n", rd.tokens_differing, rd.max_weight_diff);
+      pass = pass && rd.tokens_differing == 0 && rd.max_weight_diff <= 1e-5;
+      check["routing_tokens_differing"] = rd.tokens_differing;
+    }
+    if (!o.golden.empty()) {
+      EPMOE_CHECK(golden_out.shape() == y_all.shape(), kBadFile,
+                  "{}: 'output' is {}, the layer produced {}", o.golden, golden_out.shape().str(),
+                  y_all.shape().str());
+      const double gerr = rel_l2(y_all.as<float>(), golden_out.as<float>(), n);
+      const double gtol = o.backend == "cpu" ? 1e-5 : 2e-2;
+      const TensorView ids_check = run_ids.defined() ? run_ids.view() : ref.topk_ids.view();
+      const TensorView w_check = run_ids.defined() ? run_w.view() : ref.topk_weights.view();
+      const RoutingDiff rd = compare_routing(ids_check, w_check, golden_ids, golden_w, cfg.top_k);
+      const bool gpass = gerr < gtol && rd.tokens_differing == 0;
+      fmt::print("check vs golden output: rel L2 {:.3e} (tolerance {:.0e}); id sets: {} of {} "
+                 "tokens differ; max weight diff {:.2e} -> {}\n",
+                 gerr, gtol, rd.tokens_differing, total, rd.max_weight_diff,
+                 gpass ? "ok" : "MISMATCH");
+      check["golden_rel_l2"] = gerr;
+      check["golden_tokens_with_different_ids"] = rd.tokens_differing;
+      check["golden_max_weight_diff"] = rd.max_weight_diff;
+      pass = pass && gpass;
+    }
+    check["pass"] = pass;
+    out["check"] = check;
+    fmt::print("{}\n", pass ? "PASS" : "FAIL");
+    code = pass ? 0 : 1;
+  }
+  if (!o.json.empty()) {
+    std::ofstream f(o.json);
+    EPMOE_CHECK(f.good(), kInvalidArgument, "cannot write --json file '{}'", o.json);
+    f << out.dump(2) << "\n";
+  }
+  return code;
+}
+
+}  // namespace epmoe::cli

@@ -1,0 +1,29 @@
+// `epmoe run`: one MoE layer forward under expert parallelism, timed and optionally checked.
+#pragma once
+
+#include <string>
+
+namespace epmoe::cli {
+
+struct RunOptions {
+  std::string preset = "deepseek-v3-tiny";
+  std::string golden;             // safetensors layer file; overrides preset
+  int ranks = 4;
+  std::string tokens;             // "N" (each rank) or "a,b,c" (per rank); empty: uneven default
+  int64_t max_tokens = 0;         // T_max; 0 = largest T_r
+  std::string mode = "normal";    // normal | low-latency
+  std::string backend = "cpu";    // cpu | cuda
+  int iters = 3;
+  bool check = true;
+  bool fuse_shared = false;
+  bool scale_on_output = false;
+  int threads = 0;                // CPU threads in all (0 = all cores)
+  uint64_t seed = 1;
+  std::string json;               // write results here
+};
+
+// Returns the process exit code: 0 = ran (and PASS when checked), 1 = check FAILED.
+// Throws epmoe::Error for bad input.
+int run_command(const RunOptions& opts);
+
+}  // namespace epmoe::cli
