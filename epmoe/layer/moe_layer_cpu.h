@@ -18,6 +18,12 @@ struct LayerResult {
 // output scaled by rsf when the config says scale_on_output.
 LayerResult moe_forward_cpu(const MoeWeights& weights, const TensorView& x, int threads = 0);
 
+// The layer after the gate, for a given routing (tests use it with hand-made ids, -1 included).
+// topk_ids: [T, K'] i32 in [-1, E + fused shared); topk_weights: [T, K'] f32. Returns y [T, H]
+// f32, including the unfused shared expert and the scale on output.
+Tensor moe_experts_cpu(const MoeWeights& weights, const TensorView& x, const TensorView& topk_ids,
+                       const TensorView& topk_weights, int threads = 0);
+
 // The shared expert alone on rows: out: [T, H] f32 += shared MLP(x) (unfused layout).
 void add_shared_expert_cpu(const TensorView& out, const MoeWeights& weights, const TensorView& x,
                            int threads = 0);
