@@ -64,6 +64,7 @@ struct EpRankCpu::Impl {
     E_loc = E / R;
     Kp = cfg.num_slots();
     H = cfg.hidden;
+    if (ep.mode == EpMode::kLowLatency) create_ll_window();
   }
 
   Communicator& comm;
@@ -90,6 +91,7 @@ struct EpRankCpu::Impl {
   uint64_t seq = 0;
   Tensor ll_recv_x, ll_count, ll_src, ll_out;
   size_t disp_flags_off = 0, comb_flags_off = 0, staging_off = 0, combine_off = 0;
+  size_t slot_bytes = 0;  // staging stride per token (room for an f32 payload)
   RecordLayout rec{1, DType::kBF16, 1};
   EpTraffic traffic;
   int64_t remote_bytes() { return comm.traffic().remote_bytes(rank); }
@@ -330,16 +332,22 @@ struct EpRankCpu::Impl {
   // ---------------- low-latency mode ----------------
   // Window of every rank: [dispatch flags R][combine flags R][staging R × T_max records]
   //                       [combine rows T_max × K' × H f32].
-  void ensure_window(DType dt) {
-    if (window && payload_dtype == dt) return;
-    prepare_layout(dt);
+  // Collective, at construction: every rank's window has room for T_max tokens of the widest
+  // payload (f32) from each source, so any input dtype fits without a new allocation.
+  void create_ll_window() {
+    slot_bytes = RecordLayout(H, DType::kF32, Kp).bytes;
     disp_flags_off = 0;
     comb_flags_off = size_t(R) * 8;
     staging_off = comb_flags_off + size_t(R) * 8;
-    combine_off = staging_off + size_t(R) * size_t(ep.max_tokens_per_rank) * rec.bytes;
+    combine_off = staging_off + size_t(R) * size_t(ep.max_tokens_per_rank) * slot_bytes;
     const size_t total = combine_off + size_t(ep.max_tokens_per_rank) * size_t(Kp) * size_t(H) * 4;
     window = comm.create_window(total);
+  }
+
+  void ensure_ll_buffers(DType dt) {
+    prepare_layout(dt);
     const int64_t m_max = int64_t(R) * ep.max_tokens_per_rank;
+    if (ll_recv_x.defined() && ll_recv_x.dtype() == dt) return;
     ll_recv_x = Tensor(dt, {E_loc, m_max, H});
     ll_count = Tensor::zeros(DType::kI32, {E_loc});
     ll_src = Tensor(DType::kI32, {E_loc, m_max, 3});
@@ -351,8 +359,8 @@ struct EpRankCpu::Impl {
   }
 
   void ll_dispatch_send(const TensorView& xv, const TensorView& ids, const TensorView& w) {
-    ensure_window(xv.dtype);  // collective the first time
     check_routing(xv, ids, w);
+    ensure_ll_buffers(xv.dtype);
     ++seq;
     const int32_t* id = topk_ids.as<int32_t>();
     std::vector<int64_t> sent(size_t(R), 0);
@@ -369,7 +377,7 @@ struct EpRankCpu::Impl {
         // Our region of d's staging: rows [rank·T_max, (rank+1)·T_max), filled in token order.
         char* dst = static_cast<char*>(window->peer(d)) + staging_off +
                     (size_t(rank) * size_t(ep.max_tokens_per_rank) + size_t(sent[size_t(d)])) *
-                        rec.bytes;
+                        slot_bytes;
         write_record(dst, t, d);
         ++sent[size_t(d)];
         comm.traffic().bytes_to_peer[size_t(d)] += int64_t(rec.bytes);
@@ -384,7 +392,8 @@ struct EpRankCpu::Impl {
   }
 
   void ll_dispatch_recv() {
-    EPMOE_CHECK(window, kInvalidArgument, "rank {}: ll_dispatch_recv before ll_dispatch_send", rank);
+    EPMOE_CHECK(seq > 0 && ll_recv_x.defined(), kInvalidArgument,
+                "rank {}: ll_dispatch_recv before ll_dispatch_send", rank);
     const int64_t m_max = int64_t(R) * ep.max_tokens_per_rank;
     std::vector<int64_t> from(static_cast<size_t>(R));
     uint64_t* mine = flags(rank, disp_flags_off);
@@ -400,7 +409,8 @@ struct EpRankCpu::Impl {
     const char* staging = static_cast<const char*>(window->local()) + staging_off;
     for (int s = 0; s < R; ++s)
       for (int64_t i = 0; i < from[size_t(s)]; ++i) {
-        const char* r = staging + (size_t(s) * size_t(ep.max_tokens_per_rank) + size_t(i)) * rec.bytes;
+        const char* r =
+            staging + (size_t(s) * size_t(ep.max_tokens_per_rank) + size_t(i)) * slot_bytes;
         int32_t src_token;
         std::memcpy(&src_token, r + rec.src_off, 4);
         const int32_t* lid = reinterpret_cast<const int32_t*>(r + rec.ids_off);
@@ -514,21 +524,34 @@ const EpTraffic& EpRankCpu::last_traffic() const { return impl_->traffic; }
 Tensor EpRankCpu::forward(const TensorView& x, EpStageTimes* times) {
   Impl& im = *impl_;
   const MoeConfig& cfg = im.cfg;
-  EpStageTimes st;
-  const auto t_start = Clock::now();
   EPMOE_CHECK(x.shape.rank == 2 && x.shape[1] == cfg.hidden, kInvalidArgument,
               "rank {}: input must be [T, {}], got {}", im.rank, cfg.hidden, x.shape.str());
   const int64_t T = x.shape[0];
   EPMOE_CHECK(T <= im.ep.max_tokens_per_rank, kInvalidArgument,
               "rank {} brings {} tokens, more than max_tokens_per_rank = {}", im.rank, T,
               im.ep.max_tokens_per_rank);
-  auto t0 = Clock::now();
+  const auto t0 = Clock::now();
   Tensor logits(DType::kF32, {T, cfg.n_routed_experts});
   Tensor ids(DType::kI32, {T, cfg.num_slots()}), w(DType::kF32, {T, cfg.num_slots()});
   gate_gemm_cpu(logits, x, im.weights.gate, im.threads);
   select_experts_cpu(ids, w, logits, im.weights.gate_bias, cfg, im.threads);
-  st.gate = ms_since(t0);
+  const double gate_ms = ms_since(t0);
+  Tensor y = forward(x, ids, w, times);
+  if (times) {
+    times->gate = gate_ms;
+    times->total += gate_ms;
+  }
+  return y;
+}
 
+Tensor EpRankCpu::forward(const TensorView& x, const TensorView& ids, const TensorView& w,
+                          EpStageTimes* times) {
+  Impl& im = *impl_;
+  const MoeConfig& cfg = im.cfg;
+  EpStageTimes st;
+  const auto t_start = Clock::now();
+  auto t0 = Clock::now();
+  const int64_t T = x.shape.rank == 2 ? x.shape[0] : 0;
   Tensor y(DType::kF32, {T, cfg.hidden});
   if (im.ep.mode == EpMode::kNormal) {
     t0 = Clock::now();

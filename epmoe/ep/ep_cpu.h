@@ -41,6 +41,10 @@ class EpRankCpu {
   // The layer on this rank's tokens: gate, dispatch, experts, combine, shared expert.
   // x: [T_r, H] bf16|f32 with T_r <= max_tokens_per_rank. Returns y: [T_r, H] f32.
   Tensor forward(const TensorView& x, EpStageTimes* times = nullptr);
+  // The same after the gate, for a routing the caller made (engines with their own router,
+  // tests with -1 ids). topk_ids: [T_r, K'] i32 in [-1, E + fused shared); topk_weights: f32.
+  Tensor forward(const TensorView& x, const TensorView& topk_ids, const TensorView& topk_weights,
+                 EpStageTimes* times = nullptr);
 
   // ---- normal mode (collective calls) ----
   // x: [T_r, H]; topk_ids: [T_r, K'] i32 in [-1, E + fused shared); topk_weights: [T_r, K'] f32.
