@@ -171,6 +171,10 @@ int run_command(const RunOptions& o) {
   if (ep.max_tokens_per_rank == 0)
     for (int64_t t : tokens) ep.max_tokens_per_rank = std::max(ep.max_tokens_per_rank, t);
   ep.validate(cfg);
+  for (size_t r = 0; r < tokens.size(); ++r)
+    EPMOE_CHECK(tokens[r] <= ep.max_tokens_per_rank, kInvalidArgument,
+                "rank {} brings {} tokens, more than max_tokens_per_rank = {}", r, tokens[r],
+                ep.max_tokens_per_rank);
 
   fmt::print("epmoe run: {} | {}\n", source, cfg.summary());
   std::string tok;
