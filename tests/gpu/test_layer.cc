@@ -1,0 +1,239 @@
+// The whole GPU layer: golden files (transformers' DeepseekV3MoE) and the CPU reference layer.
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "epmoe/layer/moe_layer_cpu.h"
+#include "epmoe/layer/moe_layer_cuda.h"
+#include "tests/gpu/test_common.h"
+
+namespace epmoe::cuda {
+namespace {
+
+using testing::fresh_seed;
+using testing::random_tensor;
+
+// A minimal safetensors reader for the golden files (the library's loader is another module).
+class Golden {
+ public:
+  explicit Golden(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    EPMOE_CHECK(f.good(), kBadFile, "cannot open {}", path);
+    uint64_t n = 0;
+    f.read(reinterpret_cast<char*>(&n), 8);
+    std::string header(n, '\0');
+    f.read(header.data(), std::streamsize(n));
+    header_ = nlohmann::json::parse(header);
+    data_.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  }
+  Tensor get(const std::string& name) const {
+    const auto& e = header_.at(name);
+    std::vector<int64_t> dims = e.at("shape").get<std::vector<int64_t>>();
+    Tensor t(parse_dtype(e.at("dtype").get<std::string>()), Shape(dims));
+    const size_t off = e.at("data_offsets")[0].get<size_t>();
+    std::memcpy(t.view().data, data_.data() + off, t.nbytes());
+    return t;
+  }
+  nlohmann::json config() const {
+    return nlohmann::json::parse(header_.at("__metadata__").at("config").get<std::string>());
+  }
+
+ private:
+  nlohmann::json header_;
+  std::vector<char> data_;
+};
+
+// Copies rows [r0, r0 + n) of a 2-D host tensor into dst at element offset `at`.
+void copy_rows(Tensor& dst, int64_t at, const Tensor& src, int64_t r0, int64_t n) {
+  const int64_t cols = src.shape()[1];
+  const size_t es = dtype_size(src.dtype());
+  std::memcpy(static_cast<char*>(dst.view().data) + at * es,
+              static_cast<const char*>(src.view().data) + r0 * cols * es, size_t(n * cols) * es);
+}
+
+// Builds MoeWeights from a golden file; fuse: the shared MLP split into n_shared bank experts.
+MoeWeights golden_weights(const Golden& g, bool fuse, bool scale_on_output) {
+  const nlohmann::json c = g.config();
+  MoeConfig cfg{.hidden = c.at("hidden"), .moe_intermediate = c.at("moe_intermediate"),
+                .n_routed_experts = c.at("n_routed_experts"), .top_k = c.at("top_k"),
+                .n_group = c.at("n_group"), .topk_group = c.at("topk_group"),
+                .n_shared_experts = c.at("n_shared_experts"),
+                .routed_scaling_factor = c.at("routed_scaling_factor").get<float>(),
+                .norm_topk_prob = c.at("norm_topk_prob"),
+                .scoring = parse_scoring(c.at("scoring").get<std::string>()),
+                .fuse_shared = fuse, .scale_on_output = scale_on_output};
+  cfg.validate();
+  const int64_t H = cfg.hidden, I = cfg.moe_intermediate, E = cfg.n_routed_experts;
+  const int64_t S = cfg.n_shared_experts;
+  MoeWeights w;
+  w.config = cfg;
+  w.gate = g.get("gate.weight");
+  w.gate_bias = g.get("gate.e_score_correction_bias");
+  const int64_t bank = w.bank_size();
+  w.w13 = Tensor(DType::kBF16, {bank, 2 * I, H});
+  w.w2 = Tensor(DType::kBF16, {bank, H, I});
+  for (int64_t e = 0; e < E; ++e) {
+    const std::string p = "experts." + std::to_string(e) + ".";
+    copy_rows(w.w13, e * 2 * I * H, g.get(p + "gate_proj.weight"), 0, I);
+    copy_rows(w.w13, (e * 2 * I + I) * H, g.get(p + "up_proj.weight"), 0, I);
+    copy_rows(w.w2, e * H * I, g.get(p + "down_proj.weight"), 0, H);
+  }
+  if (S > 0) {
+    const Tensor sg = g.get("shared_experts.gate_proj.weight"),
+                 su = g.get("shared_experts.up_proj.weight"),
+                 sd = g.get("shared_experts.down_proj.weight");  // [H, S·I]
+    if (fuse) {
+      for (int64_t j = 0; j < S; ++j) {
+        copy_rows(w.w13, (E + j) * 2 * I * H, sg, j * I, I);
+        copy_rows(w.w13, ((E + j) * 2 * I + I) * H, su, j * I, I);
+        for (int64_t h = 0; h < H; ++h)
+          std::memcpy(w.w2.as<bf16>() + ((E + j) * H + h) * I, sd.as<bf16>() + h * S * I + j * I,
+                      size_t(I) * 2);
+      }
+    } else {
+      w.shared_w13 = Tensor(DType::kBF16, {2 * S * I, H});
+      copy_rows(w.shared_w13, 0, sg, 0, S * I);
+      copy_rows(w.shared_w13, S * I * H, su, 0, S * I);
+      w.shared_w2 = std::move(const_cast<Tensor&>(sd));
+    }
+  }
+  return w;
+}
+
+std::string golden_dir() {
+  if (const char* d = std::getenv("EPMOE_GOLDEN_DIR")) return d;
+  return std::string(EPMOE_SOURCE_DIR) + "/../shared/golden";
+}
+
+// Id sets per token equal (routed slots only).
+::testing::AssertionResult same_id_sets(const Tensor& got, const Tensor& want, int K) {
+  const int64_t T = want.shape()[0];
+  const int64_t kg = got.shape()[1], kw = want.shape()[1];
+  for (int64_t t = 0; t < T; ++t) {
+    std::set<int32_t> a(got.as<int32_t>() + t * kg, got.as<int32_t>() + t * kg + K);
+    std::set<int32_t> b(want.as<int32_t>() + t * kw, want.as<int32_t>() + t * kw + K);
+    if (a != b) return ::testing::AssertionFailure() << "id set of token " << t << " differs";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+TEST(GpuLayer, GoldenFiles) {
+  EPMOE_REQUIRE_GPU();
+  const std::string dir = golden_dir();
+  ASSERT_TRUE(std::filesystem::is_directory(dir)) << "golden dir " << dir << " is missing";
+  int files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().extension() != ".safetensors") continue;
+    ++files;
+    const Golden g(entry.path().string());
+    const Tensor x = g.get("input"), y_ref = g.get("output"), ids_ref = g.get("topk_ids");
+    for (int mode = 0; mode < 3; ++mode) {  // unfused, fused, fused + scale on output
+      SCOPED_TRACE(entry.path().filename().string() + " mode " + std::to_string(mode));
+      const MoeWeights w = golden_weights(g, mode >= 1, mode == 2);
+      CudaMoeLayer layer(w);
+      const LayerResult r = layer.forward(x);
+      const double err = testing::rel_l2(r.y, y_ref);
+      EXPECT_LE(err, 2e-2);
+      EXPECT_TRUE(same_id_sets(r.topk_ids, ids_ref, w.config.top_k));
+      std::printf("[golden] %s mode %d: rel L2 %.3e\n", entry.path().filename().c_str(), mode, err);
+    }
+  }
+  EXPECT_GT(files, 0) << "no golden files in " << dir;
+}
+
+// Random weights (bf16, 1/sqrt(fan_in)) for a config, built here (the library's generator is
+// another module).
+MoeWeights random_weights(const MoeConfig& cfg, std::mt19937_64& rng) {
+  const int64_t H = cfg.hidden, I = cfg.moe_intermediate, E = cfg.n_routed_experts;
+  MoeWeights w;
+  w.config = cfg;
+  const int64_t bank = E + cfg.fused_shared();
+  w.gate = random_tensor(DType::kBF16, {E, H}, rng, 1.f / std::sqrt(float(H)));
+  if (cfg.scoring == Scoring::kSigmoid) w.gate_bias = random_tensor(DType::kF32, {E}, rng, 0.05f);
+  w.w13 = random_tensor(DType::kBF16, {bank, 2 * I, H}, rng, 1.f / std::sqrt(float(H)));
+  w.w2 = random_tensor(DType::kBF16, {bank, H, I}, rng, 1.f / std::sqrt(float(I)));
+  if (cfg.n_shared_experts > 0 && !cfg.fuse_shared) {
+    const int64_t S = cfg.n_shared_experts * I;
+    w.shared_w13 = random_tensor(DType::kBF16, {2 * S, H}, rng, 1.f / std::sqrt(float(H)));
+    w.shared_w2 = random_tensor(DType::kBF16, {H, S}, rng, 1.f / std::sqrt(float(S)));
+  }
+  return w;
+}
+
+TEST(GpuLayer, MatchesCpuReference) {
+  EPMOE_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::vector<MoeConfig> cfgs;
+  MoeConfig tiny = find_preset("deepseek-v3-tiny").config;
+  cfgs.push_back(tiny);
+  tiny.fuse_shared = true;
+  cfgs.push_back(tiny);
+  MoeConfig soft{.hidden = 136, .moe_intermediate = 72, .n_routed_experts = 16, .top_k = 4,
+                 .n_shared_experts = 2, .norm_topk_prob = false, .scoring = Scoring::kSoftmax};
+  cfgs.push_back(soft);
+  for (const MoeConfig& cfg : cfgs) {
+    const MoeWeights w = random_weights(cfg, rng);
+    CudaMoeLayer layer(w);
+    for (int64_t T : {int64_t(0), int64_t(1), int64_t(7), int64_t(128), int64_t(1000)}) {
+      SCOPED_TRACE(cfg.summary() + " T=" + std::to_string(T));
+      const Tensor x = random_tensor(DType::kBF16, {T, cfg.hidden}, rng);
+      const LayerResult ref = moe_forward_cpu(w, x);
+      const LayerResult got = layer.forward(x);
+      ASSERT_EQ(got.y.shape(), ref.y.shape());
+      if (T > 0) {
+        EXPECT_LE(testing::rel_l2(got.y, ref.y), 2e-2);
+      }
+      // Logits come from cuBLAS vs the CPU's own sum order: a near-tie may flip an id, rarely.
+      int64_t differ = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const int kp = cfg.num_slots();
+        std::set<int32_t> a(got.topk_ids.as<int32_t>() + t * kp, got.topk_ids.as<int32_t>() + (t + 1) * kp);
+        std::set<int32_t> b(ref.topk_ids.as<int32_t>() + t * kp, ref.topk_ids.as<int32_t>() + (t + 1) * kp);
+        differ += a != b;
+      }
+      EXPECT_LE(differ, std::max<int64_t>(1, T / 100)) << "tokens with different expert sets";
+    }
+  }
+}
+
+TEST(GpuLayer, TimeForwardReportsStages) {
+  EPMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(fresh_seed());
+  const MoeWeights w = random_weights(find_preset("deepseek-v3-tiny").config, rng);
+  CudaMoeLayer layer(w);
+  const Tensor x = random_tensor(DType::kBF16, {64, w.config.hidden}, rng);
+  const CudaStageTimes t = layer.time_forward(x, 5);
+  EXPECT_GT(t.total_us, 0.0);
+  EXPECT_GE(t.total_us + 1.0, t.gate_us + t.dispatch_us + t.experts_us + t.combine_us);
+}
+
+TEST(GpuLayer, RejectsBadInput) {
+  EPMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(fresh_seed());
+  const MoeWeights w = random_weights(find_preset("deepseek-v3-tiny").config, rng);
+  CudaMoeLayer layer(w);
+  const Tensor x = random_tensor(DType::kBF16, {4, w.config.hidden + 8}, rng);
+  EXPECT_THROW(layer.forward(x), Error);
+}
+
+// Runs where there is NO GPU: the layer says so with kUnsupported.
+TEST(GpuLayer, WithoutGpuThrowsUnsupported) {
+  if (device_count() > 0) GTEST_SKIP() << "a GPU is present";
+  MoeWeights w;
+  w.config = find_preset("deepseek-v3-tiny").config;
+  try {
+    CudaMoeLayer layer(w);
+    FAIL() << "no exception";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kUnsupported);
+  }
+}
+
+}  // namespace
+}  // namespace epmoe::cuda
