@@ -177,6 +177,7 @@ Layout make_layout(Bench& b, const Routing& r, int bank) {
   l.s2d = DeviceTensor(DType::kI32, {T, Kp});
   l.ws = DeviceTensor(DType::kI32, {int64_t(preprocess_workspace_bytes(T * Kp, bank) / 4) + 1});
   preprocess(l.seg.view(), l.s2d.view(), r.ids.view(), 0, bank, l.ws.view().data, b.stream());
+  EPMOE_CUDA_CHECK(cudaStreamSynchronize(b.stream()));  // to_host copies on the legacy stream
   Tensor h = l.seg.to_host();
   l.seg_host.assign(h.as<int32_t>(), h.as<int32_t>() + bank + 1);
   l.rows = l.seg_host[bank];
@@ -282,7 +283,10 @@ void bench_grouped(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, 
     TensorView w0{w.view().data, {g.n_out, g.k}, DType::kBF16, Device::kCuda};
     const double dense_us = b.time_us([&] { dense_gemm(outv, inv, w0, 0.f, b.gemm().handle(), b.stream()); });
     const double flops = 2.0 * N * g.n_out * g.k;
-    Row row{g.name, T, fmt::format("rows={} N={} K={} E={}", N, g.n_out, g.k, bank), us,
+    Row row{g.name, T,
+            fmt::format("rows={} N={} K={} E={}{}", N, g.n_out, g.k, bank,
+                        b.gemm().grouped_supported() ? "" : " (grouped API unsupported)"),
+            us,
             flops / (us * 1e6), true, flops / (dense_us * 1e6), "cuBLAS per expert", base_us};
     rows.push_back(row);
   }

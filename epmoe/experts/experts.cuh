@@ -51,6 +51,8 @@ class GroupedGemmRunner {
   GroupedGemmRunner& operator=(const GroupedGemmRunner&) = delete;
 
   cublasHandle_t handle() const { return handle_; }
+  // False once cuBLAS refused the grouped call (kGrouped then runs one call per expert).
+  bool grouped_supported() const { return grouped_supported_; }
 
   // Copies n device ints (seg_indptr or count) to pinned host memory and waits for `stream`.
   // NOTES: the one host synchronisation of the cuBLAS path (cuBLAS takes per-group m on the host);
@@ -85,6 +87,7 @@ class GroupedGemmRunner {
   int pinned_capacity_ = 0;
   void** device_ptrs_ = nullptr;  // [3 * capacity] A, B, C arrays for the grouped call
   int ptr_capacity_ = 0;
+  bool grouped_supported_ = true;
 };
 
 // Dense GEMM: out [M, N] (bf16|f32) = in [M, K] bf16 · w [N, K]ᵀ bf16 + beta · out.

@@ -84,8 +84,8 @@ MoeWeights golden_weights(const Golden& g, bool fuse, bool scale_on_output) {
   }
   if (S > 0) {
     const Tensor sg = g.get("shared_experts.gate_proj.weight"),
-                 su = g.get("shared_experts.up_proj.weight"),
-                 sd = g.get("shared_experts.down_proj.weight");  // [H, S·I]
+                 su = g.get("shared_experts.up_proj.weight");
+    Tensor sd = g.get("shared_experts.down_proj.weight");  // [H, S·I]
     if (fuse) {
       for (int64_t j = 0; j < S; ++j) {
         copy_rows(w.w13, (E + j) * 2 * I * H, sg, j * I, I);
@@ -98,7 +98,7 @@ MoeWeights golden_weights(const Golden& g, bool fuse, bool scale_on_output) {
       w.shared_w13 = Tensor(DType::kBF16, {2 * S * I, H});
       copy_rows(w.shared_w13, 0, sg, 0, S * I);
       copy_rows(w.shared_w13, S * I * H, su, 0, S * I);
-      w.shared_w2 = std::move(const_cast<Tensor&>(sd));
+      w.shared_w2 = std::move(sd);
     }
   }
   return w;
