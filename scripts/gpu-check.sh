@@ -46,7 +46,7 @@ say "gpu tests: rc=$rc_tests, $(grep -c '^\[       OK \]' "$OUT/gpu_tests.log") 
 
 if [ "$BENCH" = 1 ]; then
   t0=$(date +%s)
-  EPMOE_BENCH_JSON="$OUT/bench.json" timeout 240 ./build-gpu/epmoe_gpu_tests \
+  EPMOE_BENCH_JSON="$OUT/bench.json" timeout 200 ./build-gpu/epmoe_gpu_tests \
     --gtest_also_run_disabled_tests --gtest_filter='GpuBench.DISABLED_KernelBench' \
     > "$OUT/bench.log" 2>&1
   say "bench: rc=$? ($(( $(date +%s) - t0 )) s)"
@@ -55,7 +55,7 @@ fi
 
 if [ "$MEMCHECK" = 1 ]; then
   t0=$(date +%s)
-  EPMOE_GPU_TEST_QUICK=1 timeout 200 compute-sanitizer --tool memcheck --error-exitcode 99 \
+  EPMOE_GPU_TEST_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 \
     ./build-gpu/epmoe_gpu_tests > "$OUT/memcheck.log" 2>&1
   rc_mc=$?
   say "memcheck: rc=$rc_mc ($(( $(date +%s) - t0 )) s): $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"
