@@ -55,7 +55,7 @@ fi
 
 if [ "$MEMCHECK" = 1 ]; then
   t0=$(date +%s)
-  EPMOE_GPU_TEST_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 \
+  EPMOE_GPU_TEST_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 \
     ./build-gpu/epmoe_gpu_tests > "$OUT/memcheck.log" 2>&1
   rc_mc=$?
   say "memcheck: rc=$rc_mc ($(( $(date +%s) - t0 )) s): $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"

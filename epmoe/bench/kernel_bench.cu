@@ -264,6 +264,8 @@ void bench_grouped(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, 
   Routing r = make_routing(b, c, T);
   Layout l = make_layout(b, r, bank);
   const int64_t N = l.rows, H = c.hidden, I = c.moe_intermediate;
+  int busy = 0;  // experts with at least one row
+  for (int e = 0; e < bank; ++e) busy += l.seg_host[e + 1] > l.seg_host[e];
   struct Gemm { const char* name; int64_t n_out, k; };
   for (const Gemm g : {Gemm{"grouped_gemm_gate_up", 2 * I, H}, Gemm{"grouped_gemm_down", H, I}}) {
     DeviceTensor w = b.random(DType::kBF16, {bank, g.n_out, g.k}, 0.05f);
@@ -271,24 +273,29 @@ void bench_grouped(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, 
     DeviceTensor out(DType::kBF16, {std::max<int64_t>(N, 1), g.n_out});
     TensorView inv{in.view().data, {N, g.k}, DType::kBF16, Device::kCuda};
     TensorView outv{out.view().data, {N, g.n_out}, DType::kBF16, Device::kCuda};
-    const double us = b.time_us([&] {
-      b.gemm().contiguous(outv, inv, w.view(), l.seg_host.data(), bank, 0, b.stream(),
-                          GroupedGemmImpl::kGrouped);
-    });
-    const double base_us = b.time_us([&] {
-      b.gemm().contiguous(outv, inv, w.view(), l.seg_host.data(), bank, 0, b.stream(),
-                          GroupedGemmImpl::kPerExpert);
-    });
+    auto timed = [&](GroupedGemmImpl impl) {
+      return b.time_us([&] {
+        b.gemm().contiguous(outv, inv, w.view(), l.seg_host.data(), bank, 0, b.stream(), impl);
+      });
+    };
+    const double auto_us = timed(GroupedGemmImpl::kAuto);
+    const double api_us = timed(GroupedGemmImpl::kGrouped);
+    const double base_us = timed(GroupedGemmImpl::kPerExpert);
     // Same-shape dense GEMM: all N rows through one expert's weight (the rate cuBLAS reaches).
     TensorView w0{w.view().data, {g.n_out, g.k}, DType::kBF16, Device::kCuda};
     const double dense_us = b.time_us([&] { dense_gemm(outv, inv, w0, 0.f, b.gemm().handle(), b.stream()); });
-    const double flops = 2.0 * N * g.n_out * g.k;
-    Row row{g.name, T,
-            fmt::format("rows={} N={} K={} E={}{}", N, g.n_out, g.k, bank,
-                        b.gemm().grouped_supported() ? "" : " (grouped API unsupported)"),
-            us,
-            flops / (us * 1e6), true, flops / (dense_us * 1e6), "cuBLAS per expert", base_us};
-    rows.push_back(row);
+    const double flops = 2.0 * N * g.n_out * g.k, dense_tflops = flops / (dense_us * 1e6);
+    const std::string shape =
+        fmt::format("rows={} N={} K={} experts with rows={}/{}{}", N, g.n_out, g.k, busy, bank,
+                    b.gemm().grouped_supported() ? "" : " (grouped API unsupported)");
+    rows.push_back({g.name, T, shape + " [auto]", auto_us, flops / (auto_us * 1e6), true,
+                    dense_tflops, "cuBLAS per expert", base_us});
+    rows.push_back({std::string(g.name) + "_api", T, shape + " [cublasGemmGroupedBatchedEx]",
+                    api_us, flops / (api_us * 1e6), true, dense_tflops, "cuBLAS per expert",
+                    base_us});
+    // Weight bytes actually read at this size: every expert with rows reads its whole matrix.
+    const double wbytes = 2.0 * busy * g.n_out * g.k;
+    rows.back().shape += fmt::format(" weights {:.0f} GB/s", wbytes / (api_us * 1e3));
   }
   // Masked layout at decode sizes (M_max = the largest count rounded up to 64).
   if (T <= 512) {
@@ -307,7 +314,7 @@ void bench_grouped(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, 
     });
     const double flops = 2.0 * N * 2 * I * H;
     // Decode is weight-bound: the ceiling is reading every expert's weights once.
-    const double wbytes = 2.0 * bank * 2 * I * H;
+    const double wbytes = 2.0 * busy * 2 * I * H;
     rows.push_back({"grouped_gemm_masked_gate_up", T,
                     fmt::format("E={} M_max={} N={} K={} ({:.0f} GB/s of weights)", bank, m_max,
                                 2 * I, H, wbytes / (us * 1e3)),

@@ -37,9 +37,11 @@ void silu_and_mul_fp8_masked(const TensorView& out, const TensorView& scales,
 // --- grouped GEMM on cuBLAS -------------------------------------------------------------------
 // Per local expert e: out_e = in_e · W[bank_offset + e]ᵀ, f32 accumulation.
 enum class GroupedGemmImpl {
+  kAuto,       // kGrouped below kAutoPerExpertRows mean rows per non-empty expert, else kPerExpert
   kGrouped,    // one cublasGemmGroupedBatchedEx call (bf16 output)
   kPerExpert,  // one cublasGemmEx per non-empty expert (the baseline; any output dtype)
 };
+constexpr int64_t kAutoPerExpertRows = 32;
 
 // Holds the cuBLAS handle and the host/device pointer arrays of the grouped calls; one per
 // stream of work (not thread-safe). Needs a current CUDA device.
@@ -64,13 +66,13 @@ class GroupedGemmRunner {
   // seg_indptr_host: host [E_loc + 1] (from fetch_counts), seg[E_loc] <= N.
   void contiguous(const TensorView& out, const TensorView& in, const TensorView& w,
                   const int32_t* seg_indptr_host, int num_local_experts, int bank_offset,
-                  cudaStream_t stream, GroupedGemmImpl impl = GroupedGemmImpl::kGrouped);
+                  cudaStream_t stream, GroupedGemmImpl impl = GroupedGemmImpl::kAuto);
 
   // Masked: rows [0, count[e]) of in[e]; other rows are neither read nor written.
   // out: [E_loc, M_max, Nout] bf16|f32; in: [E_loc, M_max, K] bf16; count_host: host [E_loc].
   void masked(const TensorView& out, const TensorView& in, const TensorView& w,
               const int32_t* count_host, int bank_offset, cudaStream_t stream,
-              GroupedGemmImpl impl = GroupedGemmImpl::kGrouped);
+              GroupedGemmImpl impl = GroupedGemmImpl::kAuto);
 
  private:
   struct Problem {

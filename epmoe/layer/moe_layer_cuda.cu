@@ -172,7 +172,8 @@ CudaMoeLayer::CudaMoeLayer(const MoeWeights& w, int device) : impl_(std::make_un
   for (auto& e : m.ev) EPMOE_CUDA_CHECK(cudaEventCreate(&e));
   m.gemm = std::make_unique<GroupedGemmRunner>();
   m.gate = DeviceTensor::from_host(w.gate.view());
-  m.has_bias = w.has_bias();
+  // NOTES: a default-constructed Tensor has rank 0 and numel() 1: not a bias.
+  m.has_bias = w.gate_bias.shape().rank == 1 && w.gate_bias.numel() > 0;
   if (m.has_bias) m.bias = DeviceTensor::from_host(w.gate_bias.view());
   m.w13 = upload_bf16(w.w13);
   m.w2 = upload_bf16(w.w2);

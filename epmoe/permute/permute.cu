@@ -243,13 +243,15 @@ __device__ __forceinline__ void from_f32(__nv_bfloat16* p, float v) { *p = __flo
 __device__ __forceinline__ void from_f32(float* p, float v) { *p = v; }
 
 // VEC = 8: lane handles 8 columns per step (H % 8 == 0); VEC = 1: scalar, any H.
-// Shared accumulators: [warp][slot][VEC][32 lanes] floats (conflict-free).
+// grid.y splits the columns so that small T still fills the GPU; every block of a token
+// recomputes the (cheap) plan. Shared accumulators: [warp][slot][VEC][32 lanes] floats
+// (conflict-free), private to each lane: no barrier between column steps.
 template <typename In, typename Out, int VEC>
 __global__ void __launch_bounds__(kPostWarps * 32)
 post_reorder_kernel(Out* __restrict__ out, const In* __restrict__ down,
                     const int32_t* __restrict__ src2dst, const int32_t* __restrict__ ids,
                     const float* __restrict__ weights, int64_t T, int K, int64_t N, int64_t H,
-                    int num_routed, int id_offset) {
+                    int64_t cols_per_split, int num_routed, int id_offset) {
   extern __shared__ float s_acc[];
   // NOTES: raw storage: ReducePlan's member initialisers forbid a __shared__ ReducePlan.
   __shared__ alignas(ReducePlan) unsigned char s_plan_raw[kPostWarps * sizeof(ReducePlan)];
@@ -277,25 +279,36 @@ post_reorder_kernel(Out* __restrict__ out, const In* __restrict__ down,
   const int root = plan.root, merges = plan.num_merges;
   float* acc = s_acc + int64_t(warp) * K * VEC * 32;
   auto slot = [&](int k, int i) -> float& { return acc[(k * VEC + i) * 32 + lane]; };
-  for (int64_t c0 = int64_t(lane) * VEC; c0 < H; c0 += 32 * VEC) {
+  const int64_t c_begin = int64_t(blockIdx.y) * cols_per_split;
+  const int64_t c_end = min(H, c_begin + cols_per_split);
+  constexpr int kBatch = 8;  // rows loaded before the first use: loads in flight per lane
+  for (int64_t c0 = c_begin + int64_t(lane) * VEC; c0 < c_end; c0 += 32 * VEC) {
     float res[VEC];
     if (root < 0) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) res[i] = 0.f;
     } else {
-#pragma unroll 4
-      for (int k = 0; k < K; ++k) {
-        const int32_t row = s_row[warp][k];
-        if (row < 0) continue;
-        float v[VEC];
-        if constexpr (VEC == 8) {
-          Vec8<In>::load(v, down + int64_t(row) * H + c0);
-        } else {
-          v[0] = to_f32(down[int64_t(row) * H + c0]);
-        }
-        const float w = s_w[warp][k];
+      for (int k0 = 0; k0 < K; k0 += kBatch) {
+        float v[kBatch][VEC];
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) slot(k, i) = w * v[i];
+        for (int u = 0; u < kBatch; ++u) {
+          const int k = k0 + u;
+          const int32_t row = k < K ? s_row[warp][k] : -1;
+          if (row < 0) continue;
+          if constexpr (VEC == 8) {
+            Vec8<In>::load(v[u], down + int64_t(row) * H + c0);
+          } else {
+            v[u][0] = to_f32(down[int64_t(row) * H + c0]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int k = k0 + u;
+          if (k >= K || s_row[warp][k] < 0) continue;
+          const float w = s_w[warp][k];
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) slot(k, i) = w * v[u][i];
+        }
       }
       for (int m = 0; m < merges; ++m) {
         const int d = plan.dst[m], s = plan.src[m];
@@ -319,14 +332,22 @@ void launch_post_reorder(const TensorView& out, const TensorView& down, const Te
                          int64_t H, int num_routed, int id_offset, cudaStream_t stream) {
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool vec = H % 8 == 0 && aligned(out.data) && aligned(down.data);
-  const size_t smem = size_t(kPostWarps) * K * (vec ? 8 : 1) * 32 * sizeof(float);
+  const int width = vec ? 8 : 1;
+  const size_t smem = size_t(kPostWarps) * K * width * 32 * sizeof(float);
   auto kernel = vec ? post_reorder_kernel<In, Out, 8> : post_reorder_kernel<In, Out, 1>;
   EPMOE_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const unsigned grid = unsigned((T + kPostWarps - 1) / kPostWarps);
+  int dev = 0, sms = 0;
+  EPMOE_CUDA_CHECK(cudaGetDevice(&dev));
+  EPMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  // Split the columns until about 32 warps per SM have work (small T: decode).
+  const int64_t steps = (H + 32 * width - 1) / (32 * width);
+  const int64_t split = std::max<int64_t>(1, std::min<int64_t>(steps, (int64_t(sms) * 32 + T - 1) / T));
+  const int64_t cols = (steps + split - 1) / split * 32 * width;
+  const dim3 grid(unsigned((T + kPostWarps - 1) / kPostWarps), unsigned((H + cols - 1) / cols));
   kernel<<<grid, kPostWarps * 32, smem, stream>>>(
       static_cast<Out*>(out.data), static_cast<const In*>(down.data), s2d.as<int32_t>(),
-      ids.as<int32_t>(), w.as<float>(), T, K, N, H, num_routed, id_offset);
+      ids.as<int32_t>(), w.as<float>(), T, K, N, H, cols, num_routed, id_offset);
   EPMOE_CUDA_CHECK_LAUNCH("post_reorder_kernel");
 }
 
@@ -353,6 +374,7 @@ size_t preprocess_workspace_bytes(int64_t num_pairs, int num_local_experts) {
 void preprocess(const TensorView& seg_indptr, const TensorView& src2dst,
                 const TensorView& topk_ids, int expert_start, int expert_end, void* workspace,
                 cudaStream_t stream) {
+  (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   EPMOE_CHECK(topk_ids.shape.rank == 2, kInvalidArgument, "topk_ids must be [T, K], got {}",
               topk_ids.shape.str());
   EPMOE_CHECK(expert_start >= 0 && expert_end >= expert_start, kInvalidArgument,
@@ -388,6 +410,7 @@ void preprocess(const TensorView& seg_indptr, const TensorView& src2dst,
 
 void pre_reorder(const TensorView& sorted, const TensorView& x, const TensorView& src2dst,
                  cudaStream_t stream) {
+  (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   check_reorder(sorted, x, src2dst);
   EPMOE_CHECK(sorted.dtype == DType::kBF16, kInvalidArgument,
               "pre_reorder: sorted must be bf16, got {}", dtype_name(sorted.dtype));
@@ -402,6 +425,7 @@ void pre_reorder(const TensorView& sorted, const TensorView& x, const TensorView
 
 void pre_reorder_fp8(const TensorView& sorted, const TensorView& scales, const TensorView& x,
                      const TensorView& src2dst, cudaStream_t stream) {
+  (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   check_reorder(sorted, x, src2dst);
   const int64_t T = x.shape[0], H = x.shape[1], N = sorted.shape[0];
   const int64_t nb = (H + 127) / 128;
@@ -418,6 +442,7 @@ void pre_reorder_fp8(const TensorView& sorted, const TensorView& scales, const T
 void post_reorder(const TensorView& out, const TensorView& down_out, const TensorView& src2dst,
                   const TensorView& topk_ids, const TensorView& topk_weights, int num_routed,
                   int id_offset, cudaStream_t stream) {
+  (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   EPMOE_CHECK(out.shape.rank == 2 && down_out.shape.rank == 2 &&
                   down_out.shape[1] == out.shape[1],
               kInvalidArgument, "post_reorder: out {} and down_out {} must be 2-D with equal H",

@@ -54,6 +54,12 @@ __device__ __forceinline__ uint64_t make_key(float v, int idx) {
   u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
   return (uint64_t(u) << 32) | uint64_t(0xffffffffu - uint32_t(idx));
 }
+// Monotone map of a float to uint32 (larger value, larger key; never 0 for a non-NaN value, so 0
+// marks "no candidate"). -0 is folded into +0 like the reference's == comparison.
+__device__ __forceinline__ uint32_t order_key(float v) {
+  const uint32_t u = __float_as_uint(v + 0.0f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
 __device__ __forceinline__ int key_index(uint64_t key) {
   return int(0xffffffffu - uint32_t(key & 0xffffffffu));
 }
@@ -142,20 +148,32 @@ fused_gate_kernel(int32_t* __restrict__ ids_out, float* __restrict__ w_out,
   // Group limit: keep the topk_group best groups, drop the experts of the others.
   if (p.group_limited) {
     if (p.lanes_per_group > 0) {
+      // Fast path (DeepSeek-V3 256/8: 4 lanes per group): group scores and the group choice
+      // stay in registers. Every lane of a group holds its score; the lowest lane among equal
+      // maxima is the lowest group index.
+      const int L = p.lanes_per_group;
       float m1 = -INFINITY, m2 = -INFINITY;
 #pragma unroll
       for (int j = 0; j < VPT; ++j)
         if (alive >> j & 1u) top2_push(m1, m2, choice[j]);
-      for (int o = 1; o < p.lanes_per_group; o <<= 1) {
+      for (int o = 1; o < L; o <<= 1) {
         const float o1 = __shfl_xor_sync(0xffffffffu, m1, o);
         const float o2 = __shfl_xor_sync(0xffffffffu, m2, o);
         const float n1 = fmaxf(m1, o1);
         m2 = fmaxf(fminf(m1, o1), fmaxf(m2, o2));
         m1 = n1;
       }
-      const int g = lane / p.lanes_per_group;
-      if (lane % p.lanes_per_group == 0 && g < p.G)
-        s_gscore[warp][g] = (p.sigmoid && p.P >= 2) ? m1 + m2 : m1;
+      const int g = lane / L;
+      const bool real = g < p.G;
+      const uint32_t gkey = real ? order_key((p.sigmoid && p.P >= 2) ? m1 + m2 : m1) : 0u;
+      bool kept = false;
+      for (int r = 0; r < p.topk_group; ++r) {
+        const uint32_t mine = kept ? 0u : gkey;
+        const uint32_t best = __reduce_max_sync(0xffffffffu, mine);
+        const unsigned ball = __ballot_sync(0xffffffffu, real && !kept && mine == best);
+        kept |= g == (__ffs(ball) - 1) / L;
+      }
+      if (!kept) alive = 0;
     } else {
 #pragma unroll
       for (int j = 0; j < VPT; ++j)
@@ -165,48 +183,48 @@ fused_gate_kernel(int32_t* __restrict__ ids_out, float* __restrict__ w_out,
         float m1 = -INFINITY, m2 = -INFINITY;
         for (int j = 0; j < p.P; ++j) top2_push(m1, m2, s_choice[warp][g * p.P + j]);
         s_gscore[warp][g] = (p.sigmoid && p.P >= 2) ? m1 + m2 : m1;
+        s_kept[warp][g] = 0;
       }
-    }
-    for (int g = lane; g < p.G; g += 32) s_kept[warp][g] = 0;
-    __syncwarp();
-    for (int r = 0; r < p.topk_group; ++r) {
-      uint64_t best = 0;
-      for (int g = lane; g < p.G; g += 32)
-        if (!s_kept[warp][g]) {
-          const uint64_t k = make_key(s_gscore[warp][g], g);
-          best = k > best ? k : best;
-        }
-      const uint64_t win = warp_max_key(best);
-      const int g = key_index(win);
-      if ((g & 31) == lane) s_kept[warp][g] = 1;
       __syncwarp();
-    }
+      for (int r = 0; r < p.topk_group; ++r) {
+        uint64_t best = 0;
+        for (int g = lane; g < p.G; g += 32)
+          if (!s_kept[warp][g]) {
+            const uint64_t k = make_key(s_gscore[warp][g], g);
+            best = k > best ? k : best;
+          }
+        const uint64_t win = warp_max_key(best);
+        const int g = key_index(win);
+        if ((g & 31) == lane) s_kept[warp][g] = 1;
+        __syncwarp();
+      }
 #pragma unroll
-    for (int j = 0; j < VPT; ++j)
-      if ((alive >> j & 1u) && !s_kept[warp][(e0 + j) / p.P]) alive &= ~(1u << j);
+      for (int j = 0; j < VPT; ++j)
+        if ((alive >> j & 1u) && !s_kept[warp][(e0 + j) / p.P]) alive &= ~(1u << j);
+    }
   }
 
-  // Top-k by descending choice: K rounds of a warp-wide arg-max.
-  uint64_t key[VPT];
+  // Top-k by descending choice: K rounds of a warp-wide max (one REDUX). Lane l holds experts
+  // [l·VPT, l·VPT + VPT), so the lowest lane holding the maximum has the lowest index, and the
+  // strict > keeps a lane's lowest j: exactly the reference's tie rule.
+  uint32_t key[VPT];
 #pragma unroll
-  for (int j = 0; j < VPT; ++j) key[j] = (alive >> j & 1u) ? make_key(choice[j], e0 + j) : 0;
+  for (int j = 0; j < VPT; ++j) key[j] = (alive >> j & 1u) ? order_key(choice[j]) : 0u;
   for (int k = 0; k < p.K; ++k) {
-    uint64_t best = 0;
+    uint32_t best = 0;
     float best_w = 0.f;
-    int best_j = -1;
+    int best_j = 0;
 #pragma unroll
     for (int j = 0; j < VPT; ++j)
       if (key[j] > best) { best = key[j]; best_w = score[j]; best_j = j; }
-    const uint64_t win = warp_max_key(best);
-    const bool mine = best_j >= 0 && best == win;  // keys hold the index: one owner
+    const uint32_t win = __reduce_max_sync(0xffffffffu, best);
+    const unsigned ball = __ballot_sync(0xffffffffu, best != 0u && best == win);
+    if (lane == __ffs(ball) - 1) {
 #pragma unroll
-    for (int j = 0; j < VPT; ++j)
-      if (mine && j == best_j) key[j] = 0;
-    const unsigned owner = __ballot_sync(0xffffffffu, mine);
-    const float w = __shfl_sync(0xffffffffu, best_w, __ffs(owner) - 1);
-    if (lane == 0) {
-      s_id[warp][k] = key_index(win);
-      s_w[warp][k] = w;
+      for (int j = 0; j < VPT; ++j)
+        if (j == best_j) key[j] = 0u;
+      s_id[warp][k] = e0 + best_j;
+      s_w[warp][k] = best_w;
     }
   }
   __syncwarp();
@@ -324,7 +342,7 @@ int64_t check_select(const TensorView& topk_ids, const TensorView& topk_weights,
   topk_ids.expect("topk_ids", DType::kI32, {T, Kp});
   topk_weights.expect("topk_weights", DType::kF32, {T, Kp});
   *bias_ptr = nullptr;
-  if (bias.numel() > 0) {
+  if (bias.data != nullptr && bias.shape.rank > 0 && bias.numel() > 0) {
     EPMOE_CHECK(config.scoring == Scoring::kSigmoid, kInvalidArgument,
                 "an e_score_correction_bias applies only to sigmoid scoring");
     bias.expect("e_score_correction_bias", DType::kF32, {E});
@@ -359,6 +377,7 @@ void gate_gemm(const TensorView& logits, const TensorView& x, const TensorView& 
 void select_experts(const TensorView& topk_ids, const TensorView& topk_weights,
                     const TensorView& logits, const TensorView& bias, const MoeConfig& config,
                     cudaStream_t stream) {
+  (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   const float* bias_ptr = nullptr;
   const int64_t T = check_select(topk_ids, topk_weights, logits, bias, config, &bias_ptr);
   if (T == 0) return;
@@ -400,6 +419,7 @@ void select_experts_unfused(const TensorView& topk_ids, const TensorView& topk_w
                             const TensorView& logits, const TensorView& bias,
                             const MoeConfig& config, const UnfusedGateWorkspace& ws,
                             cudaStream_t stream) {
+  (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   const float* bias_ptr = nullptr;
   const int64_t T = check_select(topk_ids, topk_weights, logits, bias, config, &bias_ptr);
   if (T == 0) return;

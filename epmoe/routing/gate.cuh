@@ -19,7 +19,8 @@ void gate_gemm(const TensorView& logits, const TensorView& x, const TensorView& 
 // The fused gate: scoring (sigmoid + bias, or softmax) + group selection + top-k + weights +
 // renormalisation + rsf + shared-expert slots, one warp per token, one launch.
 // topk_ids: [T, K'] i32, topk_weights: [T, K'] f32 (K' = config.num_slots()).
-// logits: [T, E] f32; bias: [E] f32 e_score_correction_bias or a view with numel() == 0.
+// logits: [T, E] f32; bias: [E] f32 e_score_correction_bias, or an empty view (TensorView{} or
+// numel() == 0) for none.
 // E <= 512, any n_group dividing E. Slot order, ties and weights as select_experts_cpu.
 // NOTES: NaN logits are not detected on the device (the CPU reference throws); ids stay in
 // [0, E) whatever the input.

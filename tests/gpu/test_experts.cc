@@ -127,7 +127,7 @@ TEST(GpuExperts, GroupedGemmContiguous) {
       ref_rows(ref.as<float>(), in32, seg[e], seg[e + 1] - seg[e], bank_slice(w, offset + e), K,
                n_out);
     DeviceTensor din = DeviceTensor::from_host(in), dw = DeviceTensor::from_host(w);
-    for (auto impl : {GroupedGemmImpl::kGrouped, GroupedGemmImpl::kPerExpert})
+    for (auto impl : {GroupedGemmImpl::kGrouped, GroupedGemmImpl::kPerExpert, GroupedGemmImpl::kAuto})
       for (DType odt : {DType::kBF16, DType::kF32}) {
         SCOPED_TRACE(std::string(impl == GroupedGemmImpl::kGrouped ? "grouped " : "per-expert ") +
                      dtype_name(odt) + (skew ? " skewed" : ""));

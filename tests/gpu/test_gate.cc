@@ -96,7 +96,7 @@ TEST(GpuGate, FusedMatchesCpuOnEveryShape) {
     for (int64_t T : testing::token_sweep()) {
       if (T > 4096 && c.cfg.n_routed_experts < 256) continue;  // big T: the 256+ shapes
       Tensor logits = random_tensor(DType::kF32, {T, c.cfg.n_routed_experts}, rng, 4.f);
-      Tensor bias;
+      Tensor bias(DType::kF32, {0});
       if (c.cfg.scoring == Scoring::kSigmoid && c.name != "E37_K5")
         bias = random_tensor(DType::kF32, {c.cfg.n_routed_experts}, rng, 0.2f);
       check_gate(c.cfg, logits, bias, c.name + " T=" + std::to_string(T));
@@ -118,7 +118,7 @@ TEST(GpuGate, TiesResolveLikeTheReference) {
     for (int64_t i = 0; i < T * E; ++i) logits.as<float>()[i] = 0.5f * float(pick(rng));
     // Some exact +-0 pairs too (the reference treats -0 == +0).
     for (int64_t i = 0; i < T * E; i += 7) logits.as<float>()[i] = (i & 8) ? -0.0f : 0.0f;
-    check_gate(c.cfg, logits, Tensor(), c.name + " ties");
+    check_gate(c.cfg, logits, Tensor(DType::kF32, {0}), c.name + " ties");
   }
 }
 

@@ -153,7 +153,8 @@ MoeWeights random_weights(const MoeConfig& cfg, std::mt19937_64& rng) {
   w.config = cfg;
   const int64_t bank = E + cfg.fused_shared();
   w.gate = random_tensor(DType::kBF16, {E, H}, rng, 1.f / std::sqrt(float(H)));
-  if (cfg.scoring == Scoring::kSigmoid) w.gate_bias = random_tensor(DType::kF32, {E}, rng, 0.05f);
+  w.gate_bias = cfg.scoring == Scoring::kSigmoid ? random_tensor(DType::kF32, {E}, rng, 0.05f)
+                                                 : Tensor(DType::kF32, {0});
   w.w13 = random_tensor(DType::kBF16, {bank, 2 * I, H}, rng, 1.f / std::sqrt(float(H)));
   w.w2 = random_tensor(DType::kBF16, {bank, H, I}, rng, 1.f / std::sqrt(float(I)));
   if (cfg.n_shared_experts > 0 && !cfg.fuse_shared) {
