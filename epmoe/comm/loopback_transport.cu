@@ -1,0 +1,179 @@
+// R virtual ranks on one GPU: the whole expert-parallel protocol, with the same kernels as the
+// NCCL transport, on a machine with a single GPU. Each virtual rank has its own host thread,
+// stream and buffers; peer tables hold plain device pointers.
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "epmoe/comm/gpu_transport.h"
+#include "epmoe/core/env.h"
+#include "epmoe/cuda/cuda_check.h"
+
+namespace epmoe::cuda {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct LoopbackState {
+  explicit LoopbackState(int n, int dev) : num_ranks(n), device(dev), slots(size_t(n)) {}
+  const int num_ranks, device;
+  std::mutex mutex;
+  std::condition_variable cv;
+  int arrived = 0;
+  uint64_t generation = 0;
+  int failed_rank = -1;
+  struct Slot {
+    const void* send = nullptr;
+    const size_t* send_bytes = nullptr;
+    const size_t* send_offsets = nullptr;
+    cudaEvent_t ready = nullptr;  // the sender's data is complete on its stream
+    void* buffer = nullptr;       // alloc_symmetric exchange
+    const int64_t* values = nullptr;
+  };
+  std::vector<Slot> slots;
+
+  void barrier(int rank) {
+    std::unique_lock<std::mutex> lock(mutex);
+    const uint64_t gen = generation;
+    if (++arrived == num_ranks) {
+      arrived = 0;
+      ++generation;
+      cv.notify_all();
+      return;
+    }
+    const int64_t budget = wait_timeout_ms();
+    const auto deadline = Clock::now() + std::chrono::milliseconds(budget);
+    while (generation == gen) {
+      if (failed_rank >= 0)
+        EPMOE_FAIL(kTimeout, "rank {}: barrier abandoned, peer rank {} failed", rank, failed_rank);
+      cv.wait_for(lock, std::chrono::milliseconds(20));
+      if (generation == gen && Clock::now() > deadline)
+        EPMOE_FAIL(kTimeout, "rank {} waited {} ms at a loopback barrier: {} of {} ranks arrived",
+                   rank, budget, arrived, num_ranks);
+    }
+  }
+};
+
+struct SymmetricAlloc {
+  void* local = nullptr;
+  void** peers = nullptr;
+  ~SymmetricAlloc() {
+    cudaFree(local);
+    cudaFree(peers);
+  }
+};
+
+class LoopbackTransport final : public GpuTransport {
+ public:
+  LoopbackTransport(LoopbackState* s, int rank) : s_(s), rank_(rank) {
+    EPMOE_CUDA_CHECK(cudaSetDevice(s->device));
+    EPMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+  }
+  ~LoopbackTransport() override {
+    cudaEventDestroy(event_);
+    cudaStreamDestroy(stream_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return s_->num_ranks; }
+  int device() const override { return s_->device; }
+  std::string name() const override { return "loopback"; }
+  cudaStream_t stream() const override { return stream_; }
+
+  SymmetricBuffer alloc_symmetric(size_t bytes) override {
+    auto alloc = std::make_shared<SymmetricAlloc>();
+    EPMOE_CUDA_CHECK(cudaMalloc(&alloc->local, bytes ? bytes : 16));
+    EPMOE_CUDA_CHECK(cudaMemset(alloc->local, 0, bytes ? bytes : 16));
+    s_->slots[size_t(rank_)].buffer = alloc->local;
+    s_->barrier(rank_);
+    std::vector<void*> table(static_cast<size_t>(size()));
+    for (int r = 0; r < size(); ++r) table[size_t(r)] = s_->slots[size_t(r)].buffer;
+    s_->barrier(rank_);
+    EPMOE_CUDA_CHECK(cudaMalloc(&alloc->peers, sizeof(void*) * table.size()));
+    EPMOE_CUDA_CHECK(cudaMemcpy(alloc->peers, table.data(), sizeof(void*) * table.size(),
+                                cudaMemcpyHostToDevice));
+    EPMOE_CUDA_CHECK(cudaDeviceSynchronize());
+    SymmetricBuffer b;
+    b.local = alloc->local;
+    b.peers = alloc->peers;
+    b.bytes = bytes;
+    b.owner = alloc;
+    return b;
+  }
+
+  void all_to_all_v(const void* send, const size_t* send_bytes, const size_t* send_offsets,
+                    void* recv, const size_t* recv_bytes, const size_t* recv_offsets) override {
+    EPMOE_CUDA_CHECK(cudaEventRecord(event_, stream_));
+    auto& me = s_->slots[size_t(rank_)];
+    me.send = send;
+    me.send_bytes = send_bytes;
+    me.send_offsets = send_offsets;
+    me.ready = event_;
+    s_->barrier(rank_);
+    for (int p = 0; p < size(); ++p) {
+      const auto& peer = s_->slots[size_t(p)];
+      EPMOE_CHECK(peer.send_bytes[rank_] == recv_bytes[p], kInternal,
+                  "all_to_all_v: rank {} sends {} bytes to rank {}, which expects {}", p,
+                  peer.send_bytes[rank_], rank_, recv_bytes[p]);
+      if (!recv_bytes[p]) continue;
+      EPMOE_CUDA_CHECK(cudaStreamWaitEvent(stream_, peer.ready, 0));
+      EPMOE_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(recv) + recv_offsets[p],
+                                       static_cast<const char*>(peer.send) + peer.send_offsets[rank_],
+                                       recv_bytes[p], cudaMemcpyDeviceToDevice, stream_));
+      if (p != rank_) host_api_remote_bytes_ += int64_t(recv_bytes[p]);  // counted at the receiver
+    }
+    // Senders may reuse their buffers once every receiver's copies are done.
+    EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    s_->barrier(rank_);
+  }
+
+  void all_gather_host(const int64_t* in, int64_t* out, int n) override {
+    s_->slots[size_t(rank_)].values = in;
+    s_->barrier(rank_);
+    for (int r = 0; r < size(); ++r)
+      for (int i = 0; i < n; ++i) out[r * n + i] = s_->slots[size_t(r)].values[i];
+    s_->barrier(rank_);
+  }
+
+  void barrier() override {
+    EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    s_->barrier(rank_);
+  }
+
+ private:
+  LoopbackState* s_;
+  int rank_;
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t event_ = nullptr;
+};
+
+}  // namespace
+
+void run_loopback(int num_ranks, int device, const std::function<void(GpuTransport&)>& fn) {
+  EPMOE_CHECK(num_ranks >= 1, kInvalidConfig, "loopback needs >= 1 rank, got {}", num_ranks);
+  LoopbackState state(num_ranks, device);
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(num_ranks));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < num_ranks; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        LoopbackTransport t(&state, r);
+        fn(t);
+        EPMOE_CUDA_CHECK(cudaStreamSynchronize(t.stream()));
+      } catch (...) {
+        errors[size_t(r)] = std::current_exception();
+        std::lock_guard<std::mutex> lock(state.mutex);
+        if (state.failed_rank < 0) state.failed_rank = r;
+        state.cv.notify_all();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  if (state.failed_rank >= 0) std::rethrow_exception(errors[size_t(state.failed_rank)]);
+}
+
+}  // namespace epmoe::cuda

@@ -1,0 +1,711 @@
+#include "epmoe/ep/ep_kernels.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <cstdio>
+
+#include "epmoe/cuda/cuda_check.h"
+#include "epmoe/permute/reduce_plan.h"
+
+namespace epmoe::cuda::ep {
+
+RecordLayout make_record_layout(int64_t hidden, int num_slots, bool fp8) {
+  EPMOE_CHECK(hidden % 8 == 0, kUnsupported, "expert parallelism on the GPU needs H % 8 == 0, got {}",
+              hidden);
+  EPMOE_CHECK(num_slots <= kMaxDeviceSlots, kUnsupported,
+              "expert parallelism on the GPU supports up to {} slots per token, got {}",
+              kMaxDeviceSlots, num_slots);
+  RecordLayout r;
+  r.hidden = hidden;
+  r.num_slots = num_slots;
+  r.fp8 = fp8;
+  const int64_t blocks = (hidden + 127) / 128;
+  r.payload = fp8 ? size_t(hidden) + size_t(blocks) * 4 : size_t(hidden) * 2;
+  r.scales_off = fp8 ? size_t(hidden) : 0;
+  r.src_off = (r.payload + 15) / 16 * 16;
+  r.ids_off = r.src_off + 4;
+  r.w_off = r.ids_off + 4 * size_t(num_slots);
+  r.bytes = (r.w_off + 4 * size_t(num_slots) + 15) / 16 * 16;
+  return r;
+}
+
+LowLatencyLayout make_ll_layout(int num_ranks, int64_t t_max, const RecordLayout& rec) {
+  LowLatencyLayout l;
+  l.dispatch_flags = 0;
+  l.combine_flags = size_t(num_ranks) * 8;
+  l.staging = (l.combine_flags + size_t(num_ranks) * 8 + 127) / 128 * 128;
+  l.combine = l.staging + size_t(num_ranks) * size_t(t_max) * rec.bytes;
+  l.total = l.combine + size_t(t_max) * size_t(rec.num_slots) * size_t(rec.hidden) * 2;
+  return l;
+}
+
+namespace {
+
+constexpr int kWarps = 8;  // warps per block of the per-token / per-row kernels
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// Records the first failed wait of the launch sequence (device memory, read by the host).
+__device__ void report_wait(DeviceWaitError* err, int rank, int peer, uint64_t expected,
+                            uint64_t observed, const char* what) {
+  if (atomicCAS(&err->failed, 0, 1) == 0) {
+    err->rank = rank;
+    err->peer = peer;
+    err->expected = expected;
+    err->observed = observed;
+    int i = 0;
+    for (; what[i] && i < int(sizeof(err->what)) - 1; ++i) err->what[i] = what[i];
+    err->what[i] = '\0';
+    __threadfence();
+  }
+  printf("epmoe: rank %d timed out waiting for %s from peer %d: expected %#llx, observed %#llx\n",
+         rank, what, peer, (unsigned long long)expected, (unsigned long long)observed);
+}
+
+// Bounded wait until (*flag & mask) == expected; returns false on timeout (observed filled).
+__device__ bool wait_flag(const uint64_t* flag, uint64_t expected, uint64_t mask,
+                          int64_t timeout_ns, uint64_t* observed) {
+  const uint64_t start = global_ns();
+  while (true) {
+    const uint64_t v = ld_acquire_sys(flag);
+    if ((v & mask) == expected) {
+      *observed = v;
+      return true;
+    }
+    if (int64_t(global_ns() - start) > timeout_ns) {
+      *observed = v;
+      return false;
+    }
+    __nanosleep(64);
+  }
+}
+
+// Block-wide exclusive scan of one int per thread (blockDim.x <= 1024). Returns the prefix and
+// the block total.
+__device__ int block_exclusive_scan(int v, int* total) {
+  __shared__ int warp_sum[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFull, x, o);
+    if (lane >= o) x += y;
+  }
+  __syncthreads();
+  if (lane == 31) warp_sum[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < nwarps ? warp_sum[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(kFull, w, o);
+      if (lane >= o) w += y;
+    }
+    warp_sum[lane] = w;  // inclusive over warps
+  }
+  __syncthreads();
+  const int before = warp == 0 ? 0 : warp_sum[warp - 1];
+  *total = warp_sum[nwarps - 1];
+  return before + x - v;
+}
+
+// ---- records ----
+__device__ __forceinline__ void load8(float* v, const __nv_bfloat16* p) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load8(float* v, const float* p) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  const float4 b = *reinterpret_cast<const float4*>(p + 4);
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+__device__ __forceinline__ void store8(float* p, const float* v) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float* v) {
+  uint4 raw;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// One warp writes token t's record for destination `dst`.
+__device__ void write_record(char* rec_ptr, const RecordLayout& rec, const __nv_bfloat16* xrow,
+                             const int32_t* ids, const float* w, int t, int dst, const EpDims& d,
+                             int lane) {
+  const int64_t H = rec.hidden;
+  if (!rec.fp8) {
+    const uint4* src = reinterpret_cast<const uint4*>(xrow);
+    uint4* out = reinterpret_cast<uint4*>(rec_ptr);
+    for (int64_t v = lane; v < H / 8; v += 32) out[v] = src[v];
+  } else {
+    // 16 lanes per 128-value block, 8 values per lane; two blocks per warp step.
+    const int64_t nblocks = (H + 127) / 128;
+    const int half = lane >> 4, sub = lane & 15;
+    for (int64_t b0 = 0; b0 < nblocks; b0 += 2) {
+      const int64_t b = b0 + half;
+      const int64_t c = b * 128 + sub * 8;
+      float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      const bool live = b < nblocks && c < H;
+      if (live) load8(v, xrow + c);
+      float amax = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+      for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, o));
+      amax = fmaxf(amax, 1e-4f);
+      const float scale = amax / 448.0f;
+      if (live) {
+        uint2 packed;
+        unsigned char* q = reinterpret_cast<unsigned char*>(&packed);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) q[i] = __nv_fp8_e4m3(v[i] / scale).__x;
+        *reinterpret_cast<uint2*>(rec_ptr + c) = packed;
+      }
+      if (b < nblocks && sub == 0)
+        reinterpret_cast<float*>(rec_ptr + rec.scales_off)[b] = scale;
+    }
+  }
+  if (lane < d.num_slots) {
+    const int id = ids[lane];
+    const bool mine = id >= 0 && id < d.num_routed && id / d.local_experts == dst;
+    reinterpret_cast<int32_t*>(rec_ptr + rec.ids_off)[lane] = mine ? id - dst * d.local_experts : -1;
+    reinterpret_cast<float*>(rec_ptr + rec.w_off)[lane] = w[lane];
+  }
+  if (lane == 0) *reinterpret_cast<int32_t*>(rec_ptr + rec.src_off) = t;
+}
+
+// One warp: a record's payload → a bf16 row (FP8 dequantised as q · scale).
+__device__ void payload_to_row(__nv_bfloat16* row, const char* rec_ptr, const RecordLayout& rec,
+                               int lane) {
+  const int64_t H = rec.hidden;
+  if (!rec.fp8) {
+    const uint4* src = reinterpret_cast<const uint4*>(rec_ptr);
+    uint4* out = reinterpret_cast<uint4*>(row);
+    for (int64_t v = lane; v < H / 8; v += 32) out[v] = src[v];
+  } else {
+    const float* scales = reinterpret_cast<const float*>(rec_ptr + rec.scales_off);
+    for (int64_t c = int64_t(lane) * 8; c < H; c += 256) {
+      const uint2 packed = *reinterpret_cast<const uint2*>(rec_ptr + c);
+      const unsigned char* q = reinterpret_cast<const unsigned char*>(&packed);
+      const float s = scales[c / 128];
+      float v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        __nv_fp8_e4m3 f;
+        f.__x = q[i];
+        v[i] = float(f) * s;
+      }
+      store8(row + c, v);
+    }
+  }
+}
+
+// ---- the canonical reduction of one token by one warp ----
+struct Item {
+  const void* row;  // nullptr = absent
+  float weight;
+  int is_f32;       // row holds f32 (else bf16)
+  int is_sum;       // a finished partial: added as it is
+  int key;          // reduce_plan key (expert id, or a rank's first expert)
+};
+
+// items/plan in shared memory (per warp); acc: [kMaxDeviceSlots][8][32] floats of this warp.
+__device__ void reduce_token_warp(float* y, const Item* items, int n, const ReducePlan& plan,
+                                  int64_t H, float* acc, int lane) {
+  auto slot = [&](int k, int i) -> float& { return acc[(k * 8 + i) * 32 + lane]; };
+  for (int64_t c = int64_t(lane) * 8; c < H; c += 256) {
+    float res[8];
+    if (plan.root < 0) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) res[i] = 0.f;
+    } else {
+      for (int k = 0; k < n; ++k) {
+        const Item& it = items[k];
+        if (!it.row) continue;
+        float v[8];
+        if (it.is_f32) load8(v, static_cast<const float*>(it.row) + c);
+        else load8(v, static_cast<const __nv_bfloat16*>(it.row) + c);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) slot(k, i) = it.is_sum ? v[i] : it.weight * v[i];
+      }
+      for (int m = 0; m < plan.num_merges; ++m) {
+        const int a = plan.dst[m], b = plan.src[m];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) slot(a, i) = slot(a, i) + slot(b, i);
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) res[i] = slot(plan.root, i);
+    }
+    store8(y + c, res);
+  }
+}
+
+constexpr int kMaxItems = kMaxRanks + kMaxDeviceSlots;
+
+// Lane 0 plans; the whole warp reduces. Items beyond n are ignored.
+__device__ void plan_and_reduce(float* y, Item* items, int n, ReducePlan* plan_smem, int E,
+                                int64_t H, float* acc, int lane) {
+  if (lane == 0) {
+    int keys[kMaxSlots];
+    int m = 0;
+    // Compact present items (plan_reduce takes at most kMaxSlots keys).
+    for (int k = 0; k < n; ++k)
+      if (items[k].row) {
+        items[m] = items[k];
+        keys[m] = items[k].key;
+        ++m;
+      }
+    ReducePlan p;
+    plan_reduce(p, keys, m, E);
+    *plan_smem = p;
+  }
+  __syncwarp();
+  int m = 0;
+  if (plan_smem->root >= 0) m = plan_smem->num_items;
+  reduce_token_warp(y, items, m, *plan_smem, H, acc, lane);
+  __syncwarp();
+}
+
+// ---------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(1024) route_layout_kernel(int32_t* dest_slot, int32_t* dest_count,
+                                                            const int32_t* ids,
+                                                            const int32_t* num_tokens, EpDims d) {
+  __shared__ int carry[kMaxRanks];
+  const int T = min(int64_t(*num_tokens), d.t_max);
+  const int R = d.num_ranks;
+  if (threadIdx.x < R) carry[threadIdx.x] = 0;
+  __syncthreads();
+  for (int base = 0; base < T; base += blockDim.x) {
+    const int t = base + threadIdx.x;
+    uint64_t mask = 0;
+    if (t < T)
+      for (int k = 0; k < d.num_slots; ++k) {
+        const int id = ids[int64_t(t) * d.num_slots + k];
+        if (id >= 0 && id < d.num_routed) mask |= 1ull << (id / d.local_experts);
+      }
+    for (int r = 0; r < R; ++r) {
+      const int v = int((mask >> r) & 1);
+      int total;
+      const int pos = block_exclusive_scan(v, &total);
+      if (t < T) dest_slot[int64_t(t) * R + r] = v ? carry[r] + pos : -1;
+      __syncthreads();
+      if (threadIdx.x == 0) carry[r] += total;
+      __syncthreads();
+    }
+  }
+  if (threadIdx.x < R) dest_count[threadIdx.x] = carry[threadIdx.x];
+}
+
+__global__ void __launch_bounds__(kWarps * 32)
+ll_send_kernel(void* const* peers, LowLatencyLayout ll, RecordLayout rec, const __nv_bfloat16* x,
+               const int32_t* ids, const float* w, const int32_t* num_tokens,
+               const int32_t* dest_slot, EpDims d) {
+  const int lane = threadIdx.x & 31;
+  const int64_t T = min(int64_t(*num_tokens), d.t_max);
+  const int64_t nw = int64_t(gridDim.x) * kWarps;
+  for (int64_t t = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); t < T; t += nw) {
+    for (int dst = 0; dst < d.num_ranks; ++dst) {
+      const int slot = dest_slot[t * d.num_ranks + dst];
+      if (slot < 0) continue;
+      char* rp = static_cast<char*>(peers[dst]) + ll.staging +
+                 (size_t(d.rank) * size_t(d.t_max) + size_t(slot)) * rec.bytes;
+      write_record(rp, rec, x + t * d.hidden, ids + t * d.num_slots, w + t * d.num_slots, int(t),
+                   dst, d, lane);
+    }
+  }
+  __threadfence_system();
+}
+
+// Thread r: raise rank r's flag for us. seq is this rank's call counter.
+__global__ void raise_flags_kernel(void* const* peers, size_t flags_off, const int32_t* counts,
+                                   uint64_t* seq, int increment, int rank, int R) {
+  const uint64_t s = *seq + uint64_t(increment);
+  __syncthreads();
+  if (int(threadIdx.x) < R) {
+    uint64_t* f = reinterpret_cast<uint64_t*>(static_cast<char*>(peers[threadIdx.x]) + flags_off) + rank;
+    st_release_sys(f, counts ? (s << 32) | uint32_t(counts[threadIdx.x]) : s);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && increment) *seq = s;
+}
+
+__global__ void __launch_bounds__(256)
+ll_recv_index_kernel(int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
+                     const char* window, LowLatencyLayout ll, RecordLayout rec,
+                     const uint64_t* seq, DeviceWaitError* err, int64_t timeout_ns, EpDims d) {
+  __shared__ int s_count[kMaxRanks];
+  __shared__ int s_fail, s_running;
+  const int e = blockIdx.x, R = d.num_ranks;
+  const int64_t m_max = int64_t(R) * d.t_max;
+  const uint64_t sv = *seq;
+  if (threadIdx.x == 0) {
+    s_fail = err->failed;
+    s_running = 0;
+  }
+  __syncthreads();
+  if (!s_fail && int(threadIdx.x) < R) {
+    const uint64_t* f = reinterpret_cast<const uint64_t*>(window + ll.dispatch_flags) + threadIdx.x;
+    uint64_t seen;
+    if (wait_flag(f, sv << 32, ~0xffffffffull, timeout_ns, &seen)) {
+      s_count[threadIdx.x] = int(seen & 0xffffffffu);
+    } else {
+      if (e == 0) report_wait(err, d.rank, int(threadIdx.x), sv << 32, seen, "dispatch flag");
+      s_fail = 1;
+    }
+    __threadfence();
+  }
+  __syncthreads();
+  if (s_fail) {
+    if (threadIdx.x == 0) recv_count[e] = 0;
+    return;
+  }
+  // Ordered compaction of the (source, token, slot) triples that hit expert e.
+  for (int s = 0; s < R; ++s) {
+    const int n = s_count[s];
+    for (int base = 0; base < n; base += blockDim.x) {
+      const int i = base + threadIdx.x;
+      const char* rp = window + ll.staging + (size_t(s) * size_t(d.t_max) + size_t(i)) * rec.bytes;
+      int c = 0;
+      if (i < n) {
+        const int32_t* lid = reinterpret_cast<const int32_t*>(rp + rec.ids_off);
+        for (int k = 0; k < d.num_slots; ++k) c += lid[k] == e;
+      }
+      int total;
+      const int pos = block_exclusive_scan(c, &total);
+      if (c) {
+        const int32_t* lid = reinterpret_cast<const int32_t*>(rp + rec.ids_off);
+        const int32_t src_token = *reinterpret_cast<const int32_t*>(rp + rec.src_off);
+        int row = s_running + pos;
+        for (int k = 0; k < d.num_slots; ++k) {
+          if (lid[k] != e) continue;
+          if (row < m_max) {
+            int32_t* o = recv_src + (int64_t(e) * m_max + row) * 3;
+            o[0] = s;
+            o[1] = src_token;
+            o[2] = k;
+            recv_record[int64_t(e) * m_max + row] = s * int(d.t_max) + i;
+          }
+          ++row;
+        }
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) s_running += total;
+      __syncthreads();
+    }
+  }
+  if (threadIdx.x == 0) recv_count[e] = min(s_running, int(m_max));
+}
+
+__global__ void __launch_bounds__(kWarps * 32)
+ll_expand_kernel(__nv_bfloat16* recv_x, const int32_t* recv_count, const int32_t* recv_record,
+                 const char* window, LowLatencyLayout ll, RecordLayout rec, EpDims d) {
+  const int e = blockIdx.x, lane = threadIdx.x & 31;
+  const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
+  const int64_t row = int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5);
+  if (row >= recv_count[e]) return;
+  const int32_t r = recv_record[int64_t(e) * m_max + row];
+  payload_to_row(recv_x + (int64_t(e) * m_max + row) * d.hidden,
+                 window + ll.staging + size_t(r) * rec.bytes, rec, lane);
+}
+
+__global__ void __launch_bounds__(kWarps * 32)
+ll_combine_send_kernel(void* const* peers, LowLatencyLayout ll, const __nv_bfloat16* expert_out,
+                       const int32_t* recv_count, const int32_t* recv_src, EpDims d) {
+  const int e = blockIdx.x, lane = threadIdx.x & 31;
+  const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
+  const int64_t row = int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5);
+  if (row < recv_count[e]) {
+    const int32_t* src = recv_src + (int64_t(e) * m_max + row) * 3;
+    const int s = src[0], t = src[1], k = src[2];
+    uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(peers[s]) + ll.combine +
+                                          (size_t(t) * d.num_slots + size_t(k)) * d.hidden * 2);
+    const uint4* in = reinterpret_cast<const uint4*>(expert_out + (int64_t(e) * m_max + row) * d.hidden);
+    for (int64_t v = lane; v < d.hidden / 8; v += 32) dst[v] = in[v];
+  }
+  __threadfence_system();
+}
+
+__global__ void __launch_bounds__(kWarps * 32)
+ll_combine_recv_kernel(float* y, const char* window, LowLatencyLayout ll, const int32_t* ids,
+                       const float* w, const float* shared_out, const int32_t* num_tokens,
+                       const uint64_t* seq, DeviceWaitError* err, int64_t timeout_ns, EpDims d) {
+  extern __shared__ float s_acc[];
+  __shared__ Item s_items[kWarps][kMaxDeviceSlots];
+  __shared__ alignas(ReducePlan) unsigned char s_plan_raw[kWarps * sizeof(ReducePlan)];
+  __shared__ int s_fail;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const uint64_t sv = *seq;
+  if (threadIdx.x == 0) s_fail = err->failed;
+  __syncthreads();
+  if (!s_fail && int(threadIdx.x) < d.num_ranks) {
+    const uint64_t* f = reinterpret_cast<const uint64_t*>(window + ll.combine_flags) + threadIdx.x;
+    uint64_t seen;
+    if (!wait_flag(f, sv, ~0ull, timeout_ns, &seen)) {
+      if (blockIdx.x == 0) report_wait(err, d.rank, int(threadIdx.x), sv, seen, "combine flag");
+      s_fail = 1;
+    }
+    __threadfence();
+  }
+  __syncthreads();
+  if (s_fail) return;
+  ReducePlan* plan = reinterpret_cast<ReducePlan*>(s_plan_raw) + warp;
+  float* acc = s_acc + size_t(warp) * kMaxDeviceSlots * 8 * 32;
+  const int64_t T = min(int64_t(*num_tokens), d.t_max);
+  const int64_t t = int64_t(blockIdx.x) * kWarps + warp;
+  if (t >= T) return;
+  Item* items = s_items[warp];
+  if (lane < d.num_slots) {
+    const int id = ids[t * d.num_slots + lane];
+    Item it{nullptr, w[t * d.num_slots + lane], 0, 0, id};
+    if (id >= 0 && id < d.num_routed) {
+      it.row = window + ll.combine + (size_t(t) * d.num_slots + size_t(lane)) * d.hidden * 2;
+    } else if (id >= d.num_routed && id < d.num_routed + d.n_shared_fused && shared_out) {
+      it.row = shared_out + (t * d.n_shared_fused + (id - d.num_routed)) * d.hidden;
+      it.is_f32 = 1;
+    }
+    items[lane] = it;
+  }
+  __syncwarp();
+  plan_and_reduce(y + t * d.hidden, items, d.num_slots, plan, d.num_routed, d.hidden, acc, lane);
+}
+
+// ---- normal mode ----
+__global__ void __launch_bounds__(kWarps * 32)
+normal_pack_kernel(char* send, RecordLayout rec, const __nv_bfloat16* x, const int32_t* ids,
+                   const float* w, const int32_t* num_tokens, const int32_t* dest_slot,
+                   const int32_t* dest_offset, EpDims d) {
+  const int lane = threadIdx.x & 31;
+  const int64_t T = min(int64_t(*num_tokens), d.t_max);
+  const int64_t nw = int64_t(gridDim.x) * kWarps;
+  for (int64_t t = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); t < T; t += nw)
+    for (int dst = 0; dst < d.num_ranks; ++dst) {
+      const int slot = dest_slot[t * d.num_ranks + dst];
+      if (slot < 0) continue;
+      write_record(send + (size_t(dest_offset[dst]) + size_t(slot)) * rec.bytes, rec,
+                   x + t * d.hidden, ids + t * d.num_slots, w + t * d.num_slots, int(t), dst, d,
+                   lane);
+    }
+}
+
+__global__ void __launch_bounds__(kWarps * 32)
+normal_unpack_kernel(__nv_bfloat16* recv_x, int32_t* recv_ids, float* recv_w, const char* recv,
+                     RecordLayout rec, int64_t n) {
+  const int lane = threadIdx.x & 31;
+  const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (i >= n) return;
+  const char* rp = recv + size_t(i) * rec.bytes;
+  payload_to_row(recv_x + i * rec.hidden, rp, rec, lane);
+  if (lane < rec.num_slots) {
+    recv_ids[i * rec.num_slots + lane] = reinterpret_cast<const int32_t*>(rp + rec.ids_off)[lane];
+    recv_w[i * rec.num_slots + lane] = reinterpret_cast<const float*>(rp + rec.w_off)[lane];
+  }
+}
+
+__global__ void __launch_bounds__(kWarps * 32)
+normal_combine_kernel(float* y, const float* partials, const int32_t* dest_slot,
+                      const int32_t* dest_offset, const int32_t* ids, const float* w,
+                      const float* shared_out, const int32_t* num_tokens, EpDims d) {
+  extern __shared__ float s_acc[];
+  __shared__ Item s_items[kWarps][kMaxItems];
+  __shared__ alignas(ReducePlan) unsigned char s_plan_raw[kWarps * sizeof(ReducePlan)];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t T = min(int64_t(*num_tokens), d.t_max);
+  const int64_t t = int64_t(blockIdx.x) * kWarps + warp;
+  if (t >= T) return;
+  Item* items = s_items[warp];
+  for (int r = lane; r < d.num_ranks; r += 32) {
+    const int slot = dest_slot[t * d.num_ranks + r];
+    Item it{nullptr, 1.f, 1, 1, r * d.local_experts};
+    if (slot >= 0) it.row = partials + (int64_t(dest_offset[r]) + slot) * d.hidden;
+    items[r] = it;
+  }
+  if (lane < d.num_slots) {
+    const int id = ids[t * d.num_slots + lane];
+    Item it{nullptr, w[t * d.num_slots + lane], 1, 0, id};
+    if (id >= d.num_routed && id < d.num_routed + d.n_shared_fused && shared_out)
+      it.row = shared_out + (t * d.n_shared_fused + (id - d.num_routed)) * d.hidden;
+    items[d.num_ranks + lane] = it;
+  }
+  __syncwarp();
+  ReducePlan* plan = reinterpret_cast<ReducePlan*>(s_plan_raw) + warp;
+  float* acc = s_acc + size_t(warp) * kMaxDeviceSlots * 8 * 32;
+  plan_and_reduce(y + t * d.hidden, items, d.num_ranks + d.num_slots, plan, d.num_routed,
+                  d.hidden, acc, lane);
+}
+
+__global__ void add_rows_kernel(float* y, const float* add, float scale, const int32_t* num_tokens,
+                                int64_t t_max, int64_t hidden) {
+  const int64_t n = min(int64_t(*num_tokens), t_max) * hidden;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float v = y[i];
+    if (add) v = v + add[i];
+    if (scale != 1.f) v = v * scale;
+    y[i] = v;
+  }
+}
+
+__global__ void single_segment_kernel(int32_t* seg, const int32_t* num_tokens) {
+  seg[0] = 0;
+  seg[1] = *num_tokens;
+}
+
+__global__ void scatter_shared_kernel(float* out, const float* in, int j, int n,
+                                      const int32_t* num_tokens, int64_t t_max, int64_t hidden) {
+  const int64_t total = min(int64_t(*num_tokens), t_max) * hidden;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / hidden, c = i % hidden;
+    out[(t * n + j) * hidden + c] = in[i];
+  }
+}
+
+unsigned blocks_for(int64_t items, int per_block) {
+  const int64_t b = (items + per_block - 1) / per_block;
+  return unsigned(b < 1 ? 1 : (b > 65535 ? 65535 : b));
+}
+
+constexpr size_t kCombineSmem = size_t(kWarps) * kMaxDeviceSlots * 8 * 32 * sizeof(float);
+
+template <typename K>
+void allow_big_smem(K kernel, size_t bytes) {
+  EPMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+}  // namespace
+
+void route_layout(int32_t* dest_slot, int32_t* dest_count, const int32_t* topk_ids,
+                  const int32_t* num_tokens, const EpDims& d, cudaStream_t stream) {
+  EPMOE_CHECK(d.num_ranks <= kMaxRanks, kUnsupported, "at most {} ranks, got {}", kMaxRanks,
+              d.num_ranks);
+  route_layout_kernel<<<1, 1024, 0, stream>>>(dest_slot, dest_count, topk_ids, num_tokens, d);
+  EPMOE_CUDA_CHECK_LAUNCH("route_layout_kernel");
+}
+
+void ll_dispatch_send(void* const* peers, const LowLatencyLayout& ll, const RecordLayout& rec,
+                      const void* x, const int32_t* topk_ids, const float* topk_weights,
+                      const int32_t* num_tokens, const int32_t* dest_slot,
+                      const int32_t* dest_count, uint64_t* seq, const EpDims& d,
+                      cudaStream_t stream) {
+  ll_send_kernel<<<blocks_for(d.t_max, kWarps), kWarps * 32, 0, stream>>>(
+      peers, ll, rec, static_cast<const __nv_bfloat16*>(x), topk_ids, topk_weights, num_tokens,
+      dest_slot, d);
+  EPMOE_CUDA_CHECK_LAUNCH("ll_send_kernel");
+  raise_flags_kernel<<<1, kMaxRanks, 0, stream>>>(peers, ll.dispatch_flags, dest_count, seq, 1,
+                                                  d.rank, d.num_ranks);
+  EPMOE_CUDA_CHECK_LAUNCH("raise_flags_kernel");
+}
+
+void ll_dispatch_recv(void* recv_x, int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
+                      const void* local_window, const LowLatencyLayout& ll,
+                      const RecordLayout& rec, const uint64_t* seq, DeviceWaitError* err,
+                      int64_t timeout_ns, const EpDims& d, cudaStream_t stream) {
+  const char* win = static_cast<const char*>(local_window);
+  ll_recv_index_kernel<<<d.local_experts, 256, 0, stream>>>(recv_count, recv_src, recv_record, win,
+                                                            ll, rec, seq, err, timeout_ns, d);
+  EPMOE_CUDA_CHECK_LAUNCH("ll_recv_index_kernel");
+  const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
+  ll_expand_kernel<<<dim3(d.local_experts, blocks_for(m_max, kWarps)), kWarps * 32, 0, stream>>>(
+      static_cast<__nv_bfloat16*>(recv_x), recv_count, recv_record, win, ll, rec, d);
+  EPMOE_CUDA_CHECK_LAUNCH("ll_expand_kernel");
+}
+
+void ll_combine_send(void* const* peers, const LowLatencyLayout& ll, const void* expert_out,
+                     const int32_t* recv_count, const int32_t* recv_src, const uint64_t* seq,
+                     const EpDims& d, cudaStream_t stream) {
+  const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
+  ll_combine_send_kernel<<<dim3(d.local_experts, blocks_for(m_max, kWarps)), kWarps * 32, 0,
+                           stream>>>(peers, ll, static_cast<const __nv_bfloat16*>(expert_out),
+                                     recv_count, recv_src, d);
+  EPMOE_CUDA_CHECK_LAUNCH("ll_combine_send_kernel");
+  raise_flags_kernel<<<1, kMaxRanks, 0, stream>>>(peers, ll.combine_flags, nullptr,
+                                                  const_cast<uint64_t*>(seq), 0, d.rank,
+                                                  d.num_ranks);
+  EPMOE_CUDA_CHECK_LAUNCH("raise_flags_kernel");
+}
+
+void ll_combine_recv(float* y, const void* local_window, const LowLatencyLayout& ll,
+                     const int32_t* topk_ids, const float* topk_weights, const float* shared_out,
+                     const int32_t* num_tokens, const uint64_t* seq, DeviceWaitError* err,
+                     int64_t timeout_ns, const EpDims& d, cudaStream_t stream) {
+  allow_big_smem(ll_combine_recv_kernel, kCombineSmem);
+  ll_combine_recv_kernel<<<blocks_for(d.t_max, kWarps), kWarps * 32, kCombineSmem, stream>>>(
+      y, static_cast<const char*>(local_window), ll, topk_ids, topk_weights, shared_out,
+      num_tokens, seq, err, timeout_ns, d);
+  EPMOE_CUDA_CHECK_LAUNCH("ll_combine_recv_kernel");
+}
+
+void normal_pack(void* send, const RecordLayout& rec, const void* x, const int32_t* topk_ids,
+                 const float* topk_weights, const int32_t* num_tokens, const int32_t* dest_slot,
+                 const int32_t* dest_offset, const EpDims& d, cudaStream_t stream) {
+  normal_pack_kernel<<<blocks_for(d.t_max, kWarps), kWarps * 32, 0, stream>>>(
+      static_cast<char*>(send), rec, static_cast<const __nv_bfloat16*>(x), topk_ids,
+      topk_weights, num_tokens, dest_slot, dest_offset, d);
+  EPMOE_CUDA_CHECK_LAUNCH("normal_pack_kernel");
+}
+
+void normal_unpack(void* recv_x, int32_t* recv_ids, float* recv_w, const void* recv,
+                   const RecordLayout& rec, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  normal_unpack_kernel<<<unsigned((n + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(
+      static_cast<__nv_bfloat16*>(recv_x), recv_ids, recv_w, static_cast<const char*>(recv), rec,
+      n);
+  EPMOE_CUDA_CHECK_LAUNCH("normal_unpack_kernel");
+}
+
+void normal_combine(float* y, const float* partials, const int32_t* dest_slot,
+                    const int32_t* dest_offset, const int32_t* topk_ids,
+                    const float* topk_weights, const float* shared_out,
+                    const int32_t* num_tokens, const EpDims& d, cudaStream_t stream) {
+  EPMOE_CHECK(d.num_ranks + d.num_slots <= kMaxItems && d.num_ranks <= 32, kUnsupported,
+              "normal-mode combine supports up to 32 ranks, got {}", d.num_ranks);
+  allow_big_smem(normal_combine_kernel, kCombineSmem);
+  normal_combine_kernel<<<blocks_for(d.t_max, kWarps), kWarps * 32, kCombineSmem, stream>>>(
+      y, partials, dest_slot, dest_offset, topk_ids, topk_weights, shared_out, num_tokens, d);
+  EPMOE_CUDA_CHECK_LAUNCH("normal_combine_kernel");
+}
+
+void add_rows(float* y, const float* add, float scale, const int32_t* num_tokens, int64_t t_max,
+              int64_t hidden, cudaStream_t stream) {
+  add_rows_kernel<<<blocks_for(t_max * hidden, 256 * 8), 256, 0, stream>>>(y, add, scale,
+                                                                          num_tokens, t_max, hidden);
+  EPMOE_CUDA_CHECK_LAUNCH("add_rows_kernel");
+}
+
+void make_single_segment(int32_t* seg, const int32_t* num_tokens, cudaStream_t stream) {
+  single_segment_kernel<<<1, 1, 0, stream>>>(seg, num_tokens);
+  EPMOE_CUDA_CHECK_LAUNCH("single_segment_kernel");
+}
+
+void scatter_shared(float* out, const float* in, int j, int n, const int32_t* num_tokens,
+                    int64_t t_max, int64_t hidden, cudaStream_t stream) {
+  scatter_shared_kernel<<<blocks_for(t_max * hidden, 256 * 8), 256, 0, stream>>>(
+      out, in, j, n, num_tokens, t_max, hidden);
+  EPMOE_CUDA_CHECK_LAUNCH("scatter_shared_kernel");
+}
+
+}  // namespace epmoe::cuda::ep
