@@ -1,6 +1,7 @@
 // `epmoe run`: one MoE layer forward under expert parallelism, timed and optionally checked.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace epmoe::cli {

@@ -17,7 +17,11 @@ int device_count() noexcept {
 
 std::string device_description(int device) {
   cudaDeviceProp prop{};
-  EPMOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  const cudaError_t e = cudaGetDeviceProperties(&prop, device);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // do not leave the error for an unrelated later check
+    EPMOE_FAIL(kCuda, "no CUDA device {}: {}", device, cudaGetErrorString(e));
+  }
   return fmt::format("{} (sm_{}{}, {} SMs, {:.0f} GiB)", prop.name, prop.major, prop.minor,
                      prop.multiProcessorCount, double(prop.totalGlobalMem) / (1ull << 30));
 }
