@@ -1,63 +1,114 @@
 #!/usr/bin/env bash
-# Builds, tests and benchmarks the CUDA backend on a GPU machine in one call.
-# Logs and JSON go to $OUT (default ./gpu-out): build.log, gpu_tests.log/.json, bench.log/.json,
-# memcheck.log, summary.txt. Golden files: $EPMOE_GOLDEN_DIR (default ./.golden).
-# Usage: bash scripts/gpu-check.sh [--no-bench] [--no-memcheck]
+# Builds, tests and benchmarks epmoe on a GPU machine in one call (the device tool's `run`).
+# Logs and JSON go to $OUT (default ./gpu-out). Golden files: $EPMOE_GOLDEN_DIR (default ./.golden).
+# Usage: bash scripts/gpu-check.sh [--no-bench] [--no-sanitizer] [--only-multi]
+#   one GPU : GPU tests, CLI runs (single GPU, loopback EP, mpirun -np 1), compute-sanitizer
+#             memcheck/racecheck, kernel + grouped GEMM + dispatch/combine (loopback) benchmarks
+#   >= 2 GPU: also the NCCL EP tests, the network-path variant, mpirun -np 2, NCCL benchmarks
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
+J=$(mktemp -d)   # JSON results, packed into $OUT/results_json.tar at the end (8 files come back)
 export EPMOE_GOLDEN_DIR=${EPMOE_GOLDEN_DIR:-$PWD/.golden}
-BENCH=1; MEMCHECK=1
+export NCCL_NVLS_ENABLE=0   # never NVLink multicast on these machines
+BENCH=1; SAN=1; ONLY_MULTI=0
 for a in "$@"; do
-  case "$a" in --no-bench) BENCH=0 ;; --no-memcheck) MEMCHECK=0 ;; esac
+  case "$a" in --no-bench) BENCH=0 ;; --no-sanitizer) SAN=0 ;; --only-multi) ONLY_MULTI=1 ;; esac
 done
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 say() { echo "$*" | tee -a "$SUMMARY"; }
+elapsed() { echo "$(( $(date +%s) - $1 )) s"; }
 
-NVCC=$(command -v nvcc || true)
-[ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ] && NVCC=/usr/local/cuda/bin/nvcc
 export PATH=/usr/local/cuda/bin:$PATH
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+NCCL_PIP=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl
+NCCL_ARG=(); [ -d "$NCCL_PIP" ] && NCCL_ARG=(-DEPMOE_NCCL_ROOT="$NCCL_PIP")
 GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c GPU)
 say "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+local changes)')"
-say "gpu: $(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader 2>&1 | head -1)"
-say "nvcc: ${NVCC:-missing} ($("${NVCC:-nvcc}" --version 2>/dev/null | tail -1))"
+say "gpus: $NGPU x $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)"
 
 t0=$(date +%s)
 if ! cmake -S . -B build-gpu "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$NVCC" \
-    > "$OUT/build.log" 2>&1 ||
-   ! cmake --build build-gpu -j16 --target epmoe_gpu_tests >> "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"
+      "${NCCL_ARG[@]}" > "$OUT/build.log" 2>&1 ||
+   ! cmake --build build-gpu -j"$(nproc)" >> "$OUT/build.log" 2>&1; then
+  grep -E "error|Error" "$OUT/build.log" | head -30
   say "BUILD FAILED"
   exit 1
 fi
-# The CLI is built too, but its failure must not hide the kernel results.
-cmake --build build-gpu -j16 >> "$OUT/build.log" 2>&1 || say "note: full build (CLI, CPU tests) failed; see build.log"
-say "build: ok ($(( $(date +%s) - t0 )) s)"
+say "build: ok ($(elapsed $t0)); $(grep -m1 'NCCL' "$OUT/build.log")"
+B=./build-gpu
+GT=$B/epmoe_gpu_tests
 
-t0=$(date +%s)
-./build-gpu/epmoe_gpu_tests --gtest_output=json:"$OUT/gpu_tests.json" > "$OUT/gpu_tests.log" 2>&1
-rc_tests=$?
-grep -E "^\[  (FAILED|PASSED|SKIPPED) \]|tests? ran" "$OUT/gpu_tests.log" | tail -20
-grep -E "^\[golden\]" "$OUT/gpu_tests.log" | tee -a "$SUMMARY"
-grep -B2 -A8 "Failure" "$OUT/gpu_tests.log" | head -60
-say "gpu tests: rc=$rc_tests, $(grep -c '^\[       OK \]' "$OUT/gpu_tests.log") passed, $(grep -c '^\[  FAILED  \] [A-Za-z]' "$OUT/gpu_tests.log") failed lines, $(grep -c '^\[  SKIPPED \] [A-Za-z]' "$OUT/gpu_tests.log") skipped ($(( $(date +%s) - t0 )) s)"
+if [ "$ONLY_MULTI" = 0 ]; then
+  t0=$(date +%s)
+  timeout 300 $GT --gtest_output=json:"$J/gpu_tests.json" > "$OUT/gpu_tests.log" 2>&1
+  rc=$?
+  grep -B3 -A12 "Failure" "$OUT/gpu_tests.log" | head -80
+  say "gpu tests: rc=$rc, $(grep -c '^\[       OK \]' "$OUT/gpu_tests.log") passed, $(grep -c '^\[  FAILED  \] [A-Za-z]' "$OUT/gpu_tests.log") failed, $(grep -c '^\[  SKIPPED \] [A-Za-z]' "$OUT/gpu_tests.log") skipped ($(elapsed $t0))"
+  grep -E '^\[  (FAILED|SKIPPED) \] [A-Za-z]' "$OUT/gpu_tests.log" | sort -u | head -20 | tee -a "$SUMMARY"
+  # CPU suite too (the CLI tests exercise --backend cuda on this machine).
+  timeout 120 ctest --test-dir $B -E 'Gpu' -j8 >> "$OUT/gpu_tests.log" 2>&1
+  say "cpu tests: rc=$? $(grep -E 'tests passed|tests failed' "$OUT/gpu_tests.log")"
+  {
+    echo "== single GPU layer, golden"; for g in "$EPMOE_GOLDEN_DIR"/*.safetensors; do timeout 60 $B/epmoe run --backend cuda --ranks 1 --golden "$g" --fuse-shared | tail -2; done
+    echo "== loopback EP, golden split"; timeout 60 $B/epmoe run --backend cuda --ranks 8 --transport loopback --golden "$EPMOE_GOLDEN_DIR/dsv3_routing_256e.safetensors" --tokens 40,0,0,33,1,0,54,0 --mode low-latency | tail -3
+    echo "== loopback EP, tiny preset, normal"; timeout 60 $B/epmoe run --backend cuda --ranks 4 --transport loopback --preset deepseek-v3-tiny --tokens 64,0,17,128 | tail -12
+    echo "== loopback EP, deepseek-v3, low-latency fp8"; timeout 120 $B/epmoe run --backend cuda --ranks 8 --transport loopback --preset deepseek-v3 --tokens 128 --mode low-latency --fp8-dispatch --no-check --iters 5 | tail -12
+    echo "== mpirun -np 1 (nccl transport)"; timeout 60 mpirun --allow-run-as-root -np 1 -x NCCL_NVLS_ENABLE=0 $B/epmoe run --backend cuda --ranks 1 --preset deepseek-v3-tiny --tokens 40 --mode low-latency | tail -3
+    echo "== no GPU message"; CUDA_VISIBLE_DEVICES= $B/epmoe run --backend cuda --ranks 1 --tokens 4; echo "exit $?"
+  } > "$OUT/cli.log" 2>&1
+  grep -E "^==|PASS|FAIL|error|check vs" "$OUT/cli.log" | tee -a "$SUMMARY"
+fi
+
+if [ "$NGPU" -ge 2 ]; then
+  t0=$(date +%s)
+  {
+    echo "== NCCL EP + transport tests (2 GPUs)"; timeout 200 $GT --gtest_filter='*Nccl*:*nccl*' 2>&1 | grep -E "^\[  (FAILED|PASSED|SKIPPED|  OK)|Failure|tests? ran" | head -30
+    echo "== network path (NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1)"; NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 timeout 150 $GT --gtest_filter='*Nccl*:*nccl*' 2>&1 | grep -E "^\[  (FAILED|PASSED|SKIPPED|  OK)|Failure" | head -30
+    echo "== thread per GPU, golden split"; timeout 60 $B/epmoe run --backend cuda --ranks 2 --transport nccl --golden "$EPMOE_GOLDEN_DIR/dsv3_small_grouped.safetensors" --tokens 30,7 | tail -3
+    echo "== mpirun -np 2, both modes"; for m in normal low-latency; do timeout 90 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 $B/epmoe run --backend cuda --ranks 2 --preset deepseek-v3-tiny --tokens 96,5 --mode $m | grep -E "PASS|FAIL|error"; done
+    echo "== mpirun -np 2 smoke"; [ -x $B/epmoe_mpi_smoke ] && timeout 60 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 $B/epmoe_mpi_smoke
+  } > "$OUT/multi.log" 2>&1
+  grep -E "^==|PASS|FAIL|Failure|PASSED|error|ok$" "$OUT/multi.log" | tee -a "$SUMMARY"
+  say "multi-GPU: ($(elapsed $t0))"
+fi
 
 if [ "$BENCH" = 1 ]; then
   t0=$(date +%s)
-  EPMOE_BENCH_JSON="$OUT/bench.json" timeout 200 ./build-gpu/epmoe_gpu_tests \
-    --gtest_also_run_disabled_tests --gtest_filter='GpuBench.DISABLED_KernelBench' \
-    > "$OUT/bench.log" 2>&1
-  say "bench: rc=$? ($(( $(date +%s) - t0 )) s)"
-  sed -n '/^device:/,/^\[/p' "$OUT/bench.log" | grep -v '^\[' | tee -a "$SUMMARY"
+  {
+    if [ "$ONLY_MULTI" = 0 ]; then
+      timeout 120 $B/epmoe bench --kernel all --json "$J/bench_kernels.json"
+      timeout 120 $B/epmoe bench --kernel gemm --json "$J/bench_gemm.json"
+      for R in 2 8; do
+        timeout 60 $B/epmoe bench --kernel dispatch --ranks $R --transport loopback --mode low-latency --tokens 128 --json "$J/bench_ll_bf16_r$R.json"
+        timeout 60 $B/epmoe bench --kernel dispatch --ranks $R --transport loopback --mode low-latency --tokens 128 --fp8 --json "$J/bench_ll_fp8_r$R.json"
+        timeout 90 $B/epmoe bench --kernel dispatch --ranks $R --transport loopback --mode normal --tokens 4096 --json "$J/bench_normal_r$R.json"
+      done
+    fi
+    if [ "$NGPU" -ge 2 ]; then
+      timeout 60 $B/epmoe bench --kernel dispatch --ranks 2 --transport nccl --mode low-latency --tokens 128 --json "$J/bench_nccl_ll_bf16.json"
+      timeout 60 $B/epmoe bench --kernel dispatch --ranks 2 --transport nccl --mode low-latency --tokens 128 --fp8 --json "$J/bench_nccl_ll_fp8.json"
+      timeout 90 $B/epmoe bench --kernel dispatch --ranks 2 --transport nccl --mode normal --tokens 4096 --json "$J/bench_nccl_normal.json"
+    fi
+  } > "$OUT/bench.log" 2>&1
+  say "bench: ($(elapsed $t0))"
+  grep -vE "^\s*$" "$OUT/bench.log" | tail -60 | tee -a "$SUMMARY" >/dev/null
 fi
 
-if [ "$MEMCHECK" = 1 ]; then
+if [ "$SAN" = 1 ] && [ "$ONLY_MULTI" = 0 ]; then
   t0=$(date +%s)
   EPMOE_GPU_TEST_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 \
-    ./build-gpu/epmoe_gpu_tests > "$OUT/memcheck.log" 2>&1
-  rc_mc=$?
-  say "memcheck: rc=$rc_mc ($(( $(date +%s) - t0 )) s): $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"
+    $GT > "$J/memcheck.log" 2>&1
+  say "memcheck: rc=$? ($(elapsed $t0)): $(grep -E 'ERROR SUMMARY' "$J/memcheck.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$J/memcheck.log" | tail -2 | tr '\n' ' ')"
+  tail -40 "$J/memcheck.log" > "$OUT/sanitizer.log"
+  t0=$(date +%s)
+  EPMOE_GPU_TEST_QUICK=1 timeout 120 compute-sanitizer --tool racecheck --error-exitcode 99 \
+    $GT --gtest_filter='GpuExpertParallel.*:-*Golden*' > "$J/racecheck.log" 2>&1
+  say "racecheck (EP tests): rc=$? ($(elapsed $t0)): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$J/racecheck.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$J/racecheck.log" | tail -2 | tr '\n' ' ')"
+  tail -40 "$J/racecheck.log" >> "$OUT/sanitizer.log"
 fi
-exit $rc_tests
+tar -C "$J" -cf "$OUT/results_json.tar" . 2>/dev/null
+cat "$SUMMARY" > /dev/null

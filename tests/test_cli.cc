@@ -113,6 +113,7 @@ TEST(Cli, CudaBackendWithoutGpuSaysSo) {
   Result r = run_cli("run --backend cuda --ranks 1 --tokens 4");
   if (r.code == 0) GTEST_SKIP() << "a GPU is present";
   EXPECT_NE(r.out.find("epmoe: error: "), std::string::npos) << r.out;
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << r.out;
   EXPECT_TRUE(r.out.find("no CUDA GPU") != std::string::npos ||
               r.out.find("without CUDA") != std::string::npos) << r.out;
 }

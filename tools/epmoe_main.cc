@@ -26,6 +26,9 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--max-tokens", run.max_tokens, "T_max, the per-rank buffer capacity");
   run_cmd->add_option("--mode", run.mode, "normal | low-latency");
   run_cmd->add_option("--backend", run.backend, "cpu | cuda");
+  run_cmd->add_option("--transport", run.transport,
+                      "cuda ranks: auto (nccl with a GPU per rank, else loopback) | nccl | loopback");
+  run_cmd->add_flag("--fp8-dispatch", run.fp8_dispatch, "cuda ranks: FP8 dispatch payload");
   run_cmd->add_option("--iters", run.iters, "timed iterations (median reported)");
   run_cmd->add_flag("--check,!--no-check", run.check,
                     "compare with the single-rank reference (and the golden output)");
@@ -35,6 +38,20 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--threads", run.threads, "CPU threads in all (default: every core)");
   run_cmd->add_option("--seed", run.seed, "seed of the random weights and inputs");
   run_cmd->add_option("--json", run.json, "write machine-readable results to this file");
+
+  epmoe::cli::BenchOptions bench;
+  auto* bench_cmd = app.add_subcommand("bench", "GPU benchmarks: kernels, grouped GEMM, dispatch/combine");
+  bench_cmd->add_option("--kernel", bench.kernel,
+                        "gate | permute | post_reorder | silu | grouped_gemm | all | gemm | dispatch | combine");
+  bench_cmd->add_option("--preset", bench.preset, "model preset");
+  bench_cmd->add_option("--tokens", bench.tokens, "comma list of token counts (per rank for dispatch/combine)");
+  bench_cmd->add_option("--iters", bench.iters, "timed iterations (median reported)");
+  bench_cmd->add_option("--warmup", bench.warmup, "untimed iterations first");
+  bench_cmd->add_option("--ranks", bench.ranks, "dispatch/combine: ranks");
+  bench_cmd->add_option("--transport", bench.transport, "dispatch/combine: loopback | nccl");
+  bench_cmd->add_option("--mode", bench.mode, "dispatch/combine: low-latency | normal");
+  bench_cmd->add_flag("--fp8", bench.fp8, "dispatch/combine: FP8 dispatch payload");
+  bench_cmd->add_option("--json", bench.json, "write the results to this file");
 
   try {
     app.parse(argc, argv);
@@ -48,6 +65,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (run_cmd->parsed()) return epmoe::cli::run_command(run);
+    if (bench_cmd->parsed()) return epmoe::cli::bench_command(bench);
   } catch (const epmoe::Error& e) {
     fmt::print(stderr, "epmoe: error: {}\n", e.what());
     return 2;

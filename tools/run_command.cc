@@ -19,6 +19,13 @@
 #if defined(EPMOE_WITH_CUDA) && __has_include("epmoe/layer/moe_layer_cuda.h")
 #include "epmoe/cuda/device.h"
 #include "epmoe/layer/moe_layer_cuda.h"
+#include "epmoe/bench/ep_bench.h"
+#include "epmoe/bench/gemm_bench.cuh"
+#include "epmoe/bench/kernel_bench.h"
+#ifdef EPMOE_WITH_NCCL
+#include "epmoe/comm/nccl_transport.h"
+#endif
+#include "tools/run_cuda_ep.h"
 #define EPMOE_CLI_CUDA 1
 #endif
 
@@ -27,6 +34,16 @@ namespace epmoe::cli {
 namespace {
 
 using json = nlohmann::json;
+
+#ifdef EPMOE_CLI_CUDA
+bool launched_by_mpi_launcher() {
+#ifdef EPMOE_WITH_NCCL
+  return cuda::launched_by_mpi();
+#else
+  return false;
+#endif
+}
+#endif
 
 std::vector<int64_t> parse_tokens(const std::string& spec, int ranks) {
   std::vector<int64_t> out;
@@ -127,6 +144,14 @@ int run_command(const RunOptions& o) {
   EPMOE_CHECK(o.backend == "cpu" || o.backend == "cuda", kInvalidArgument,
               "--backend must be 'cpu' or 'cuda', got '{}'", o.backend);
   const EpMode mode = parse_ep_mode(o.mode);
+  if (o.backend == "cuda") {
+#ifdef EPMOE_CLI_CUDA
+    cuda::require_device();
+#else
+    EPMOE_FAIL(kUnsupported, "this epmoe was built without CUDA (--backend cuda needs nvcc at "
+                             "build time and a GPU at run time)");
+#endif
+  }
 
   // ---- the layer ----
   MoeWeights weights;
@@ -201,24 +226,40 @@ int run_command(const RunOptions& o) {
   // ---- run ----
   Tensor y_all(DType::kF32, {total, cfg.hidden});
   Tensor run_ids, run_w;  // routing of the run (cuda backend reports its own)
+  int64_t check_begin = 0, check_end = total;  // rows this process computed (mpirun: its own)
   if (o.backend == "cuda") {
 #ifdef EPMOE_CLI_CUDA
     cuda::require_device();
-    EPMOE_CHECK(o.ranks == 1, kUnsupported,
-                "the cuda backend runs one rank so far; expert parallelism over NCCL is not built "
-                "yet (use --backend cpu for --ranks {})", o.ranks);
     fmt::print("device: {}\n", cuda::device_description(0));
-    cuda::CudaMoeLayer layer(weights, 0);
-    LayerResult r = layer.forward(x_all);
-    std::memcpy(y_all.view().data, r.y.view().data, y_all.nbytes());
-    run_ids = std::move(r.topk_ids);
-    run_w = std::move(r.topk_weights);
-    const cuda::CudaStageTimes t = layer.time_forward(x_all, o.iters);
-    EpStageTimes st{t.gate_us / 1e3, t.dispatch_us / 1e3, t.experts_us / 1e3,
-                    t.combine_us / 1e3, t.shared_us / 1e3, t.total_us / 1e3};
-    print_stage_table({st});
-    out["stages_ms"] = {{{"gate", st.gate}, {"dispatch", st.dispatch}, {"experts", st.experts},
-                         {"combine", st.combine}, {"shared", st.shared}, {"total", st.total}}};
+    if (o.ranks == 1 && o.transport == "auto" && !launched_by_mpi_launcher()) {
+      cuda::CudaMoeLayer layer(weights, 0);
+      LayerResult r = layer.forward(x_all);
+      std::memcpy(y_all.view().data, r.y.view().data, y_all.nbytes());
+      run_ids = std::move(r.topk_ids);
+      run_w = std::move(r.topk_weights);
+      const cuda::CudaStageTimes t = layer.time_forward(x_all, o.iters);
+      EpStageTimes st{t.gate_us / 1e3, t.dispatch_us / 1e3, t.experts_us / 1e3,
+                      t.combine_us / 1e3, t.shared_us / 1e3, t.total_us / 1e3};
+      print_stage_table({st});
+      out["stages_ms"] = {{{"gate", st.gate}, {"dispatch", st.dispatch}, {"experts", st.experts},
+                           {"combine", st.combine}, {"shared", st.shared}, {"total", st.total}}};
+    } else {
+      CudaEpResult r = run_cuda_ep(weights, ep, tokens, x_all, o.transport, o.fp8_dispatch, o.iters);
+      fmt::print("transport: {}{}\n", r.transport, o.fp8_dispatch ? ", FP8 dispatch" : "");
+      y_all = std::move(r.y);
+      run_ids = std::move(r.ids);
+      run_w = std::move(r.w);
+      check_begin = r.row_begin;
+      check_end = r.row_end;
+      print_stage_table(r.times);
+      fmt::print("{:<6} {:>8} {:>13} {:>15} {:>15}\n", "rank", "tokens", "copies sent",
+                 "dispatch bytes", "combine bytes");
+      for (int rk = 0; rk < o.ranks; ++rk)
+        fmt::print("{:<6} {:>8} {:>13} {:>15} {:>15}\n", rk, tokens[size_t(rk)],
+                   r.traffic[size_t(rk)].dispatch_tokens, r.traffic[size_t(rk)].dispatch_bytes,
+                   r.traffic[size_t(rk)].combine_bytes);
+      out["transport"] = r.transport;
+    }
 #else
     EPMOE_FAIL(kUnsupported, "this epmoe was built without CUDA (--backend cuda needs nvcc at "
                              "build time and a GPU at run time)");
@@ -260,23 +301,31 @@ int run_command(const RunOptions& o) {
   int code = 0;
   if (o.check) {
     LayerResult ref = moe_forward_cpu(weights, x_all);
-    const int64_t n = total * cfg.hidden;
+    // Under mpirun a process checks the rows of its own rank.
+    const int64_t rows = check_end - check_begin, n = rows * cfg.hidden, off = check_begin * cfg.hidden;
+    auto row_view = [&](const Tensor& t, int64_t width) {
+      return TensorView{static_cast<char*>(t.view().data) + size_t(check_begin * width) * dtype_size(t.dtype()),
+                        {rows, width}, t.dtype(), Device::kCpu};
+    };
     const bool bitwise_expected =
         o.backend == "cpu" && ep_ranks_are_tree_nodes(cfg.n_routed_experts, o.ranks);
     int64_t mismatches = 0;
     for (int64_t i = 0; i < n; ++i)
-      mismatches += std::memcmp(y_all.as<float>() + i, ref.y.as<float>() + i, 4) != 0;
-    const double err = rel_l2(y_all.as<float>(), ref.y.as<float>(), n);
+      mismatches += std::memcmp(y_all.as<float>() + off + i, ref.y.as<float>() + off + i, 4) != 0;
+    const double err = rel_l2(y_all.as<float>() + off, ref.y.as<float>() + off, n);
     const double tol_ref = o.backend == "cpu" ? (bitwise_expected ? 0.0 : 1e-6) : 2e-2;
     bool pass = bitwise_expected ? mismatches == 0 : err <= tol_ref;
+    if (rows < total) fmt::print("checking rows [{}, {}) of this process\n", check_begin, check_end);
     fmt::print("check vs single-rank CPU reference: rel L2 {:.3e}, {} of {} values differ{} -> {}\n",
                err, mismatches, n, bitwise_expected ? " (bitwise required)" : "",
                pass ? "ok" : "MISMATCH");
     json check = {{"ref_rel_l2", err}, {"ref_mismatches", mismatches},
                   {"bitwise_required", bitwise_expected}};
     if (run_ids.defined()) {
-      const RoutingDiff rd = compare_routing(run_ids, run_w, ref.topk_ids, ref.topk_weights,
-                                             cfg.top_k);
+      const RoutingDiff rd =
+          compare_routing(row_view(run_ids, cfg.num_slots()), row_view(run_w, cfg.num_slots()),
+                          row_view(ref.topk_ids, cfg.num_slots()),
+                          row_view(ref.topk_weights, cfg.num_slots()), cfg.top_k);
       fmt::print("routing vs CPU reference: {} token(s) with different expert sets, max weight "
                  "diff {:.2e}\n", rd.tokens_differing, rd.max_weight_diff);
       pass = pass && rd.tokens_differing == 0 && rd.max_weight_diff <= 1e-5;
@@ -286,15 +335,17 @@ int run_command(const RunOptions& o) {
       EPMOE_CHECK(golden_out.shape() == y_all.shape(), kBadFile,
                   "{}: 'output' is {}, the layer produced {}", o.golden, golden_out.shape().str(),
                   y_all.shape().str());
-      const double gerr = rel_l2(y_all.as<float>(), golden_out.as<float>(), n);
+      const double gerr = rel_l2(y_all.as<float>() + off, golden_out.as<float>() + off, n);
       const double gtol = o.backend == "cpu" ? 1e-5 : 2e-2;
-      const TensorView ids_check = run_ids.defined() ? run_ids.view() : ref.topk_ids.view();
-      const TensorView w_check = run_ids.defined() ? run_w.view() : ref.topk_weights.view();
-      const RoutingDiff rd = compare_routing(ids_check, w_check, golden_ids, golden_w, cfg.top_k);
+      const int kp = cfg.num_slots();
+      const TensorView ids_check = row_view(run_ids.defined() ? run_ids : ref.topk_ids, kp);
+      const TensorView w_check = row_view(run_ids.defined() ? run_w : ref.topk_weights, kp);
+      const RoutingDiff rd = compare_routing(ids_check, w_check, row_view(golden_ids, cfg.top_k),
+                                             row_view(golden_w, cfg.top_k), cfg.top_k);
       const bool gpass = gerr < gtol && rd.tokens_differing == 0;
       fmt::print("check vs golden output: rel L2 {:.3e} (tolerance {:.0e}); id sets: {} of {} "
                  "tokens differ; max weight diff {:.2e} -> {}\n",
-                 gerr, gtol, rd.tokens_differing, total, rd.max_weight_diff,
+                 gerr, gtol, rd.tokens_differing, rows, rd.max_weight_diff,
                  gpass ? "ok" : "MISMATCH");
       check["golden_rel_l2"] = gerr;
       check["golden_tokens_with_different_ids"] = rd.tokens_differing;
@@ -312,6 +363,62 @@ int run_command(const RunOptions& o) {
     f << out.dump(2) << "\n";
   }
   return code;
+}
+
+int bench_command(const BenchOptions& o) {
+#ifdef EPMOE_CLI_CUDA
+  std::vector<int64_t> tokens;
+  if (!o.tokens.empty()) {
+    std::stringstream ss(o.tokens);
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+      char* end = nullptr;
+      const long long v = std::strtoll(item.c_str(), &end, 10);
+      EPMOE_CHECK(!item.empty() && *end == '\0' && v >= 0, kInvalidArgument,
+                  "--tokens: '{}' is not a non-negative integer", item);
+      tokens.push_back(v);
+    }
+  }
+  EPMOE_CHECK(o.iters >= 1 && o.warmup >= 0, kInvalidArgument,
+              "--iters must be >= 1 and --warmup >= 0");
+  json result;
+  if (o.kernel == "dispatch" || o.kernel == "combine" || o.kernel == "ep") {
+    cuda::EpBenchOptions eo;
+    eo.preset = o.preset;
+    eo.ranks = o.ranks;
+    eo.transport = o.transport;
+    eo.mode = o.mode;
+    eo.fp8 = o.fp8;
+    eo.iters = o.iters;
+    eo.warmup = o.warmup;
+    if (tokens.empty()) tokens = {parse_ep_mode(o.mode) == EpMode::kNormal ? 4096 : 128};
+    result = json::array();
+    for (int64_t t : tokens) {
+      eo.tokens = t;
+      result.push_back(cuda::run_ep_bench(eo));
+    }
+  } else if (o.kernel == "gemm") {
+    if (tokens.empty()) tokens = {128, 4096, 16384};
+    result = cuda::run_grouped_gemm_bench(tokens, o.iters, o.warmup);
+  } else {
+    cuda::KernelBenchOptions ko;
+    ko.kernel = o.kernel;
+    ko.preset = o.preset;
+    if (!tokens.empty()) ko.tokens = tokens;
+    ko.iters = o.iters;
+    ko.warmup = o.warmup;
+    result = cuda::run_kernel_bench(ko);
+  }
+  if (!o.json.empty()) {
+    std::ofstream f(o.json);
+    EPMOE_CHECK(f.good(), kInvalidArgument, "cannot write --json file '{}'", o.json);
+    f << result.dump(2) << "\n";
+  }
+  return 0;
+#else
+  (void)o;
+  EPMOE_FAIL(kUnsupported, "epmoe bench needs a CUDA build and a GPU");
+#endif
 }
 
 }  // namespace epmoe::cli

@@ -14,6 +14,8 @@ struct RunOptions {
   int64_t max_tokens = 0;         // T_max; 0 = largest T_r
   std::string mode = "normal";    // normal | low-latency
   std::string backend = "cpu";    // cpu | cuda
+  std::string transport = "auto"; // cuda EP: auto | nccl | loopback
+  bool fp8_dispatch = false;      // cuda EP: FP8 dispatch payload
   int iters = 3;
   bool check = true;
   bool fuse_shared = false;
@@ -26,5 +28,20 @@ struct RunOptions {
 // Returns the process exit code: 0 = ran (and PASS when checked), 1 = check FAILED.
 // Throws epmoe::Error for bad input.
 int run_command(const RunOptions& opts);
+
+// `epmoe bench`: kernel benchmarks on the GPU (see docs/benchmarks/).
+struct BenchOptions {
+  std::string kernel = "all";     // gate|permute|post_reorder|silu|grouped_gemm|all|gemm|dispatch|combine
+  std::string preset = "deepseek-v3";
+  std::string tokens;             // comma list; default per kernel
+  int iters = 20;
+  int warmup = 5;
+  int ranks = 8;                  // dispatch/combine
+  std::string transport = "loopback";
+  std::string mode = "low-latency";
+  bool fp8 = false;
+  std::string json;
+};
+int bench_command(const BenchOptions& opts);
 
 }  // namespace epmoe::cli

@@ -436,6 +436,7 @@ void EpRankCuda::forward_routed() {
   m.finish_output();
 }
 
+void EpRankCuda::finish_layer() { impl_->finish_output(); }
 void EpRankCuda::check() { impl_->check(); }
 
 EpCudaTraffic EpRankCuda::last_traffic() {

@@ -59,6 +59,9 @@ class EpRankCuda {
   void shared_experts();
   // The layer after the gate on the current buffers: y = routed (+ shared) (· rsf if asked).
   void forward_routed();
+  // The last step of forward_routed, for callers that run the stages one by one: adds the
+  // unfused shared expert and applies the scale on output.
+  void finish_layer();
 
   // Output: [T_max, H] f32 (rows < num_tokens).
   TensorView y() const;

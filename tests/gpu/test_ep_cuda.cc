@@ -16,7 +16,7 @@
 #include "epmoe/weights/moe_weights.h"
 #include "epmoe/weights/safetensors.h"
 #include "tests/gpu/test_common.h"
-#if __has_include("epmoe/comm/nccl_transport.h")
+#ifdef EPMOE_WITH_NCCL
 #include "epmoe/comm/nccl_transport.h"
 #define EPMOE_TEST_NCCL 1
 #endif

@@ -1,0 +1,249 @@
+#include "epmoe/bench/ep_bench.h"
+
+#include <algorithm>
+#include <mutex>
+#include <random>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "epmoe/comm/gpu_transport.h"
+#include "epmoe/cuda/cuda_check.h"
+#include "epmoe/cuda/device.h"
+#include "epmoe/ep/ep_cuda.h"
+#include "epmoe/weights/moe_weights.h"
+#ifdef EPMOE_WITH_NCCL
+#include "epmoe/comm/nccl_transport.h"
+#define EPMOE_BENCH_NCCL 1
+#endif
+
+namespace epmoe::cuda {
+
+namespace {
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Bytes copied per second by one large device-to-device cudaMemcpy (each byte counted once).
+double d2d_copy_gbps(int device) {
+  EPMOE_CUDA_CHECK(cudaSetDevice(device));
+  const size_t bytes = size_t(1) << 30;
+  DeviceTensor a(DType::kI32, {int64_t(bytes / 4)}), b(DType::kI32, {int64_t(bytes / 4)});
+  a.fill_bytes(0x5a);
+  cudaEvent_t e0, e1;
+  EPMOE_CUDA_CHECK(cudaEventCreate(&e0));
+  EPMOE_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<double> ms;
+  for (int i = 0; i < 8; ++i) {
+    EPMOE_CUDA_CHECK(cudaEventRecord(e0));
+    EPMOE_CUDA_CHECK(cudaMemcpyAsync(b.view().data, a.view().data, bytes, cudaMemcpyDeviceToDevice));
+    EPMOE_CUDA_CHECK(cudaEventRecord(e1));
+    EPMOE_CUDA_CHECK(cudaEventSynchronize(e1));
+    float t;
+    EPMOE_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+    if (i >= 2) ms.push_back(t);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return double(bytes) / (median(ms) * 1e-3) / 1e9;
+}
+
+// GPU 0 -> GPU 1 peer copy, bytes per second; 0 with one GPU.
+double peer_copy_gbps() {
+  if (device_count() < 2) return 0;
+  int can = 0;
+  EPMOE_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, 0, 1));
+  const size_t bytes = size_t(1) << 30;
+  EPMOE_CUDA_CHECK(cudaSetDevice(1));
+  DeviceTensor dst(DType::kI32, {int64_t(bytes / 4)});
+  EPMOE_CUDA_CHECK(cudaSetDevice(0));
+  DeviceTensor src(DType::kI32, {int64_t(bytes / 4)});
+  src.fill_bytes(0x3c);
+  if (can) cudaDeviceEnablePeerAccess(1, 0), cudaGetLastError();
+  cudaEvent_t e0, e1;
+  EPMOE_CUDA_CHECK(cudaEventCreate(&e0));
+  EPMOE_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<double> ms;
+  for (int i = 0; i < 8; ++i) {
+    EPMOE_CUDA_CHECK(cudaEventRecord(e0));
+    EPMOE_CUDA_CHECK(cudaMemcpyPeerAsync(dst.view().data, 1, src.view().data, 0, bytes));
+    EPMOE_CUDA_CHECK(cudaEventRecord(e1));
+    EPMOE_CUDA_CHECK(cudaEventSynchronize(e1));
+    float t;
+    EPMOE_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+    if (i >= 2) ms.push_back(t);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return double(bytes) / (median(ms) * 1e-3) / 1e9;
+}
+
+void run_group(const std::string& transport, int ranks,
+               const std::function<void(GpuTransport&)>& fn) {
+  if (transport == "loopback") return run_loopback(ranks, 0, fn);
+#ifdef EPMOE_BENCH_NCCL
+  if (transport == "nccl") {
+    EPMOE_CHECK(device_count() >= ranks, kUnsupported,
+                "--transport nccl needs one GPU per rank: {} ranks, {} GPU(s)", ranks,
+                device_count());
+    return run_nccl_threads(ranks, fn);
+  }
+#endif
+  EPMOE_FAIL(kInvalidArgument, "--transport must be loopback or nccl, got '{}'", transport);
+}
+
+}  // namespace
+
+nlohmann::json run_ep_bench(const EpBenchOptions& o) {
+  require_device();
+  MoeConfig cfg = find_preset(o.preset).config;
+  cfg.fuse_shared = false;  // the benchmark times dispatch/combine; shared experts stay local
+  const EpMode mode = parse_ep_mode(o.mode);
+  const EpConfig ep{.num_ranks = o.ranks, .mode = mode, .max_tokens_per_rank = o.tokens};
+  ep.validate(cfg);
+  EPMOE_CHECK(o.iters >= 1 && o.tokens >= 1, kInvalidArgument, "need iters >= 1 and tokens >= 1");
+  const MoeWeights wts = random_moe_weights(cfg, o.seed);
+  const int R = o.ranks, Kp = cfg.num_slots();
+  const int64_t H = cfg.hidden, T = o.tokens;
+
+  const double copy_gbps = d2d_copy_gbps(0);
+  const double peer_gbps = o.transport == "nccl" ? peer_copy_gbps() : 0;
+
+  // Per rank and iteration: dispatch µs, combine µs; per rank: pairs and wire bytes.
+  std::vector<std::vector<double>> disp(static_cast<size_t>(R)), comb(static_cast<size_t>(R)), a2a(static_cast<size_t>(R));
+  std::vector<int64_t> pairs(static_cast<size_t>(R)), wire_d(static_cast<size_t>(R)), wire_c(static_cast<size_t>(R));
+  std::mutex mu;
+  run_group(o.transport, R, [&](GpuTransport& t) {
+    const int me = t.rank();
+    std::mt19937_64 rng(o.seed * 131 + uint64_t(me));
+    EpRankCuda rank(t, wts, ep, EpCudaOptions{.fp8_dispatch = o.fp8});
+    Tensor x(DType::kBF16, {T, H});
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (int64_t i = 0; i < T * H; ++i) x.as<bf16>()[i] = f32_to_bf16(nd(rng));
+    rank.upload(x);
+    rank.route();  // real DeepSeek-V3 routing of random tokens
+    cudaStream_t s = t.stream();
+    cudaEvent_t ev[4];
+    for (auto& e : ev) EPMOE_CUDA_CHECK(cudaEventCreate(&e));
+    auto elapsed_us = [&](cudaEvent_t a, cudaEvent_t b) {
+      float ms;
+      EPMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+      return double(ms) * 1e3;
+    };
+    for (int it = 0; it < o.warmup + o.iters; ++it) {
+      t.barrier();
+      EPMOE_CUDA_CHECK(cudaEventRecord(ev[0], s));
+      if (mode == EpMode::kLowLatency) {
+        rank.ll_dispatch_send();
+        rank.ll_dispatch_recv();
+      } else {
+        rank.normal_dispatch();
+      }
+      EPMOE_CUDA_CHECK(cudaEventRecord(ev[1], s));
+      if (mode == EpMode::kLowLatency) rank.ll_experts();
+      else rank.normal_experts();
+      rank.check();
+      t.barrier();
+      EPMOE_CUDA_CHECK(cudaEventRecord(ev[2], s));
+      if (mode == EpMode::kLowLatency) {
+        rank.ll_combine_send();
+        rank.ll_combine_recv();
+      } else {
+        rank.normal_combine();
+      }
+      EPMOE_CUDA_CHECK(cudaEventRecord(ev[3], s));
+      rank.check();
+      if (it >= o.warmup) {
+        disp[size_t(me)].push_back(elapsed_us(ev[0], ev[1]));
+        comb[size_t(me)].push_back(elapsed_us(ev[2], ev[3]));
+      }
+    }
+    const EpCudaTraffic tr = rank.last_traffic();
+    // (token, expert) pairs of this rank's tokens: DESIGN §7 / DeepEP accounting.
+    Tensor ids(DType::kI32, {T, Kp});
+    EPMOE_CUDA_CHECK(cudaMemcpy(ids.view().data, rank.topk_ids().data, ids.nbytes(), cudaMemcpyDeviceToHost));
+    int64_t p = 0;
+    for (int64_t i = 0; i < T * Kp; ++i) p += ids.as<int32_t>()[i] >= 0 && ids.as<int32_t>()[i] < cfg.n_routed_experts;
+    // Baseline: a plain all-to-all of this rank's dispatch payload, split evenly over peers.
+    const size_t per_peer = size_t(std::max<int64_t>(1, tr.dispatch_bytes / std::max(1, R - 1)));
+    DeviceTensor sbuf(DType::kI32, {int64_t(per_peer * size_t(R) / 4 + 1)}), rbuf(sbuf.dtype(), sbuf.shape());
+    sbuf.fill_bytes(0x11);
+    std::vector<size_t> bytes(static_cast<size_t>(R), per_peer), offs(static_cast<size_t>(R));
+    for (int q = 0; q < R; ++q) offs[size_t(q)] = size_t(q) * per_peer;
+    bytes[size_t(me)] = 0;
+    for (int it = 0; it < o.warmup + o.iters; ++it) {
+      t.barrier();
+      EPMOE_CUDA_CHECK(cudaEventRecord(ev[0], s));
+      t.all_to_all_v(sbuf.view().data, bytes.data(), offs.data(), rbuf.view().data, bytes.data(), offs.data());
+      EPMOE_CUDA_CHECK(cudaEventRecord(ev[1], s));
+      EPMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+      if (it >= o.warmup) a2a[size_t(me)].push_back(elapsed_us(ev[0], ev[1]));
+    }
+    for (auto& e : ev) cudaEventDestroy(e);
+    std::lock_guard<std::mutex> lock(mu);
+    pairs[size_t(me)] = p;
+    wire_d[size_t(me)] = tr.dispatch_bytes;
+    wire_c[size_t(me)] = tr.combine_bytes;
+  });
+
+  // Per iteration the slowest rank sets the time; then the median over iterations.
+  auto slowest = [&](const std::vector<std::vector<double>>& v) {
+    std::vector<double> per_iter(v[0].size(), 0.0);
+    for (const auto& r : v)
+      for (size_t i = 0; i < per_iter.size() && i < r.size(); ++i) per_iter[i] = std::max(per_iter[i], r[i]);
+    return median(per_iter);
+  };
+  const double disp_us = slowest(disp), comb_us = slowest(comb), a2a_us = slowest(a2a);
+  int64_t total_pairs = 0, total_wd = 0, total_wc = 0;
+  for (int r = 0; r < R; ++r) total_pairs += pairs[size_t(r)], total_wd += wire_d[size_t(r)], total_wc += wire_c[size_t(r)];
+  const double disp_bytes_per_pair = o.fp8 ? double(H) + double((H + 127) / 128) * 4 : double(H) * 2;
+  const double disp_bytes = double(total_pairs) * disp_bytes_per_pair;
+  const double comb_bytes = double(total_pairs) * double(H) * 2;
+  // Per-rank algorithmic bandwidth (DeepEP style) and the aggregate over ranks.
+  const double disp_gbps = disp_bytes / R / (disp_us * 1e-6) / 1e9;
+  const double comb_gbps = comb_bytes / R / (comb_us * 1e-6) / 1e9;
+  const double agg_disp = disp_bytes / (disp_us * 1e-6) / 1e9;
+  const double agg_comb = comb_bytes / (comb_us * 1e-6) / 1e9;
+  const double a2a_gbps = double(total_wd) / (a2a_us * 1e-6) / 1e9;
+  const double ceiling = o.transport == "nccl" && peer_gbps > 0 ? peer_gbps : copy_gbps;
+
+  nlohmann::json out;
+  out["device"] = device_description(0);
+  out["gpus"] = device_count();
+  out["transport"] = o.transport;
+  out["ranks"] = R;
+  out["mode"] = ep_mode_name(mode);
+  out["tokens_per_rank"] = T;
+  out["fp8_dispatch"] = o.fp8;
+  out["d2d_copy_GBps"] = copy_gbps;
+  out["peer_copy_GBps"] = peer_gbps;
+  out["pairs_total"] = total_pairs;
+  out["rows"] = {
+      {{"kernel", "dispatch"}, {"us", disp_us}, {"bytes_deepep", disp_bytes},
+       {"wire_bytes", total_wd}, {"GBps_per_rank", disp_gbps}, {"GBps_aggregate", agg_disp}},
+      {{"kernel", "combine"}, {"us", comb_us}, {"bytes_deepep", comb_bytes},
+       {"wire_bytes", total_wc}, {"GBps_per_rank", comb_gbps}, {"GBps_aggregate", agg_comb}},
+      {{"kernel", "all_to_all baseline"}, {"us", a2a_us}, {"wire_bytes", total_wd},
+       {"GBps_aggregate", a2a_gbps}}};
+  fmt::print("device: {} | transport {} | {} ranks | {} | {} tokens/rank | dispatch {}\n",
+             device_description(0), o.transport, R, ep_mode_name(mode), T, o.fp8 ? "fp8" : "bf16");
+  fmt::print("ceilings: device copy {:.0f} GB/s{}\n", copy_gbps,
+             peer_gbps > 0 ? fmt::format(", peer copy {:.0f} GB/s", peer_gbps) : std::string());
+  fmt::print("{:<22} {:>10} {:>14} {:>14} {:>16} {:>10}\n", "kernel", "median us", "GB/s per rank",
+             "GB/s aggregate", "wire MB (dedup)", "ratio");
+  fmt::print("{:<22} {:>10.1f} {:>14.1f} {:>14.1f} {:>16.2f} {:>10.2f}\n", "dispatch", disp_us,
+             disp_gbps, agg_disp, total_wd / 1e6, agg_disp / ceiling);
+  fmt::print("{:<22} {:>10.1f} {:>14.1f} {:>14.1f} {:>16.2f} {:>10.2f}\n", "combine", comb_us,
+             comb_gbps, agg_comb, total_wc / 1e6, agg_comb / ceiling);
+  fmt::print("{:<22} {:>10.1f} {:>14} {:>14.1f} {:>16.2f} {:>10.2f}\n", "all-to-all (same bytes)",
+             a2a_us, "-", a2a_gbps, total_wd / 1e6, a2a_gbps / ceiling);
+  fmt::print("ratio = aggregate GB/s / {} GB/s\n",
+             o.transport == "nccl" && peer_gbps > 0 ? "peer copy" : "device copy");
+  out["ceiling_GBps"] = ceiling;
+  return out;
+}
+
+}  // namespace epmoe::cuda
