@@ -12,6 +12,7 @@ mkdir -p "$OUT"
 J=$(mktemp -d)   # JSON results, packed into $OUT/results_json.tar at the end (8 files come back)
 export EPMOE_GOLDEN_DIR=${EPMOE_GOLDEN_DIR:-$PWD/.golden}
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast on these machines
+export CUDA_MODULE_LOADING=EAGER
 BENCH=1; SAN=1; ONLY_MULTI=0
 for a in "$@"; do
   case "$a" in --no-bench) BENCH=0 ;; --no-sanitizer) SAN=0 ;; --only-multi) ONLY_MULTI=1 ;; esac

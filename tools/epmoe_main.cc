@@ -1,5 +1,6 @@
 // The epmoe command-line tool: thin front end over the library.
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 
 #include <CLI/CLI.hpp>
@@ -10,6 +11,10 @@
 #include "tools/run_command.h"
 
 int main(int argc, char** argv) {
+  // Before any CUDA call: kernels load eagerly (a lazy first launch can wait for the device while
+  // a loopback rank spins on a flag), and NVLink multicast stays off.
+  setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+  setenv("NCCL_NVLS_ENABLE", "0", 0);
   CLI::App app{"epmoe: Mixture-of-Experts layers under expert parallelism"};
   app.require_subcommand(1);
 

@@ -94,6 +94,10 @@ struct EpRankCuda::Impl {
     }
     cublas_check(cublasCreate(&cublas));
     cublas_check(cublasSetStream(cublas, stream));
+    // A preallocated cuBLAS workspace: no allocation (a device-wide sync) inside the layer.
+    cublas_ws = DeviceTensor(DType::kI32, {(32 << 20) / 4});
+    cublas_check(cublasSetWorkspace(cublas, cublas_ws.view().data, cublas_ws.nbytes()));
+    ep::prepare_kernels();
     logits = DeviceTensor(DType::kF32, {T, cfg.n_routed_experts});
 
     if (ep.mode == EpMode::kLowLatency) {
@@ -110,6 +114,9 @@ struct EpRankCuda::Impl {
       out = DeviceTensor(DType::kBF16, {E_loc, m_max, H});
     }
     EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    // Every rank is fully set up before any starts waiting on flags: setup allocates, and an
+    // allocation may wait for the device while a peer's kernel spins.
+    t.barrier();
   }
 
   ~Impl() {
@@ -129,7 +136,7 @@ struct EpRankCuda::Impl {
   int64_t timeout_ns = 0;
   SymmetricBuffer window;
   DeviceTensor w13, w2, sw13, sw2, gate_w, gate_bias;
-  DeviceTensor x, ids, wts, ntok, y, logits;
+  DeviceTensor x, ids, wts, ntok, y, logits, cublas_ws;
   DeviceTensor dest_slot, dest_count, dest_offset, seq, err;
   DeviceTensor shared_gu, shared_act, shared_tmp, shared_out, seg1;
   // low-latency

@@ -367,6 +367,7 @@ ll_recv_index_kernel(int32_t* recv_count, int32_t* recv_src, int32_t* recv_recor
     s_running = 0;
   }
   __syncthreads();
+  int failed = 0;
   if (!s_fail && int(threadIdx.x) < R) {
     const uint64_t* f = reinterpret_cast<const uint64_t*>(window + ll.dispatch_flags) + threadIdx.x;
     uint64_t seen;
@@ -374,12 +375,11 @@ ll_recv_index_kernel(int32_t* recv_count, int32_t* recv_src, int32_t* recv_recor
       s_count[threadIdx.x] = int(seen & 0xffffffffu);
     } else {
       if (e == 0) report_wait(err, d.rank, int(threadIdx.x), sv << 32, seen, "dispatch flag");
-      s_fail = 1;
+      failed = 1;
     }
     __threadfence();
   }
-  __syncthreads();
-  if (s_fail) {
+  if (__syncthreads_or(failed || s_fail)) {
     if (threadIdx.x == 0) recv_count[e] = 0;
     return;
   }
@@ -461,17 +461,17 @@ ll_combine_recv_kernel(float* y, const char* window, LowLatencyLayout ll, const 
   const uint64_t sv = *seq;
   if (threadIdx.x == 0) s_fail = err->failed;
   __syncthreads();
+  int failed = 0;
   if (!s_fail && int(threadIdx.x) < d.num_ranks) {
     const uint64_t* f = reinterpret_cast<const uint64_t*>(window + ll.combine_flags) + threadIdx.x;
     uint64_t seen;
     if (!wait_flag(f, sv, ~0ull, timeout_ns, &seen)) {
       if (blockIdx.x == 0) report_wait(err, d.rank, int(threadIdx.x), sv, seen, "combine flag");
-      s_fail = 1;
+      failed = 1;
     }
     __threadfence();
   }
-  __syncthreads();
-  if (s_fail) return;
+  if (__syncthreads_or(failed || s_fail)) return;
   ReducePlan* plan = reinterpret_cast<ReducePlan*>(s_plan_raw) + warp;
   float* acc = s_acc + size_t(warp) * kMaxDeviceSlots * 8 * 32;
   const int64_t T = min(int64_t(*num_tokens), d.t_max);
@@ -598,6 +598,26 @@ void allow_big_smem(K kernel, size_t bytes) {
 
 }  // namespace
 
+void prepare_kernels() {
+  // NOTES: loads every kernel of this file now (and sets the shared-memory opt-ins): with lazy
+  // module loading, a kernel's first launch can wait for the device while another rank of the
+  // same process spins on a flag, which would deadlock the loopback transport.
+  cudaFuncAttributes a;
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, route_layout_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_send_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, raise_flags_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_recv_index_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_expand_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_combine_send_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, normal_pack_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, normal_unpack_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, add_rows_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, single_segment_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, scatter_shared_kernel));
+  allow_big_smem(ll_combine_recv_kernel, kCombineSmem);
+  allow_big_smem(normal_combine_kernel, kCombineSmem);
+}
+
 void route_layout(int32_t* dest_slot, int32_t* dest_count, const int32_t* topk_ids,
                   const int32_t* num_tokens, const EpDims& d, cudaStream_t stream) {
   EPMOE_CHECK(d.num_ranks <= kMaxRanks, kUnsupported, "at most {} ranks, got {}", kMaxRanks,
@@ -652,7 +672,6 @@ void ll_combine_recv(float* y, const void* local_window, const LowLatencyLayout&
                      const int32_t* topk_ids, const float* topk_weights, const float* shared_out,
                      const int32_t* num_tokens, const uint64_t* seq, DeviceWaitError* err,
                      int64_t timeout_ns, const EpDims& d, cudaStream_t stream) {
-  allow_big_smem(ll_combine_recv_kernel, kCombineSmem);
   ll_combine_recv_kernel<<<blocks_for(d.t_max, kWarps), kWarps * 32, kCombineSmem, stream>>>(
       y, static_cast<const char*>(local_window), ll, topk_ids, topk_weights, shared_out,
       num_tokens, seq, err, timeout_ns, d);
@@ -683,7 +702,6 @@ void normal_combine(float* y, const float* partials, const int32_t* dest_slot,
                     const int32_t* num_tokens, const EpDims& d, cudaStream_t stream) {
   EPMOE_CHECK(d.num_ranks + d.num_slots <= kMaxItems && d.num_ranks <= 32, kUnsupported,
               "normal-mode combine supports up to 32 ranks, got {}", d.num_ranks);
-  allow_big_smem(normal_combine_kernel, kCombineSmem);
   normal_combine_kernel<<<blocks_for(d.t_max, kWarps), kWarps * 32, kCombineSmem, stream>>>(
       y, partials, dest_slot, dest_offset, topk_ids, topk_weights, shared_out, num_tokens, d);
   EPMOE_CUDA_CHECK_LAUNCH("normal_combine_kernel");

@@ -44,6 +44,10 @@ struct EpDims {
   int64_t hidden = 0, t_max = 0;
 };
 
+// Loads this module's kernels and sets their shared-memory limits; call once per device before
+// any rank of the process starts waiting on flags (EpRankCuda's constructor does).
+void prepare_kernels();
+
 // Per token: which ranks it visits (deduplicated) and its slot in each destination, in token
 // order; per destination: how many tokens go there. One block, no host synchronisation.
 // dest_slot: [T_max, R] i32 (-1 = not visited); dest_count: [R] i32;

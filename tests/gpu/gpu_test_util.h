@@ -4,7 +4,19 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+
 #include "epmoe/cuda/device.h"
+
+namespace epmoe::cuda::testing_env {
+// Eager module loading before the first CUDA call: with lazy loading, a kernel's first launch
+// may wait for the device while a loopback peer's kernel spins on a flag.
+inline const bool kEagerModules = [] {
+  setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+  setenv("NCCL_NVLS_ENABLE", "0", 0);
+  return true;
+}();
+}  // namespace epmoe::cuda::testing_env
 
 #define EPMOE_REQUIRE_GPU()                                                  \
   do {                                                                       \

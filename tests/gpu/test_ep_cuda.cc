@@ -245,6 +245,7 @@ TEST(GpuExpertParallel, LowLatencyGraphCaptureReplaysNewRoutings) {
     rank.forward_routed();
     EPMOE_CUDA_CHECK(cudaStreamEndCapture(t.stream(), &graph));
     EPMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    t.barrier();
     for (size_t i = 0; i < cases.size(); ++i) {
       const Routing& c = cases[i];
       int64_t first = 0;
