@@ -13,6 +13,7 @@ J=$(mktemp -d)   # JSON results, packed into $OUT/results_json.tar at the end (8
 export EPMOE_GOLDEN_DIR=${EPMOE_GOLDEN_DIR:-$PWD/.golden}
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast on these machines
 export CUDA_MODULE_LOADING=EAGER
+export CUDA_DEVICE_MAX_CONNECTIONS=32
 BENCH=1; SAN=1; ONLY_MULTI=0
 for a in "$@"; do
   case "$a" in --no-bench) BENCH=0 ;; --no-sanitizer) SAN=0 ;; --only-multi) ONLY_MULTI=1 ;; esac
@@ -86,10 +87,12 @@ if [ "$BENCH" = 1 ]; then
       for R in 2 8; do
         timeout 60 $B/epmoe bench --kernel dispatch --ranks $R --transport loopback --mode low-latency --tokens 128 --json "$J/bench_ll_bf16_r$R.json"
         timeout 60 $B/epmoe bench --kernel dispatch --ranks $R --transport loopback --mode low-latency --tokens 128 --fp8 --json "$J/bench_ll_fp8_r$R.json"
-        timeout 90 $B/epmoe bench --kernel dispatch --ranks $R --transport loopback --mode normal --tokens 4096 --json "$J/bench_normal_r$R.json"
+        NT=4096; [ "$R" = 8 ] && [ "$NGPU" -lt 2 ] && NT=2048   # 8 x 4096 does not fit in 80 GB
+        timeout 90 $B/epmoe bench --kernel dispatch --ranks $R --transport loopback --mode normal --tokens $NT --json "$J/bench_normal_r$R.json"
       done
     fi
     if [ "$NGPU" -ge 2 ]; then
+      [ "$ONLY_MULTI" = 1 ] && timeout 120 $B/epmoe bench --kernel dispatch --ranks 8 --transport loopback --mode normal --tokens 4096 --json "$J/bench_normal_r8_4096.json"
       timeout 60 $B/epmoe bench --kernel dispatch --ranks 2 --transport nccl --mode low-latency --tokens 128 --json "$J/bench_nccl_ll_bf16.json"
       timeout 60 $B/epmoe bench --kernel dispatch --ranks 2 --transport nccl --mode low-latency --tokens 128 --fp8 --json "$J/bench_nccl_ll_fp8.json"
       timeout 90 $B/epmoe bench --kernel dispatch --ranks 2 --transport nccl --mode normal --tokens 4096 --json "$J/bench_nccl_normal.json"

@@ -15,6 +15,9 @@ int main(int argc, char** argv) {
   // a loopback rank spins on a flag), and NVLink multicast stays off.
   setenv("CUDA_MODULE_LOADING", "EAGER", 0);
   setenv("NCCL_NVLS_ENABLE", "0", 0);
+  // One hardware queue per stream for up to 32 loopback ranks: shared queues would serialise a
+  // rank's sends behind another rank's spinning receive.
+  setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
   CLI::App app{"epmoe: Mixture-of-Experts layers under expert parallelism"};
   app.require_subcommand(1);
 

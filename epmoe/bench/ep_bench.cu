@@ -168,7 +168,12 @@ nlohmann::json run_ep_bench(const EpBenchOptions& o) {
     int64_t p = 0;
     for (int64_t i = 0; i < T * Kp; ++i) p += ids.as<int32_t>()[i] >= 0 && ids.as<int32_t>()[i] < cfg.n_routed_experts;
     // Baseline: a plain all-to-all of this rank's dispatch payload, split evenly over peers.
-    const size_t per_peer = size_t(std::max<int64_t>(1, tr.dispatch_bytes / std::max(1, R - 1)));
+    // Every rank sends the same number of bytes to each peer: the mean of the dispatch payloads.
+    std::vector<int64_t> all_bytes(static_cast<size_t>(R));
+    t.all_gather_host(&tr.dispatch_bytes, all_bytes.data(), 1);
+    int64_t sum_bytes = 0;
+    for (int64_t b : all_bytes) sum_bytes += b;
+    const size_t per_peer = size_t(std::max<int64_t>(16, sum_bytes / std::max(1, R * (R - 1))) / 16 * 16);
     DeviceTensor sbuf(DType::kI32, {int64_t(per_peer * size_t(R) / 4 + 1)}), rbuf(sbuf.dtype(), sbuf.shape());
     sbuf.fill_bytes(0x11);
     std::vector<size_t> bytes(static_cast<size_t>(R), per_peer), offs(static_cast<size_t>(R));

@@ -234,10 +234,11 @@ struct Item {
 };
 
 // items/plan in shared memory (per warp); acc: [kMaxDeviceSlots][8][32] floats of this warp.
+// Columns [c_begin, c_end) of the token (multiples of 8).
 __device__ void reduce_token_warp(float* y, const Item* items, int n, const ReducePlan& plan,
-                                  int64_t H, float* acc, int lane) {
+                                  int64_t c_begin, int64_t c_end, float* acc, int lane) {
   auto slot = [&](int k, int i) -> float& { return acc[(k * 8 + i) * 32 + lane]; };
-  for (int64_t c = int64_t(lane) * 8; c < H; c += 256) {
+  for (int64_t c = c_begin + int64_t(lane) * 8; c < c_end; c += 256) {
     float res[8];
     if (plan.root < 0) {
 #pragma unroll
@@ -265,10 +266,13 @@ __device__ void reduce_token_warp(float* y, const Item* items, int n, const Redu
 }
 
 constexpr int kMaxItems = kMaxRanks + kMaxDeviceSlots;
+// Columns one warp reduces per token: the token's H is split over gridDim.y blocks, so a small
+// decode batch still spreads over the machine.
+constexpr int64_t kCombineCols = 1024;
 
 // Lane 0 plans; the whole warp reduces. Items beyond n are ignored.
 __device__ void plan_and_reduce(float* y, Item* items, int n, ReducePlan* plan_smem, int E,
-                                int64_t H, float* acc, int lane) {
+                                int64_t c_begin, int64_t c_end, float* acc, int lane) {
   if (lane == 0) {
     int keys[kMaxSlots];
     int m = 0;
@@ -286,7 +290,7 @@ __device__ void plan_and_reduce(float* y, Item* items, int n, ReducePlan* plan_s
   __syncwarp();
   int m = 0;
   if (plan_smem->root >= 0) m = plan_smem->num_items;
-  reduce_token_warp(y, items, m, *plan_smem, H, acc, lane);
+  reduce_token_warp(y, items, m, *plan_smem, c_begin, c_end, acc, lane);
   __syncwarp();
 }
 
@@ -327,15 +331,17 @@ ll_send_kernel(void* const* peers, LowLatencyLayout ll, RecordLayout rec, const 
   const int lane = threadIdx.x & 31;
   const int64_t T = min(int64_t(*num_tokens), d.t_max);
   const int64_t nw = int64_t(gridDim.x) * kWarps;
-  for (int64_t t = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); t < T; t += nw) {
-    for (int dst = 0; dst < d.num_ranks; ++dst) {
-      const int slot = dest_slot[t * d.num_ranks + dst];
-      if (slot < 0) continue;
-      char* rp = static_cast<char*>(peers[dst]) + ll.staging +
-                 (size_t(d.rank) * size_t(d.t_max) + size_t(slot)) * rec.bytes;
-      write_record(rp, rec, x + t * d.hidden, ids + t * d.num_slots, w + t * d.num_slots, int(t),
-                   dst, d, lane);
-    }
+  // One warp per (token, destination) pair: many transfers in flight at once.
+  for (int64_t p = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); p < T * d.num_ranks;
+       p += nw) {
+    const int64_t t = p / d.num_ranks;
+    const int dst = int(p % d.num_ranks);
+    const int slot = dest_slot[t * d.num_ranks + dst];
+    if (slot < 0) continue;
+    char* rp = static_cast<char*>(peers[dst]) + ll.staging +
+               (size_t(d.rank) * size_t(d.t_max) + size_t(slot)) * rec.bytes;
+    write_record(rp, rec, x + t * d.hidden, ids + t * d.num_slots, w + t * d.num_slots, int(t),
+                 dst, d, lane);
   }
   __threadfence_system();
 }
@@ -490,7 +496,9 @@ ll_combine_recv_kernel(float* y, const char* window, LowLatencyLayout ll, const 
     items[lane] = it;
   }
   __syncwarp();
-  plan_and_reduce(y + t * d.hidden, items, d.num_slots, plan, d.num_routed, d.hidden, acc, lane);
+  const int64_t c0 = int64_t(blockIdx.y) * kCombineCols;
+  plan_and_reduce(y + t * d.hidden, items, d.num_slots, plan, d.num_routed, c0,
+                  min(d.hidden, c0 + kCombineCols), acc, lane);
 }
 
 // ---- normal mode ----
@@ -501,14 +509,16 @@ normal_pack_kernel(char* send, RecordLayout rec, const __nv_bfloat16* x, const i
   const int lane = threadIdx.x & 31;
   const int64_t T = min(int64_t(*num_tokens), d.t_max);
   const int64_t nw = int64_t(gridDim.x) * kWarps;
-  for (int64_t t = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); t < T; t += nw)
-    for (int dst = 0; dst < d.num_ranks; ++dst) {
-      const int slot = dest_slot[t * d.num_ranks + dst];
-      if (slot < 0) continue;
-      write_record(send + (size_t(dest_offset[dst]) + size_t(slot)) * rec.bytes, rec,
-                   x + t * d.hidden, ids + t * d.num_slots, w + t * d.num_slots, int(t), dst, d,
-                   lane);
-    }
+  for (int64_t p = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); p < T * d.num_ranks;
+       p += nw) {
+    const int64_t t = p / d.num_ranks;
+    const int dst = int(p % d.num_ranks);
+    const int slot = dest_slot[t * d.num_ranks + dst];
+    if (slot < 0) continue;
+    write_record(send + (size_t(dest_offset[dst]) + size_t(slot)) * rec.bytes, rec,
+                 x + t * d.hidden, ids + t * d.num_slots, w + t * d.num_slots, int(t), dst, d,
+                 lane);
+  }
 }
 
 __global__ void __launch_bounds__(kWarps * 32)
@@ -553,8 +563,9 @@ normal_combine_kernel(float* y, const float* partials, const int32_t* dest_slot,
   __syncwarp();
   ReducePlan* plan = reinterpret_cast<ReducePlan*>(s_plan_raw) + warp;
   float* acc = s_acc + size_t(warp) * kMaxDeviceSlots * 8 * 32;
-  plan_and_reduce(y + t * d.hidden, items, d.num_ranks + d.num_slots, plan, d.num_routed,
-                  d.hidden, acc, lane);
+  const int64_t c0 = int64_t(blockIdx.y) * kCombineCols;
+  plan_and_reduce(y + t * d.hidden, items, d.num_ranks + d.num_slots, plan, d.num_routed, c0,
+                  min(d.hidden, c0 + kCombineCols), acc, lane);
 }
 
 __global__ void add_rows_kernel(float* y, const float* add, float scale, const int32_t* num_tokens,
@@ -631,7 +642,7 @@ void ll_dispatch_send(void* const* peers, const LowLatencyLayout& ll, const Reco
                       const int32_t* num_tokens, const int32_t* dest_slot,
                       const int32_t* dest_count, uint64_t* seq, const EpDims& d,
                       cudaStream_t stream) {
-  ll_send_kernel<<<blocks_for(d.t_max, kWarps), kWarps * 32, 0, stream>>>(
+  ll_send_kernel<<<blocks_for(d.t_max * d.num_ranks, kWarps), kWarps * 32, 0, stream>>>(
       peers, ll, rec, static_cast<const __nv_bfloat16*>(x), topk_ids, topk_weights, num_tokens,
       dest_slot, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_send_kernel");
@@ -672,7 +683,8 @@ void ll_combine_recv(float* y, const void* local_window, const LowLatencyLayout&
                      const int32_t* topk_ids, const float* topk_weights, const float* shared_out,
                      const int32_t* num_tokens, const uint64_t* seq, DeviceWaitError* err,
                      int64_t timeout_ns, const EpDims& d, cudaStream_t stream) {
-  ll_combine_recv_kernel<<<blocks_for(d.t_max, kWarps), kWarps * 32, kCombineSmem, stream>>>(
+  const dim3 grid(blocks_for(d.t_max, kWarps), unsigned((d.hidden + kCombineCols - 1) / kCombineCols));
+  ll_combine_recv_kernel<<<grid, kWarps * 32, kCombineSmem, stream>>>(
       y, static_cast<const char*>(local_window), ll, topk_ids, topk_weights, shared_out,
       num_tokens, seq, err, timeout_ns, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_combine_recv_kernel");
@@ -681,7 +693,7 @@ void ll_combine_recv(float* y, const void* local_window, const LowLatencyLayout&
 void normal_pack(void* send, const RecordLayout& rec, const void* x, const int32_t* topk_ids,
                  const float* topk_weights, const int32_t* num_tokens, const int32_t* dest_slot,
                  const int32_t* dest_offset, const EpDims& d, cudaStream_t stream) {
-  normal_pack_kernel<<<blocks_for(d.t_max, kWarps), kWarps * 32, 0, stream>>>(
+  normal_pack_kernel<<<blocks_for(d.t_max * d.num_ranks, kWarps), kWarps * 32, 0, stream>>>(
       static_cast<char*>(send), rec, static_cast<const __nv_bfloat16*>(x), topk_ids,
       topk_weights, num_tokens, dest_slot, dest_offset, d);
   EPMOE_CUDA_CHECK_LAUNCH("normal_pack_kernel");
@@ -702,7 +714,8 @@ void normal_combine(float* y, const float* partials, const int32_t* dest_slot,
                     const int32_t* num_tokens, const EpDims& d, cudaStream_t stream) {
   EPMOE_CHECK(d.num_ranks + d.num_slots <= kMaxItems && d.num_ranks <= 32, kUnsupported,
               "normal-mode combine supports up to 32 ranks, got {}", d.num_ranks);
-  normal_combine_kernel<<<blocks_for(d.t_max, kWarps), kWarps * 32, kCombineSmem, stream>>>(
+  const dim3 grid(blocks_for(d.t_max, kWarps), unsigned((d.hidden + kCombineCols - 1) / kCombineCols));
+  normal_combine_kernel<<<grid, kWarps * 32, kCombineSmem, stream>>>(
       y, partials, dest_slot, dest_offset, topk_ids, topk_weights, shared_out, num_tokens, d);
   EPMOE_CUDA_CHECK_LAUNCH("normal_combine_kernel");
 }

@@ -14,6 +14,7 @@ namespace epmoe::cuda::testing_env {
 inline const bool kEagerModules = [] {
   setenv("CUDA_MODULE_LOADING", "EAGER", 0);
   setenv("NCCL_NVLS_ENABLE", "0", 0);
+  setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);  // a hardware queue per loopback rank
   return true;
 }();
 }  // namespace epmoe::cuda::testing_env
