@@ -109,6 +109,7 @@ struct EpRankCuda::Impl {
       recv_count.fill_bytes(0);
       recv_src = DeviceTensor(DType::kI32, {E_loc, m_max, 3});
       recv_record = DeviceTensor(DType::kI32, {E_loc, m_max});
+      src_count = DeviceTensor(DType::kI32, {R});
       gu = DeviceTensor(DType::kBF16, {E_loc, m_max, 2 * I});
       act = DeviceTensor(DType::kBF16, {E_loc, m_max, I});
       out = DeviceTensor(DType::kBF16, {E_loc, m_max, H});
@@ -140,7 +141,7 @@ struct EpRankCuda::Impl {
   DeviceTensor dest_slot, dest_count, dest_offset, seq, err;
   DeviceTensor shared_gu, shared_act, shared_tmp, shared_out, seg1;
   // low-latency
-  DeviceTensor recv_x, recv_count, recv_src, recv_record, gu, act, out;
+  DeviceTensor recv_x, recv_count, recv_src, recv_record, src_count, gu, act, out;
   // normal
   std::vector<int32_t> send_counts, recv_counts;
   int64_t n_recv = 0, n_send = 0;
@@ -217,7 +218,7 @@ struct EpRankCuda::Impl {
   }
   void ll_dispatch_recv() {
     ep::ll_dispatch_recv(recv_x.view().data, recv_count.as<int32_t>(), recv_src.as<int32_t>(),
-                         recv_record.as<int32_t>(), window.local, ll, rec, seq_ptr(), err_ptr(),
+                         recv_record.as<int32_t>(), src_count.as<int32_t>(), window.local, ll, rec, seq_ptr(), err_ptr(),
                          timeout_ns, d, stream);
   }
   void ll_experts() {

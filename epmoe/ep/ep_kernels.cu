@@ -270,6 +270,7 @@ constexpr int kMaxItems = kMaxRanks + kMaxDeviceSlots;
 // decode batch still spreads over the machine.
 constexpr int64_t kCombineCols = 1024;
 
+
 // Lane 0 plans; the whole warp reduces. Items beyond n are ignored.
 __device__ void plan_and_reduce(float* y, Item* items, int n, ReducePlan* plan_smem, int E,
                                 int64_t c_begin, int64_t c_end, float* acc, int lane) {
@@ -359,33 +360,46 @@ __global__ void raise_flags_kernel(void* const* peers, size_t flags_off, const i
   if (threadIdx.x == 0 && increment) *seq = s;
 }
 
+// One small block per rank does all the waiting, so a rank that waits holds almost none of the
+// GPU: on the loopback transport every rank shares one device, and wide spinning grids would
+// starve the peers they wait for. Thread r waits for rank r's flag; dispatch flags carry
+// (sequence << 32 | count) and counts[r] receives the count.
+__global__ void __launch_bounds__(kMaxRanks)
+wait_flags_kernel(int32_t* counts, const char* window, size_t flags_off, bool with_count,
+                  const uint64_t* seq, DeviceWaitError* err, int64_t timeout_ns, int rank, int R) {
+  __shared__ int s_fail;
+  if (threadIdx.x == 0) s_fail = err->failed;
+  __syncthreads();
+  if (s_fail || int(threadIdx.x) >= R) return;
+  const uint64_t sv = *seq;
+  const uint64_t expected = with_count ? sv << 32 : sv;
+  const uint64_t mask = with_count ? ~0xffffffffull : ~0ull;
+  const uint64_t* f = reinterpret_cast<const uint64_t*>(window + flags_off) + threadIdx.x;
+  uint64_t seen;
+  if (wait_flag(f, expected, mask, timeout_ns, &seen)) {
+    if (counts) counts[threadIdx.x] = int(seen & 0xffffffffu);
+  } else {
+    report_wait(err, rank, int(threadIdx.x), expected, seen,
+                with_count ? "dispatch flag" : "combine flag");
+  }
+  __threadfence();
+}
+
 __global__ void __launch_bounds__(256)
 ll_recv_index_kernel(int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
                      const char* window, LowLatencyLayout ll, RecordLayout rec,
-                     const uint64_t* seq, DeviceWaitError* err, int64_t timeout_ns, EpDims d) {
+                     const int32_t* src_count, const DeviceWaitError* err, EpDims d) {
   __shared__ int s_count[kMaxRanks];
   __shared__ int s_fail, s_running;
   const int e = blockIdx.x, R = d.num_ranks;
   const int64_t m_max = int64_t(R) * d.t_max;
-  const uint64_t sv = *seq;
   if (threadIdx.x == 0) {
     s_fail = err->failed;
     s_running = 0;
   }
+  if (int(threadIdx.x) < R) s_count[threadIdx.x] = src_count[threadIdx.x];
   __syncthreads();
-  int failed = 0;
-  if (!s_fail && int(threadIdx.x) < R) {
-    const uint64_t* f = reinterpret_cast<const uint64_t*>(window + ll.dispatch_flags) + threadIdx.x;
-    uint64_t seen;
-    if (wait_flag(f, sv << 32, ~0xffffffffull, timeout_ns, &seen)) {
-      s_count[threadIdx.x] = int(seen & 0xffffffffu);
-    } else {
-      if (e == 0) report_wait(err, d.rank, int(threadIdx.x), sv << 32, seen, "dispatch flag");
-      failed = 1;
-    }
-    __threadfence();
-  }
-  if (__syncthreads_or(failed || s_fail)) {
+  if (s_fail) {
     if (threadIdx.x == 0) recv_count[e] = 0;
     return;
   }
@@ -458,26 +472,15 @@ ll_combine_send_kernel(void* const* peers, LowLatencyLayout ll, const __nv_bfloa
 __global__ void __launch_bounds__(kWarps * 32)
 ll_combine_recv_kernel(float* y, const char* window, LowLatencyLayout ll, const int32_t* ids,
                        const float* w, const float* shared_out, const int32_t* num_tokens,
-                       const uint64_t* seq, DeviceWaitError* err, int64_t timeout_ns, EpDims d) {
+                       const DeviceWaitError* err, EpDims d) {
   extern __shared__ float s_acc[];
   __shared__ Item s_items[kWarps][kMaxDeviceSlots];
   __shared__ alignas(ReducePlan) unsigned char s_plan_raw[kWarps * sizeof(ReducePlan)];
   __shared__ int s_fail;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const uint64_t sv = *seq;
   if (threadIdx.x == 0) s_fail = err->failed;
   __syncthreads();
-  int failed = 0;
-  if (!s_fail && int(threadIdx.x) < d.num_ranks) {
-    const uint64_t* f = reinterpret_cast<const uint64_t*>(window + ll.combine_flags) + threadIdx.x;
-    uint64_t seen;
-    if (!wait_flag(f, sv, ~0ull, timeout_ns, &seen)) {
-      if (blockIdx.x == 0) report_wait(err, d.rank, int(threadIdx.x), sv, seen, "combine flag");
-      failed = 1;
-    }
-    __threadfence();
-  }
-  if (__syncthreads_or(failed || s_fail)) return;
+  if (s_fail) return;
   ReducePlan* plan = reinterpret_cast<ReducePlan*>(s_plan_raw) + warp;
   float* acc = s_acc + size_t(warp) * kMaxDeviceSlots * 8 * 32;
   const int64_t T = min(int64_t(*num_tokens), d.t_max);
@@ -618,6 +621,7 @@ void prepare_kernels() {
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_send_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, raise_flags_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_recv_index_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, wait_flags_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_expand_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_combine_send_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, normal_pack_kernel));
@@ -652,12 +656,15 @@ void ll_dispatch_send(void* const* peers, const LowLatencyLayout& ll, const Reco
 }
 
 void ll_dispatch_recv(void* recv_x, int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
-                      const void* local_window, const LowLatencyLayout& ll,
+                      int32_t* src_count, const void* local_window, const LowLatencyLayout& ll,
                       const RecordLayout& rec, const uint64_t* seq, DeviceWaitError* err,
                       int64_t timeout_ns, const EpDims& d, cudaStream_t stream) {
   const char* win = static_cast<const char*>(local_window);
+  wait_flags_kernel<<<1, kMaxRanks, 0, stream>>>(src_count, win, ll.dispatch_flags, true, seq, err,
+                                                timeout_ns, d.rank, d.num_ranks);
+  EPMOE_CUDA_CHECK_LAUNCH("wait_flags_kernel");
   ll_recv_index_kernel<<<d.local_experts, 256, 0, stream>>>(recv_count, recv_src, recv_record, win,
-                                                            ll, rec, seq, err, timeout_ns, d);
+                                                            ll, rec, src_count, err, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_recv_index_kernel");
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
   ll_expand_kernel<<<dim3(d.local_experts, blocks_for(m_max, kWarps)), kWarps * 32, 0, stream>>>(
@@ -683,10 +690,14 @@ void ll_combine_recv(float* y, const void* local_window, const LowLatencyLayout&
                      const int32_t* topk_ids, const float* topk_weights, const float* shared_out,
                      const int32_t* num_tokens, const uint64_t* seq, DeviceWaitError* err,
                      int64_t timeout_ns, const EpDims& d, cudaStream_t stream) {
+  wait_flags_kernel<<<1, kMaxRanks, 0, stream>>>(nullptr, static_cast<const char*>(local_window),
+                                                ll.combine_flags, false, seq, err, timeout_ns,
+                                                d.rank, d.num_ranks);
+  EPMOE_CUDA_CHECK_LAUNCH("wait_flags_kernel");
   const dim3 grid(blocks_for(d.t_max, kWarps), unsigned((d.hidden + kCombineCols - 1) / kCombineCols));
   ll_combine_recv_kernel<<<grid, kWarps * 32, kCombineSmem, stream>>>(
       y, static_cast<const char*>(local_window), ll, topk_ids, topk_weights, shared_out,
-      num_tokens, seq, err, timeout_ns, d);
+      num_tokens, err, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_combine_recv_kernel");
 }
 

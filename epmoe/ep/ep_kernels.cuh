@@ -67,9 +67,10 @@ void ll_dispatch_send(void* const* peers, const LowLatencyLayout& ll, const Reco
 // Waits (bounded) for every source's flag, then expands the staged tokens into the masked layout
 // in (source rank, token, slot) order. recv_x: [E_loc, M_max, H] bf16 (FP8 payloads dequantised);
 // recv_count: [E_loc] i32; recv_src: [E_loc, M_max, 3] i32 (source rank, source token, slot);
-// recv_record: [E_loc, M_max] i32 (staging record of the row). M_max = R·T_max.
+// recv_record: [E_loc, M_max] i32 (staging record of the row); src_count: [R] i32 scratch
+// (tokens from each source). M_max = R·T_max.
 void ll_dispatch_recv(void* recv_x, int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
-                      const void* local_window, const LowLatencyLayout& ll,
+                      int32_t* src_count, const void* local_window, const LowLatencyLayout& ll,
                       const RecordLayout& rec, const uint64_t* seq, DeviceWaitError* err,
                       int64_t timeout_ns, const EpDims& d, cudaStream_t stream);
 
