@@ -76,6 +76,10 @@ struct EpRankCuda::Impl {
     wts = DeviceTensor(DType::kF32, {T, Kp});
     ntok = DeviceTensor(DType::kI32, {1});
     ntok.fill_bytes(0);
+    // Pinned staging for upload(): copies from pageable memory go through the driver's own
+    // staging and may wait on other work of the device, which a spinning peer never finishes.
+    staging_bytes = size_t(T) * size_t(H) * 2 + 2 * size_t(T) * size_t(Kp) * 4 + 64;
+    EPMOE_CUDA_CHECK(cudaMallocHost(&staging, staging_bytes));
     y = DeviceTensor(DType::kF32, {T, H});
     dest_slot = DeviceTensor(DType::kI32, {T, R});
     dest_count = DeviceTensor(DType::kI32, {R});
@@ -122,6 +126,7 @@ struct EpRankCuda::Impl {
 
   ~Impl() {
     if (cublas) cublasDestroy(cublas);
+    if (staging) cudaFreeHost(staging);
   }
   static void cublas_check(cublasStatus_t s) { EPMOE_CUBLAS_CHECK(s); }
 
@@ -148,6 +153,8 @@ struct EpRankCuda::Impl {
   DeviceTensor send_buf, recv_buf, n_recv_x, n_recv_ids, n_recv_w, n_seg, n_s2d, n_sorted, n_gu,
       n_act, n_down, partial, back, workspace;
   bool shared_done = false;
+  char* staging = nullptr;  // pinned: [x | ids | weights | num_tokens]
+  size_t staging_bytes = 0;
   EpCudaTraffic traffic;
 
   DeviceWaitError* err_ptr() const { return reinterpret_cast<DeviceWaitError*>(err.view().data); }
@@ -387,7 +394,12 @@ void EpRankCuda::upload(const TensorView& xh, const TensorView& idh, const Tenso
   EPMOE_CHECK(T <= m.d.t_max, kInvalidArgument,
               "rank {} brings {} tokens, more than max_tokens_per_rank = {}", m.d.rank, T,
               m.d.t_max);
-  if (T) EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.x.view().data, xh.data, xh.nbytes(), cudaMemcpyHostToDevice, m.stream));
+  char* st = m.staging;
+  const size_t xb = xh.nbytes(), ib = size_t(T) * size_t(m.d.num_slots) * 4;
+  if (T) {
+    std::memcpy(st, xh.data, xb);
+    EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.x.view().data, st, xb, cudaMemcpyHostToDevice, m.stream));
+  }
   if (idh.data) {
     idh.expect("topk_ids", DType::kI32, {T, m.d.num_slots});
     wh.expect("topk_weights", DType::kF32, {T, m.d.num_slots});
@@ -398,13 +410,15 @@ void EpRankCuda::upload(const TensorView& xh, const TensorView& idh, const Tenso
                   "rank {}: topk_ids[{}, {}] = {} is outside [-1, {})", m.d.rank,
                   i / m.d.num_slots, i % m.d.num_slots, id[i], max_id);
     if (T) {
-      EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.ids.view().data, idh.data, idh.nbytes(), cudaMemcpyHostToDevice, m.stream));
-      EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.wts.view().data, wh.data, wh.nbytes(), cudaMemcpyHostToDevice, m.stream));
+      std::memcpy(st + xb, idh.data, ib);
+      std::memcpy(st + xb + ib, wh.data, ib);
+      EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.ids.view().data, st + xb, ib, cudaMemcpyHostToDevice, m.stream));
+      EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.wts.view().data, st + xb + ib, ib, cudaMemcpyHostToDevice, m.stream));
     }
   }
-  static thread_local int32_t host_t;
-  host_t = int32_t(T);
-  EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.ntok.view().data, &host_t, 4, cudaMemcpyHostToDevice, m.stream));
+  int32_t* tn = reinterpret_cast<int32_t*>(st + m.staging_bytes - 16);
+  *tn = int32_t(T);
+  EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.ntok.view().data, tn, 4, cudaMemcpyHostToDevice, m.stream));
   EPMOE_CUDA_CHECK(cudaStreamSynchronize(m.stream));
 }
 
