@@ -61,6 +61,10 @@ class GpuTransport {
   // Host-side barrier of the group (bounded: throws Error(kTimeout) naming missing ranks).
   virtual void barrier() = 0;
 
+  // Whether every peer's symmetric buffers are load/store reachable from this rank's kernels
+  // (one node). Low-latency mode needs it; normal mode only uses the host API.
+  virtual bool peers_reachable() const { return true; }
+
   // Bytes this rank's transfers handed to other ranks through the host API (self excluded).
   int64_t host_api_remote_bytes() const { return host_api_remote_bytes_; }
 

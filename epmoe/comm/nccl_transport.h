@@ -85,6 +85,7 @@ class NcclTransport final : public GpuTransport {
   // (no null entry in any peer table). Known from construction (NCCL's LSA team covers the whole
   // communicator) and lowered if NCCL declines a window registration.
   bool all_peers_reachable() const { return all_reachable_; }
+  bool peers_reachable() const override { return all_reachable_; }
   // This rank's LSA team: world ranks [lsa_base(), lsa_base() + lsa_size()) share memory.
   int lsa_base() const { return lsa_base_; }
   int lsa_size() const { return lsa_size_; }

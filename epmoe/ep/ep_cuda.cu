@@ -107,6 +107,12 @@ struct EpRankCuda::Impl {
     if (ep.mode == EpMode::kLowLatency) {
       ll = ep::make_ll_layout(int(R), T, rec);
       window = t.alloc_symmetric(ll.total);
+      // NOTES: no GIN / host-API fallback yet: across nodes, low-latency mode is refused.
+      EPMOE_CHECK(t.peers_reachable(), kUnsupported,
+                  "rank {}: low-latency mode needs every peer's memory to be load/store reachable "
+                  "(one node over NVLink/PCIe); the {} transport cannot map some peers: use "
+                  "normal mode across nodes",
+                  d.rank, t.name());
       const int64_t m_max = R * T;
       recv_x = DeviceTensor(DType::kBF16, {E_loc, m_max, H});
       recv_count = DeviceTensor(DType::kI32, {E_loc});
