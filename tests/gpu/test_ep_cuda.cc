@@ -4,6 +4,9 @@
 // tokens on the wire; CUDA-graph capture and replay; a silent peer times out; golden files split
 // across ranks. Multi-GPU variants over NCCL skip with fewer than 2 GPUs.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <thread>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
@@ -383,6 +386,45 @@ TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRank) {
     const Tensor one = run_loopback_ep(wts, 1, mode, 1, r, {}, true);
     ASSERT_TRUE(testing::bitwise_equal(y, one, fmt::format("trial {} {}", trial, ep_mode_name(mode))));
   }
+}
+
+// The dead-peer fault test over NCCL: GPU 1 joins the setup but never sends; GPU 0 reports a
+// timeout naming it within the budget instead of hanging.
+TEST(GpuExpertParallelNccl, SilentPeerTimesOutNamingIt) {
+  EPMOE_REQUIRE_GPU();
+  if (device_count() < 2) GTEST_SKIP() << "needs 2 GPUs, found " << device_count();
+  std::mt19937_64 rng(fresh_seed());
+  const MoeConfig cfg = small_config(0, false);
+  const MoeWeights wts = random_moe_weights(cfg, rng());
+  const Routing r = make_routing(cfg, 1, 8, rng);
+  const auto start = std::chrono::steady_clock::now();
+  std::atomic<bool> done{false};
+  try {
+    run_nccl_threads(2, [&](GpuTransport& t) {
+      EpRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
+                                       .max_tokens_per_rank = 8},
+                      EpCudaOptions{.timeout_ms = 1000});
+      if (t.rank() == 1) {  // alive, its memory mapped, but it never sends
+        while (!done && std::chrono::steady_clock::now() - start < std::chrono::seconds(20))
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        return;
+      }
+      rank.upload(r.x, r.ids, r.w);
+      rank.forward_routed();
+      try {
+        rank.check();
+      } catch (...) {
+        done = true;
+        throw;
+      }
+      done = true;
+    });
+    FAIL() << "a silent peer went unnoticed";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kTimeout) << e.what();
+    EXPECT_NE(std::string(e.what()).find("peer 1"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
 }
 #endif
 
