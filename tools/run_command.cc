@@ -45,12 +45,9 @@ bool launched_by_mpi_launcher() {
 }
 #endif
 
-std::vector<int64_t> parse_tokens(const std::string& spec, int ranks) {
+// "a,b,c" -> non-negative integers; names the first bad item.
+std::vector<int64_t> parse_count_list(const std::string& spec) {
   std::vector<int64_t> out;
-  if (spec.empty()) {  // uneven by default, with an empty rank when there are several
-    for (int r = 0; r < ranks; ++r) out.push_back(ranks > 1 && r == 1 ? 0 : 40 + (61 * r) % 89);
-    return out;
-  }
   std::stringstream ss(spec);
   std::string item;
   while (std::getline(ss, item, ',')) {
@@ -60,6 +57,16 @@ std::vector<int64_t> parse_tokens(const std::string& spec, int ranks) {
                 "--tokens: '{}' is not a non-negative integer", item);
     out.push_back(v);
   }
+  return out;
+}
+
+std::vector<int64_t> parse_tokens(const std::string& spec, int ranks) {
+  std::vector<int64_t> out;
+  if (spec.empty()) {  // uneven by default, with an empty rank when there are several
+    for (int r = 0; r < ranks; ++r) out.push_back(ranks > 1 && r == 1 ? 0 : 40 + (61 * r) % 89);
+    return out;
+  }
+  out = parse_count_list(spec);
   if (out.size() == 1) out.assign(size_t(ranks), out[0]);
   EPMOE_CHECK(int(out.size()) == ranks, kInvalidArgument,
               "--tokens lists {} counts for {} ranks", out.size(), ranks);
@@ -367,18 +374,7 @@ int run_command(const RunOptions& o) {
 
 int bench_command(const BenchOptions& o) {
 #ifdef EPMOE_CLI_CUDA
-  std::vector<int64_t> tokens;
-  if (!o.tokens.empty()) {
-    std::stringstream ss(o.tokens);
-    std::string item;
-    while (std::getline(ss, item, ',')) {
-      char* end = nullptr;
-      const long long v = std::strtoll(item.c_str(), &end, 10);
-      EPMOE_CHECK(!item.empty() && *end == '\0' && v >= 0, kInvalidArgument,
-                  "--tokens: '{}' is not a non-negative integer", item);
-      tokens.push_back(v);
-    }
-  }
+  std::vector<int64_t> tokens = parse_count_list(o.tokens);
   EPMOE_CHECK(o.iters >= 1 && o.warmup >= 0, kInvalidArgument,
               "--iters must be >= 1 and --warmup >= 0");
   json result;

@@ -10,19 +10,12 @@
 #ifdef EPMOE_WITH_NCCL
 #include "epmoe/comm/nccl_transport.h"
 #endif
+#include "epmoe/core/stats.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
 #include "epmoe/ep/ep_cuda.h"
 
 namespace epmoe::cli {
-
-namespace {
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-}  // namespace
 
 CudaEpResult run_cuda_ep(const MoeWeights& weights, const EpConfig& ep,
                          const std::vector<int64_t>& tokens, const Tensor& x_all,

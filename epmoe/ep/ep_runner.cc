@@ -4,17 +4,9 @@
 #include <numeric>
 
 #include "epmoe/comm/thread_comm.h"
+#include "epmoe/core/stats.h"
 
 namespace epmoe {
-
-namespace {
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-}  // namespace
 
 std::vector<TensorView> split_rows(const TensorView& x, const std::vector<int64_t>& sizes) {
   EPMOE_CHECK(x.shape.rank == 2, kInvalidArgument, "split_rows needs [T, H], got {}",
