@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Builds, tests and benchmarks epmoe on a GPU machine in one call (the device tool's `run`).
 # Logs and JSON go to $OUT (default ./gpu-out). Golden files: $EPMOE_GOLDEN_DIR (default ./.golden).
-# Usage: bash scripts/gpu-check.sh [--no-bench] [--no-sanitizer] [--no-kernel-bench] [--only-multi]
-#   one GPU : GPU tests, CLI runs (single GPU, loopback EP, mpirun -np 1), compute-sanitizer
-#             memcheck/racecheck, kernel + grouped GEMM + dispatch/combine (loopback) benchmarks
-#   >= 2 GPU: also the NCCL EP tests, the network-path variant, mpirun -np 2, NCCL benchmarks
+# Usage: bash scripts/gpu-check.sh [--stages "tests multi bench sanitizer"] [--no-bench]
+#                                   [--no-sanitizer] [--no-kernel-bench] [--only-multi]
+#   tests    : GPU tests, CLI runs (single GPU, loopback EP, mpirun -np 1)
+#   multi    : (>= 2 GPUs) NCCL EP tests, the same on NCCL's network path, mpirun -np 2
+#   bench    : kernel + grouped GEMM benchmarks, dispatch/combine over loopback (and NCCL)
+#   sanitizer: compute-sanitizer memcheck and racecheck on the expert-parallel tests
+# The build directory (build-gpu) is reused, so a second call with other stages rebuilds nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -14,11 +17,19 @@ export EPMOE_GOLDEN_DIR=${EPMOE_GOLDEN_DIR:-$PWD/.golden}
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast on these machines
 export CUDA_MODULE_LOADING=EAGER
 export CUDA_DEVICE_MAX_CONNECTIONS=32
-BENCH=1; SAN=1; ONLY_MULTI=0; KBENCH=1
-for a in "$@"; do
-  case "$a" in --no-bench) BENCH=0 ;; --no-sanitizer) SAN=0 ;; --only-multi) ONLY_MULTI=1 ;;
-               --no-kernel-bench) KBENCH=0 ;; esac
+STAGES="tests multi bench sanitizer"; KBENCH=1; ONLY_MULTI=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --stages) STAGES="$2"; shift ;;
+    --no-bench) STAGES=${STAGES/bench/} ;;
+    --no-sanitizer) STAGES=${STAGES/sanitizer/} ;;
+    --only-multi) ONLY_MULTI=1; STAGES=${STAGES/tests/}; STAGES=${STAGES/sanitizer/} ;;
+    --no-kernel-bench) KBENCH=0 ;;
+    *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
 done
+has() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 say() { echo "$*" | tee -a "$SUMMARY"; }
@@ -45,7 +56,7 @@ say "build: ok ($(elapsed $t0)); $(grep -m1 'NCCL' "$OUT/build.log")"
 B=./build-gpu
 GT=$B/epmoe_gpu_tests
 
-if [ "$ONLY_MULTI" = 0 ]; then
+if has tests; then
   t0=$(date +%s)
   timeout 300 $GT --gtest_output=json:"$J/gpu_tests.json" > "$OUT/gpu_tests.log" 2>&1
   rc=$?
@@ -60,26 +71,29 @@ if [ "$ONLY_MULTI" = 0 ]; then
     echo "== loopback EP, golden split"; timeout 60 $B/epmoe run --backend cuda --ranks 8 --transport loopback --golden "$EPMOE_GOLDEN_DIR/dsv3_routing_256e.safetensors" --tokens 40,0,0,33,1,0,54,0 --mode low-latency | tail -3
     echo "== loopback EP, tiny preset, normal"; timeout 60 $B/epmoe run --backend cuda --ranks 4 --transport loopback --preset deepseek-v3-tiny --tokens 64,0,17,128 | tail -12
     echo "== loopback EP, deepseek-v3, low-latency fp8"; timeout 120 $B/epmoe run --backend cuda --ranks 8 --transport loopback --preset deepseek-v3 --tokens 128 --mode low-latency --fp8-dispatch --no-check --iters 5 | tail -12
+    echo "== loopback EP, low-latency over the host API"; timeout 60 $B/epmoe run --backend cuda --ranks 4 --transport loopback --preset deepseek-v3-tiny --tokens 64,0,17,128 --mode low-latency --ll-transfer host | grep -E "transport|PASS|FAIL|error"
     echo "== mpirun -np 1 (nccl transport)"; timeout 60 mpirun --allow-run-as-root -np 1 -x NCCL_NVLS_ENABLE=0 $B/epmoe run --backend cuda --ranks 1 --preset deepseek-v3-tiny --tokens 40 --mode low-latency | tail -3
     echo "== no GPU message"; CUDA_VISIBLE_DEVICES= $B/epmoe run --backend cuda --ranks 1 --tokens 4; echo "exit $?"
   } > "$OUT/cli.log" 2>&1
   grep -E "^==|PASS|FAIL|error|check vs" "$OUT/cli.log" | tee -a "$SUMMARY"
 fi
 
-if [ "$NGPU" -ge 2 ]; then
+if has multi && [ "$NGPU" -ge 2 ]; then
   t0=$(date +%s)
   {
-    echo "== NCCL EP + transport tests (2 GPUs)"; timeout 200 $GT --gtest_filter='*Nccl*:*nccl*' 2>&1 | grep -E "^\[  (FAILED|PASSED|SKIPPED|  OK)|Failure|tests? ran" | head -30
-    echo "== network path (NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1)"; NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 timeout 150 $GT --gtest_filter='*Nccl*:*nccl*' 2>&1 | grep -E "^\[  (FAILED|PASSED|SKIPPED|  OK)|Failure" | head -30
+    echo "== NCCL EP + transport tests (2 GPUs)"; timeout 200 $GT --gtest_filter='*Nccl*:*nccl*' 2>&1 | grep -E "^\[  (FAILED|PASSED|SKIPPED|  OK)|Failure|tests? ran|low-latency runs" | head -30
+    echo "== network path (NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1)"; NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 timeout 150 $GT --gtest_filter='*Nccl*:*nccl*' 2>&1 | grep -E "^\[  (FAILED|PASSED|SKIPPED|  OK)|Failure|low-latency runs" | head -30
+    echo "== network path, epmoe run low-latency (auto transfers)"; NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 timeout 60 $B/epmoe run --backend cuda --ranks 2 --transport nccl --preset deepseek-v3-tiny --tokens 96,5 --mode low-latency | grep -E "transport|PASS|FAIL|error"
     echo "== thread per GPU, golden split"; timeout 60 $B/epmoe run --backend cuda --ranks 2 --transport nccl --golden "$EPMOE_GOLDEN_DIR/dsv3_small_grouped.safetensors" --tokens 30,7 | tail -3
     echo "== mpirun -np 2, both modes"; for m in normal low-latency; do timeout 90 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 $B/epmoe run --backend cuda --ranks 2 --preset deepseek-v3-tiny --tokens 96,5 --mode $m | grep -E "PASS|FAIL|error"; done
+    echo "== mpirun -np 2, low-latency over the host API"; timeout 90 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 $B/epmoe run --backend cuda --ranks 2 --preset deepseek-v3-tiny --tokens 96,5 --mode low-latency --ll-transfer host | grep -E "transport|PASS|FAIL|error"
     echo "== mpirun -np 2 smoke"; [ -x $B/epmoe_mpi_smoke ] && timeout 60 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 $B/epmoe_mpi_smoke
   } > "$OUT/multi.log" 2>&1
   grep -E "^==|PASS|FAIL|Failure|PASSED|error|ok$" "$OUT/multi.log" | tee -a "$SUMMARY"
   say "multi-GPU: ($(elapsed $t0))"
 fi
 
-if [ "$BENCH" = 1 ]; then
+if has bench; then
   t0=$(date +%s)
   {
     if [ "$ONLY_MULTI" = 0 ]; then
@@ -90,6 +104,7 @@ if [ "$BENCH" = 1 ]; then
       for R in 2 8; do
         timeout 60 $B/epmoe bench --kernel dispatch --ranks $R --transport loopback --mode low-latency --tokens 128 --json "$J/bench_ll_bf16_r$R.json"
         timeout 60 $B/epmoe bench --kernel dispatch --ranks $R --transport loopback --mode low-latency --tokens 128 --fp8 --json "$J/bench_ll_fp8_r$R.json"
+        timeout 60 $B/epmoe bench --kernel dispatch --ranks $R --transport loopback --mode low-latency --tokens 128 --ll-transfer host --json "$J/bench_ll_host_r$R.json"
         NT=4096; [ "$R" = 8 ] && [ "$NGPU" -lt 2 ] && NT=2048   # 8 x 4096 does not fit in 80 GB
         timeout 90 $B/epmoe bench --kernel dispatch --ranks $R --transport loopback --mode normal --tokens $NT --json "$J/bench_normal_r$R.json"
       done
@@ -99,22 +114,25 @@ if [ "$BENCH" = 1 ]; then
       timeout 60 $B/epmoe bench --kernel dispatch --ranks 2 --transport nccl --mode low-latency --tokens 128 --json "$J/bench_nccl_ll_bf16.json"
       timeout 60 $B/epmoe bench --kernel dispatch --ranks 2 --transport nccl --mode low-latency --tokens 128 --fp8 --json "$J/bench_nccl_ll_fp8.json"
       timeout 90 $B/epmoe bench --kernel dispatch --ranks 2 --transport nccl --mode normal --tokens 4096 --json "$J/bench_nccl_normal.json"
+      timeout 60 $B/epmoe bench --kernel dispatch --ranks 2 --transport nccl --mode low-latency --tokens 128 --ll-transfer host --json "$J/bench_nccl_ll_host.json"
+      NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 timeout 60 $B/epmoe bench --kernel dispatch --ranks 2 --transport nccl --mode low-latency --tokens 128 --json "$J/bench_net_ll.json"
+      NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 timeout 90 $B/epmoe bench --kernel dispatch --ranks 2 --transport nccl --mode normal --tokens 4096 --json "$J/bench_net_normal.json"
     fi
   } > "$OUT/bench.log" 2>&1
   say "bench: ($(elapsed $t0))"
   grep -vE "^\s*$" "$OUT/bench.log" | tail -60 | tee -a "$SUMMARY" >/dev/null
 fi
 
-if [ "$SAN" = 1 ] && [ "$ONLY_MULTI" = 0 ]; then
+if has sanitizer; then
   t0=$(date +%s)
   # Sanitized kernels run many times slower: give the flag waits a longer budget.
   export EPMOE_TIMEOUT_MS=60000
-  EPMOE_GPU_TEST_QUICK=1 timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 \
-    $GT > "$J/memcheck.log" 2>&1
-  say "memcheck: rc=$? ($(elapsed $t0)): $(grep -E 'ERROR SUMMARY' "$J/memcheck.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$J/memcheck.log" | tail -2 | tr '\n' ' ')"
+  EPMOE_GPU_TEST_QUICK=1 timeout 240 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 \
+    $GT --gtest_filter='GpuExpertParallel.*' > "$J/memcheck.log" 2>&1
+  say "memcheck (EP tests): rc=$? ($(elapsed $t0)): $(grep -E 'ERROR SUMMARY' "$J/memcheck.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$J/memcheck.log" | tail -2 | tr '\n' ' ')"
   tail -40 "$J/memcheck.log" > "$OUT/sanitizer.log"
   t0=$(date +%s)
-  EPMOE_GPU_TEST_QUICK=1 timeout 120 compute-sanitizer --tool racecheck --error-exitcode 99 \
+  EPMOE_GPU_TEST_QUICK=1 timeout 200 compute-sanitizer --tool racecheck --error-exitcode 99 \
     $GT --gtest_filter='GpuExpertParallel.*:-*Golden*' > "$J/racecheck.log" 2>&1
   say "racecheck (EP tests): rc=$? ($(elapsed $t0)): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$J/racecheck.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$J/racecheck.log" | tail -2 | tr '\n' ' ')"
   tail -40 "$J/racecheck.log" >> "$OUT/sanitizer.log"

@@ -37,6 +37,10 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--transport", run.transport,
                       "cuda ranks: auto (nccl with a GPU per rank, else loopback) | nccl | loopback");
   run_cmd->add_flag("--fp8-dispatch", run.fp8_dispatch, "cuda ranks: FP8 dispatch payload");
+  run_cmd->add_option("--ll-transfer", run.ll_transfer,
+                      "cuda ranks, low-latency: auto (load/store when every peer is reachable, "
+                      "else host API) | device | host")
+      ->check(CLI::IsMember({"auto", "device", "host"}));
   run_cmd->add_option("--iters", run.iters, "timed iterations (median reported)");
   run_cmd->add_flag("--check,!--no-check", run.check,
                     "compare with the single-rank reference (and the golden output)");
@@ -59,6 +63,9 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--transport", bench.transport, "dispatch/combine: loopback | nccl");
   bench_cmd->add_option("--mode", bench.mode, "dispatch/combine: low-latency | normal");
   bench_cmd->add_flag("--fp8", bench.fp8, "dispatch/combine: FP8 dispatch payload");
+  bench_cmd->add_option("--ll-transfer", bench.ll_transfer,
+                        "dispatch/combine, low-latency: auto | device | host")
+      ->check(CLI::IsMember({"auto", "device", "host"}));
   bench_cmd->add_option("--json", bench.json, "write the results to this file");
 
   try {

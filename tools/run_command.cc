@@ -251,8 +251,13 @@ int run_command(const RunOptions& o) {
       out["stages_ms"] = {{{"gate", st.gate}, {"dispatch", st.dispatch}, {"experts", st.experts},
                            {"combine", st.combine}, {"shared", st.shared}, {"total", st.total}}};
     } else {
-      CudaEpResult r = run_cuda_ep(weights, ep, tokens, x_all, o.transport, o.fp8_dispatch, o.iters);
-      fmt::print("transport: {}{}\n", r.transport, o.fp8_dispatch ? ", FP8 dispatch" : "");
+      CudaEpResult r = run_cuda_ep(weights, ep, tokens, x_all, o.transport, o.fp8_dispatch,
+                                   o.ll_transfer, o.iters);
+      std::string how;
+      if (ep.mode == EpMode::kLowLatency)
+        how = r.ll_host_ranks ? ", low-latency transfers over the host API"
+                              : ", low-latency transfers by load/store into peer windows";
+      fmt::print("transport: {}{}{}\n", r.transport, o.fp8_dispatch ? ", FP8 dispatch" : "", how);
       y_all = std::move(r.y);
       run_ids = std::move(r.ids);
       run_w = std::move(r.w);
@@ -385,6 +390,7 @@ int bench_command(const BenchOptions& o) {
     eo.transport = o.transport;
     eo.mode = o.mode;
     eo.fp8 = o.fp8;
+    eo.ll_transfer = o.ll_transfer;
     eo.iters = o.iters;
     eo.warmup = o.warmup;
     if (tokens.empty()) tokens = {parse_ep_mode(o.mode) == EpMode::kNormal ? 4096 : 128};

@@ -16,6 +16,7 @@ struct RunOptions {
   std::string backend = "cpu";    // cpu | cuda
   std::string transport = "auto"; // cuda EP: auto | nccl | loopback
   bool fp8_dispatch = false;      // cuda EP: FP8 dispatch payload
+  std::string ll_transfer = "auto"; // cuda EP, low-latency: auto | device | host
   int iters = 3;
   bool check = true;
   bool fuse_shared = false;
@@ -40,6 +41,7 @@ struct BenchOptions {
   std::string transport = "loopback";
   std::string mode = "low-latency";
   bool fp8 = false;
+  std::string ll_transfer = "auto";
   std::string json;
 };
 int bench_command(const BenchOptions& opts);

@@ -19,7 +19,10 @@ namespace epmoe::cli {
 
 CudaEpResult run_cuda_ep(const MoeWeights& weights, const EpConfig& ep,
                          const std::vector<int64_t>& tokens, const Tensor& x_all,
-                         const std::string& transport_opt, bool fp8, int iters) {
+                         const std::string& transport_opt, bool fp8,
+                         const std::string& ll_transfer, int iters) {
+  const cuda::EpCudaOptions options{.fp8_dispatch = fp8,
+                                    .ll_transfer = cuda::parse_ll_transfer(ll_transfer)};
   cuda::require_device();
   const MoeConfig& cfg = weights.config;
   const int R = ep.num_ranks, Kp = cfg.num_slots();
@@ -38,7 +41,7 @@ CudaEpResult run_cuda_ep(const MoeWeights& weights, const EpConfig& ep,
   auto rank_body = [&](cuda::GpuTransport& t) {
     const int me = t.rank();
     const int64_t n = tokens[size_t(me)], f = first[size_t(me)];
-    cuda::EpRankCuda rank(t, weights, ep, cuda::EpCudaOptions{.fp8_dispatch = fp8});
+    cuda::EpRankCuda rank(t, weights, ep, options);
     const size_t xrow = size_t(H) * 2;
     rank.upload(TensorView{static_cast<char*>(x_all.view().data) + size_t(f) * xrow, {n, H},
                            DType::kBF16, Device::kCpu});
@@ -90,6 +93,7 @@ CudaEpResult run_cuda_ep(const MoeWeights& weights, const EpConfig& ep,
     for (auto& e : ev) cudaEventDestroy(e);
     const cuda::EpCudaTraffic tr = rank.last_traffic();
     std::lock_guard<std::mutex> lock(mu);
+    if (rank.ll_over_host_api()) res.ll_host_ranks += 1;
     res.times[size_t(me)] = EpStageTimes{median(st[0]), median(st[1]), median(st[3]),
                                          median(st[4]), median(st[2]), median(st[5])};
     res.traffic[size_t(me)] = EpTraffic{tr.dispatch_tokens, tr.dispatch_bytes, tr.combine_bytes};

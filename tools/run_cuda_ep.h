@@ -15,12 +15,15 @@ struct CudaEpResult {
   std::vector<EpStageTimes> times;         // per rank (ms, medians)
   std::vector<EpTraffic> traffic;          // per rank
   std::string transport;
+  int ll_host_ranks = 0;                   // low-latency ranks that moved tokens by the host API
   int64_t row_begin = 0, row_end = 0;      // rows this process computed (all, unless mpirun)
 };
 
 // transport: "auto" (nccl with a GPU per rank, else loopback), "nccl", "loopback".
+// ll_transfer: "auto" | "device" | "host" (low-latency mode; see cuda::LlTransfer).
 CudaEpResult run_cuda_ep(const MoeWeights& weights, const EpConfig& ep,
                          const std::vector<int64_t>& tokens, const Tensor& x_all,
-                         const std::string& transport, bool fp8, int iters);
+                         const std::string& transport, bool fp8,
+                         const std::string& ll_transfer, int iters);
 
 }  // namespace epmoe::cli

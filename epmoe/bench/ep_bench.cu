@@ -1,6 +1,7 @@
 #include "epmoe/bench/ep_bench.h"
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <random>
 #include <vector>
@@ -8,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "epmoe/comm/gpu_transport.h"
+#include "epmoe/core/stats.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
 #include "epmoe/ep/ep_cuda.h"
@@ -21,55 +23,27 @@ namespace epmoe::cuda {
 
 namespace {
 
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-// Bytes copied per second by one large device-to-device cudaMemcpy (each byte counted once).
-double d2d_copy_gbps(int device) {
-  EPMOE_CUDA_CHECK(cudaSetDevice(device));
+// Bytes per second of one large cudaMemcpyPeerAsync from src_dev to dst_dev (each byte counted
+// once); the median of 6 timed copies after 2 untimed ones. Same device: a plain device copy.
+double copy_gbps(int dst_dev, int src_dev) {
   const size_t bytes = size_t(1) << 30;
-  DeviceTensor a(DType::kI32, {int64_t(bytes / 4)}), b(DType::kI32, {int64_t(bytes / 4)});
-  a.fill_bytes(0x5a);
-  cudaEvent_t e0, e1;
-  EPMOE_CUDA_CHECK(cudaEventCreate(&e0));
-  EPMOE_CUDA_CHECK(cudaEventCreate(&e1));
-  std::vector<double> ms;
-  for (int i = 0; i < 8; ++i) {
-    EPMOE_CUDA_CHECK(cudaEventRecord(e0));
-    EPMOE_CUDA_CHECK(cudaMemcpyAsync(b.view().data, a.view().data, bytes, cudaMemcpyDeviceToDevice));
-    EPMOE_CUDA_CHECK(cudaEventRecord(e1));
-    EPMOE_CUDA_CHECK(cudaEventSynchronize(e1));
-    float t;
-    EPMOE_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
-    if (i >= 2) ms.push_back(t);
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  return double(bytes) / (median(ms) * 1e-3) / 1e9;
-}
-
-// GPU 0 -> GPU 1 peer copy, bytes per second; 0 with one GPU.
-double peer_copy_gbps() {
-  if (device_count() < 2) return 0;
-  int can = 0;
-  EPMOE_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, 0, 1));
-  const size_t bytes = size_t(1) << 30;
-  EPMOE_CUDA_CHECK(cudaSetDevice(1));
+  EPMOE_CUDA_CHECK(cudaSetDevice(dst_dev));
   DeviceTensor dst(DType::kI32, {int64_t(bytes / 4)});
-  EPMOE_CUDA_CHECK(cudaSetDevice(0));
+  EPMOE_CUDA_CHECK(cudaSetDevice(src_dev));
   DeviceTensor src(DType::kI32, {int64_t(bytes / 4)});
   src.fill_bytes(0x3c);
-  if (can) cudaDeviceEnablePeerAccess(1, 0), cudaGetLastError();
+  if (dst_dev != src_dev) {
+    int can = 0;
+    EPMOE_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, src_dev, dst_dev));
+    if (can) cudaDeviceEnablePeerAccess(dst_dev, 0), cudaGetLastError();  // already enabled: fine
+  }
   cudaEvent_t e0, e1;
   EPMOE_CUDA_CHECK(cudaEventCreate(&e0));
   EPMOE_CUDA_CHECK(cudaEventCreate(&e1));
   std::vector<double> ms;
   for (int i = 0; i < 8; ++i) {
     EPMOE_CUDA_CHECK(cudaEventRecord(e0));
-    EPMOE_CUDA_CHECK(cudaMemcpyPeerAsync(dst.view().data, 1, src.view().data, 0, bytes));
+    EPMOE_CUDA_CHECK(cudaMemcpyPeerAsync(dst.view().data, dst_dev, src.view().data, src_dev, bytes));
     EPMOE_CUDA_CHECK(cudaEventRecord(e1));
     EPMOE_CUDA_CHECK(cudaEventSynchronize(e1));
     float t;
@@ -78,6 +52,7 @@ double peer_copy_gbps() {
   }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
+  EPMOE_CUDA_CHECK(cudaSetDevice(0));
   return double(bytes) / (median(ms) * 1e-3) / 1e9;
 }
 
@@ -109,17 +84,21 @@ nlohmann::json run_ep_bench(const EpBenchOptions& o) {
   const int R = o.ranks, Kp = cfg.num_slots();
   const int64_t H = cfg.hidden, T = o.tokens;
 
-  const double copy_gbps = d2d_copy_gbps(0);
-  const double peer_gbps = o.transport == "nccl" ? peer_copy_gbps() : 0;
+  const double d2d_gbps = copy_gbps(0, 0);
+  // GPU 0 -> GPU 1 over NVLink/PCIe: the ceiling of the nccl transport.
+  const double peer_gbps = o.transport == "nccl" && device_count() >= 2 ? copy_gbps(1, 0) : 0;
 
   // Per rank and iteration: dispatch µs, combine µs; per rank: pairs and wire bytes.
   std::vector<std::vector<double>> disp(static_cast<size_t>(R)), comb(static_cast<size_t>(R)), a2a(static_cast<size_t>(R));
   std::vector<int64_t> pairs(static_cast<size_t>(R)), wire_d(static_cast<size_t>(R)), wire_c(static_cast<size_t>(R));
   std::mutex mu;
+  std::atomic<bool> ll_host{false};
   run_group(o.transport, R, [&](GpuTransport& t) {
     const int me = t.rank();
     std::mt19937_64 rng(o.seed * 131 + uint64_t(me));
-    EpRankCuda rank(t, wts, ep, EpCudaOptions{.fp8_dispatch = o.fp8});
+    EpRankCuda rank(t, wts, ep, EpCudaOptions{.fp8_dispatch = o.fp8,
+                                              .ll_transfer = parse_ll_transfer(o.ll_transfer)});
+    if (rank.ll_over_host_api()) ll_host = true;
     Tensor x(DType::kBF16, {T, H});
     std::normal_distribution<float> nd(0.f, 1.f);
     for (int64_t i = 0; i < T * H; ++i) x.as<bf16>()[i] = f32_to_bf16(nd(rng));
@@ -213,7 +192,7 @@ nlohmann::json run_ep_bench(const EpBenchOptions& o) {
   const double agg_disp = disp_bytes / (disp_us * 1e-6) / 1e9;
   const double agg_comb = comb_bytes / (comb_us * 1e-6) / 1e9;
   const double a2a_gbps = double(total_wd) / (a2a_us * 1e-6) / 1e9;
-  const double ceiling = o.transport == "nccl" && peer_gbps > 0 ? peer_gbps : copy_gbps;
+  const double ceiling = o.transport == "nccl" && peer_gbps > 0 ? peer_gbps : d2d_gbps;
 
   nlohmann::json out;
   out["device"] = device_description(0);
@@ -223,7 +202,8 @@ nlohmann::json run_ep_bench(const EpBenchOptions& o) {
   out["mode"] = ep_mode_name(mode);
   out["tokens_per_rank"] = T;
   out["fp8_dispatch"] = o.fp8;
-  out["d2d_copy_GBps"] = copy_gbps;
+  if (mode == EpMode::kLowLatency) out["ll_transfer"] = ll_host ? "host" : "device";
+  out["d2d_copy_GBps"] = d2d_gbps;
   out["peer_copy_GBps"] = peer_gbps;
   out["pairs_total"] = total_pairs;
   out["rows"] = {
@@ -233,9 +213,11 @@ nlohmann::json run_ep_bench(const EpBenchOptions& o) {
        {"wire_bytes", total_wc}, {"GBps_per_rank", comb_gbps}, {"GBps_aggregate", agg_comb}},
       {{"kernel", "all_to_all baseline"}, {"us", a2a_us}, {"wire_bytes", total_wd},
        {"GBps_aggregate", a2a_gbps}}};
-  fmt::print("device: {} | transport {} | {} ranks | {} | {} tokens/rank | dispatch {}\n",
-             device_description(0), o.transport, R, ep_mode_name(mode), T, o.fp8 ? "fp8" : "bf16");
-  fmt::print("ceilings: device copy {:.0f} GB/s{}\n", copy_gbps,
+  fmt::print("device: {} | transport {} | {} ranks | {}{} | {} tokens/rank | dispatch {}\n",
+             device_description(0), o.transport, R, ep_mode_name(mode),
+             mode != EpMode::kLowLatency ? "" : ll_host ? " (host API)" : " (load/store)", T,
+             o.fp8 ? "fp8" : "bf16");
+  fmt::print("ceilings: device copy {:.0f} GB/s{}\n", d2d_gbps,
              peer_gbps > 0 ? fmt::format(", peer copy {:.0f} GB/s", peer_gbps) : std::string());
   fmt::print("{:<22} {:>10} {:>14} {:>14} {:>16} {:>10}\n", "kernel", "median us", "GB/s per rank",
              "GB/s aggregate", "wire MB (dedup)", "ratio");

@@ -18,6 +18,7 @@ struct EpBenchOptions {
   std::string mode = "low-latency";    // low-latency | normal
   int64_t tokens = 128;                // per rank
   bool fp8 = false;                    // FP8 dispatch payload
+  std::string ll_transfer = "auto";    // low-latency: auto | device | host
   int iters = 20;
   int warmup = 5;
   uint64_t seed = 1;

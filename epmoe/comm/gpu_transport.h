@@ -61,6 +61,10 @@ class GpuTransport {
   // Host-side barrier of the group (bounded: throws Error(kTimeout) naming missing ranks).
   virtual void barrier() = 0;
 
+  // Waits for this rank's stream, bounded where the stream can depend on other ranks (nccl:
+  // EPMOE_TIMEOUT_MS, then Error(kTimeout) naming `what`, and the communicator is aborted).
+  virtual void synchronize(const char* what) = 0;
+
   // Whether every peer's symmetric buffers are load/store reachable from this rank's kernels
   // (one node). Low-latency mode needs it; normal mode only uses the host API.
   virtual bool peers_reachable() const { return true; }

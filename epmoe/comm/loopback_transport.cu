@@ -8,6 +8,8 @@
 #include <thread>
 #include <vector>
 
+#include <fmt/ranges.h>
+
 #include "epmoe/comm/gpu_transport.h"
 #include "epmoe/core/env.h"
 #include "epmoe/cuda/cuda_check.h"
@@ -19,7 +21,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 struct LoopbackState {
-  explicit LoopbackState(int n, int dev) : num_ranks(n), device(dev), slots(size_t(n)) {}
+  explicit LoopbackState(int n, int dev)
+      : num_ranks(n), device(dev), slots(size_t(n)), entered(size_t(n), 0) {}
   const int num_ranks, device;
   std::mutex mutex;
   std::condition_variable cv;
@@ -35,10 +38,12 @@ struct LoopbackState {
     const int64_t* values = nullptr;
   };
   std::vector<Slot> slots;
+  std::vector<uint64_t> entered;  // [R]: barriers each rank has entered
 
   void barrier(int rank) {
     std::unique_lock<std::mutex> lock(mutex);
     const uint64_t gen = generation;
+    ++entered[size_t(rank)];
     if (++arrived == num_ranks) {
       arrived = 0;
       ++generation;
@@ -51,9 +56,15 @@ struct LoopbackState {
       if (failed_rank >= 0)
         EPMOE_FAIL(kTimeout, "rank {}: barrier abandoned, peer rank {} failed", rank, failed_rank);
       cv.wait_for(lock, std::chrono::milliseconds(20));
-      if (generation == gen && Clock::now() > deadline)
-        EPMOE_FAIL(kTimeout, "rank {} waited {} ms at a loopback barrier: {} of {} ranks arrived",
-                   rank, budget, arrived, num_ranks);
+      if (generation == gen && Clock::now() > deadline) {
+        std::vector<int> late;
+        for (int r = 0; r < num_ranks; ++r)
+          if (entered[size_t(r)] < entered[size_t(rank)]) late.push_back(r);
+        EPMOE_FAIL(kTimeout,
+                   "rank {} waited {} ms (EPMOE_TIMEOUT_MS) at a loopback barrier: ranks {} "
+                   "never arrived",
+                   rank, budget, fmt::format("{}", fmt::join(late, ", ")));
+      }
     }
   }
 };
@@ -137,6 +148,12 @@ class LoopbackTransport final : public GpuTransport {
     for (int r = 0; r < size(); ++r)
       for (int i = 0; i < n; ++i) out[r * n + i] = s_->slots[size_t(r)].values[i];
     s_->barrier(rank_);
+  }
+
+  // Loopback transfers are local copies that all_to_all_v itself waits for; a stream here only
+  // depends on other ranks through the kernels' own bounded flag waits.
+  void synchronize(const char* /*what*/) override {
+    EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
   void barrier() override {

@@ -44,7 +44,7 @@ std::string nccl_error_text(ncclResult_t result) {
 struct NcclThreadGroup {
   explicit NcclThreadGroup(int n) : arrivals(new std::atomic<uint64_t>[n]()), size(n) {}
   std::atomic<int> failed_rank{-1};
-  std::unique_ptr<std::atomic<uint64_t>[]> arrivals;  // [R]: barriers each rank has entered
+  std::unique_ptr<std::atomic<uint64_t>[]> arrivals;  // [R]: host collectives each rank entered
   int size;
 };
 
@@ -225,7 +225,7 @@ void NcclTransport::check_usable(const char* what) const {
               rank_, what);
 }
 
-void NcclTransport::wait_stream(const char* what, uint64_t barrier_seq) {
+void NcclTransport::wait_stream(const char* what, uint64_t collective_seq) {
   const int64_t budget_ms = wait_timeout_ms();
   auto deadline = Clock::now() + std::chrono::milliseconds(budget_ms);
   for (int spin = 0;; ++spin) {
@@ -254,14 +254,14 @@ void NcclTransport::wait_stream(const char* what, uint64_t barrier_seq) {
     }
     if (Clock::now() > deadline) {
       std::string missing;
-      if (group_ && barrier_seq > 0) {
+      if (group_ && collective_seq > 0) {
         std::vector<int> late;
         for (int r2 = 0; r2 < group_->size; ++r2) {
-          if (group_->arrivals[r2].load() < barrier_seq) late.push_back(r2);
+          if (group_->arrivals[r2].load() < collective_seq) late.push_back(r2);
         }
         missing = late.empty() ? "; every rank entered it (NCCL stalled)"
                                : fmt::format("; ranks {} never entered it", late);
-      } else if (barrier_seq > 0) {
+      } else if (collective_seq > 0) {
         missing = "; which ranks are missing is not known across processes";
       }
       state_->abort();
@@ -429,6 +429,8 @@ void NcclTransport::all_gather_host(const int64_t* in, int64_t* out, int n) {
   EPMOE_CHECK(n >= 0, kInvalidArgument, "all_gather_host: n = {} < 0", n);
   if (n == 0) return;
   DeviceGuard guard(device_);
+  const uint64_t seq = ++collectives_;
+  if (group_) group_->arrivals[rank_].store(seq);
   const size_t part = sizeof(int64_t) * size_t(n);
   const size_t total = part * size_t(size_);
   // Grown only here, after the previous users of the scratch have been waited for.
@@ -456,14 +458,20 @@ void NcclTransport::all_gather_host(const int64_t* in, int64_t* out, int n) {
       cudaMemcpyAsync(dev + part * rank_, host + part * rank_, part, cudaMemcpyHostToDevice, s));
   EPMOE_NCCL_CHECK(ncclAllGather(dev + part * rank_, dev, size_t(n), ncclInt64, state_->comm, s));
   EPMOE_CUDA_CHECK(cudaMemcpyAsync(host, dev, total, cudaMemcpyDeviceToHost, s));
-  wait_stream("all_gather_host");
+  wait_stream(fmt::format("all_gather_host (host collective #{})", seq).c_str(), seq);
   std::memcpy(out, host, total);
+}
+
+void NcclTransport::synchronize(const char* what) {
+  check_usable(what);
+  DeviceGuard guard(device_);
+  wait_stream(what);
 }
 
 void NcclTransport::barrier() {
   check_usable("barrier");
   DeviceGuard guard(device_);
-  const uint64_t seq = ++barriers_;
+  const uint64_t seq = ++collectives_;
   if (group_) group_->arrivals[rank_].store(seq);
   if (dev_scratch_bytes_ < sizeof(int64_t)) {
     if (dev_scratch_ != nullptr) cudaFree(dev_scratch_);
@@ -474,7 +482,7 @@ void NcclTransport::barrier() {
   }
   EPMOE_NCCL_CHECK(ncclAllReduce(dev_scratch_, dev_scratch_, 1, ncclInt32, ncclSum, state_->comm,
                                  state_->stream));
-  wait_stream(fmt::format("barrier #{}", seq).c_str(), seq);
+  wait_stream(fmt::format("barrier (host collective #{})", seq).c_str(), seq);
 }
 
 // --- construction ---------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class NcclTransport final : public GpuTransport {
                     void* recv, const size_t* recv_bytes, const size_t* recv_offsets) override;
   void all_gather_host(const int64_t* in, int64_t* out, int n) override;
   void barrier() override;
+  void synchronize(const char* what) override;
 
   // True when every rank's symmetric buffers are load/store reachable from this rank's kernels
   // (no null entry in any peer table). Known from construction (NCCL's LSA team covers the whole
@@ -100,14 +101,14 @@ class NcclTransport final : public GpuTransport {
   void check_usable(const char* what) const;
   // Waits for stream() with the EPMOE_TIMEOUT_MS budget, polling NCCL's asynchronous error and
   // the thread group's failure flag; aborts the communicator and throws on timeout or error.
-  void wait_stream(const char* what, uint64_t barrier_seq = 0);
+  void wait_stream(const char* what, uint64_t collective_seq = 0);
 
   std::shared_ptr<detail::NcclCommState> state_;
   std::shared_ptr<detail::NcclThreadGroup> group_;
   int rank_ = 0, size_ = 1, device_ = 0;
   int lsa_base_ = 0, lsa_size_ = 1;
   bool all_reachable_ = true;
-  uint64_t barriers_ = 0;
+  uint64_t collectives_ = 0;  // host collectives so far (barrier, all_gather_host)
   // Scratch of all_gather_host and barrier (grown on demand).
   void* dev_scratch_ = nullptr;
   size_t dev_scratch_bytes_ = 0;

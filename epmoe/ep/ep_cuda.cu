@@ -82,8 +82,10 @@ struct EpRankCuda::Impl {
     EPMOE_CUDA_CHECK(cudaMallocHost(&staging, staging_bytes));
     y = DeviceTensor(DType::kF32, {T, H});
     dest_slot = DeviceTensor(DType::kI32, {T, R});
-    dest_count = DeviceTensor(DType::kI32, {R});
-    dest_offset = DeviceTensor(DType::kI32, {R});
+    dest_count = DeviceTensor(DType::kI32, {2 * R});  // [counts | pairs]
+    // Uploaded per call: [dest_offset | src_count (host-API path) | src_base (host-API path)].
+    host_meta = DeviceTensor(DType::kI32, {3 * R});
+    EPMOE_CUDA_CHECK(cudaMallocHost(&pinned_i32, sizeof(int32_t) * 8 * size_t(R)));
     seq = DeviceTensor(DType::kI64, {1});
     seq.fill_bytes(0);
     err = DeviceTensor(DType::kI32, {int64_t(sizeof(DeviceWaitError) / 4 + 1)});
@@ -106,14 +108,23 @@ struct EpRankCuda::Impl {
 
     if (ep.mode == EpMode::kLowLatency) {
       ll = ep::make_ll_layout(int(R), T, rec);
-      window = t.alloc_symmetric(ll.total);
-      // NOTES: no GIN / host-API fallback yet: across nodes, low-latency mode is refused.
-      EPMOE_CHECK(t.peers_reachable(), kUnsupported,
-                  "rank {}: low-latency mode needs every peer's memory to be load/store reachable "
-                  "(one node over NVLink/PCIe); the {} transport cannot map some peers: use "
-                  "normal mode across nodes",
+      EPMOE_CHECK(opt.ll_transfer != LlTransfer::kDevice || t.peers_reachable(), kUnsupported,
+                  "rank {}: low-latency transfers by load/store need every peer's memory to be "
+                  "reachable (one node over NVLink/PCIe); the {} transport cannot map some "
+                  "peers: use --ll-transfer host (or auto) between nodes",
                   d.rank, t.name());
+      ll_host = opt.ll_transfer == LlTransfer::kHostApi ||
+                (opt.ll_transfer == LlTransfer::kAuto && !t.peers_reachable());
+      if (ll_host) {
+        // Only this rank writes its window (through the host API): plain device memory.
+        ll_local = DeviceTensor(DType::kI32, {int64_t(ll.total / 4 + 1)});
+        win_local = ll_local.view().data;
+      } else {
+        window = t.alloc_symmetric(ll.total);
+        win_local = window.local;
+      }
       const int64_t m_max = R * T;
+      recv_seg = DeviceTensor(DType::kI32, {E_loc, R + 1});
       recv_x = DeviceTensor(DType::kBF16, {E_loc, m_max, H});
       recv_count = DeviceTensor(DType::kI32, {E_loc});
       recv_count.fill_bytes(0);
@@ -133,6 +144,7 @@ struct EpRankCuda::Impl {
   ~Impl() {
     if (cublas) cublasDestroy(cublas);
     if (staging) cudaFreeHost(staging);
+    if (pinned_i32) cudaFreeHost(pinned_i32);
   }
   static void cublas_check(cublasStatus_t s) { EPMOE_CUBLAS_CHECK(s); }
 
@@ -146,24 +158,31 @@ struct EpRankCuda::Impl {
   ep::RecordLayout rec;
   ep::LowLatencyLayout ll;
   int64_t timeout_ns = 0;
-  SymmetricBuffer window;
+  SymmetricBuffer window;  // low-latency by load/store
+  DeviceTensor ll_local;   // low-latency over the host API: the window, local only
+  void* win_local = nullptr;
+  bool ll_host = false;
   DeviceTensor w13, w2, sw13, sw2, gate_w, gate_bias;
   DeviceTensor x, ids, wts, ntok, y, logits, cublas_ws;
-  DeviceTensor dest_slot, dest_count, dest_offset, seq, err;
+  DeviceTensor dest_slot, dest_count, host_meta, seq, err;
   DeviceTensor shared_gu, shared_act, shared_tmp, shared_out, seg1;
   // low-latency
-  DeviceTensor recv_x, recv_count, recv_src, recv_record, src_count, gu, act, out;
-  // normal
-  std::vector<int32_t> send_counts, recv_counts;
+  DeviceTensor recv_x, recv_count, recv_src, recv_record, recv_seg, src_count, gu, act, out;
+  DeviceTensor ret_out, ret_in;  // host-API path: return records
+  // sizes learned on the host (normal mode; low-latency over the host API)
+  std::vector<int32_t> send_counts, recv_counts, send_pairs, recv_pairs;
   int64_t n_recv = 0, n_send = 0;
   DeviceTensor send_buf, recv_buf, n_recv_x, n_recv_ids, n_recv_w, n_seg, n_s2d, n_sorted, n_gu,
       n_act, n_down, partial, back, workspace;
-  bool shared_done = false;
   char* staging = nullptr;  // pinned: [x | ids | weights | num_tokens]
   size_t staging_bytes = 0;
+  int32_t* pinned_i32 = nullptr;  // [8R]: counts read back [2R], host_meta's upload [3R]
   EpCudaTraffic traffic;
 
   DeviceWaitError* err_ptr() const { return reinterpret_cast<DeviceWaitError*>(err.view().data); }
+  int32_t* dest_offset_ptr() const { return host_meta.as<int32_t>(); }
+  int32_t* src_count_host_path() const { return host_meta.as<int32_t>() + d.num_ranks; }
+  int32_t* src_base_ptr() const { return host_meta.as<int32_t>() + 2 * d.num_ranks; }
   uint64_t* seq_ptr() const { return reinterpret_cast<uint64_t*>(seq.view().data); }
   const int32_t* ntok_ptr() const { return ntok.as<int32_t>(); }
 
@@ -193,7 +212,6 @@ struct EpRankCuda::Impl {
   }
 
   void shared_experts() {
-    shared_done = true;
     if (cfg.n_shared_experts == 0) return;
     ep::make_single_segment(seg1.as<int32_t>(), ntok_ptr(), stream);
     if (cfg.fuse_shared) {
@@ -223,16 +241,27 @@ struct EpRankCuda::Impl {
   void ll_dispatch_send() {
     EPMOE_CHECK(ep.mode == EpMode::kLowLatency, kInvalidArgument,
                 "rank {}: low-latency call on a normal-mode rank", d.rank);
-    ep::route_layout(dest_slot.as<int32_t>(), dest_count.as<int32_t>(), ids.as<int32_t>(),
-                     ntok_ptr(), d, stream);
+    if (ll_host) return ll_host_dispatch_send();
+    ep::route_layout(dest_slot.as<int32_t>(), dest_count.as<int32_t>(), nullptr,
+                     ids.as<int32_t>(), ntok_ptr(), d, stream);
     ep::ll_dispatch_send(window.peers, ll, rec, x.view().data, ids.as<int32_t>(),
                          wts.as<float>(), ntok_ptr(), dest_slot.as<int32_t>(),
                          dest_count.as<int32_t>(), seq_ptr(), d, stream);
   }
   void ll_dispatch_recv() {
-    ep::ll_dispatch_recv(recv_x.view().data, recv_count.as<int32_t>(), recv_src.as<int32_t>(),
-                         recv_record.as<int32_t>(), src_count.as<int32_t>(), window.local, ll, rec, seq_ptr(), err_ptr(),
-                         timeout_ns, d, stream);
+    EPMOE_CHECK(ep.mode == EpMode::kLowLatency, kInvalidArgument,
+                "rank {}: low-latency call on a normal-mode rank", d.rank);
+    const int32_t* counts = src_count.as<int32_t>();
+    if (ll_host) {
+      refuse_capture("low-latency dispatch (receive half)");
+      counts = src_count_host_path();
+    } else {
+      ep::ll_wait_dispatch(src_count.as<int32_t>(), win_local, ll, seq_ptr(), err_ptr(),
+                           timeout_ns, d, stream);
+    }
+    ep::ll_expand_received(recv_x.view().data, recv_count.as<int32_t>(), recv_src.as<int32_t>(),
+                           recv_record.as<int32_t>(), recv_seg.as<int32_t>(), counts, win_local,
+                           ll, rec, err_ptr(), d, stream);
   }
   void ll_experts() {
     grouped_gemm_masked(gu.view(), recv_x.view(), w13.view(), recv_count.view(), 0, stream);
@@ -240,65 +269,158 @@ struct EpRankCuda::Impl {
     grouped_gemm_masked(out.view(), act.view(), w2.view(), recv_count.view(), 0, stream);
   }
   void ll_combine_send() {
+    if (ll_host) return ll_host_combine_send();
     ep::ll_combine_send(window.peers, ll, out.view().data, recv_count.as<int32_t>(),
                         recv_src.as<int32_t>(), seq_ptr(), d, stream);
   }
   void ll_combine_recv() {
-    ep::ll_combine_recv(y.as<float>(), window.local, ll, ids.as<int32_t>(), wts.as<float>(),
-                        fused_shared_ptr(), ntok_ptr(), seq_ptr(), err_ptr(), timeout_ns, d,
-                        stream);
+    if (ll_host) {
+      refuse_capture("low-latency combine (receive half)");
+      require_dispatched("combine (receive half)");
+      int64_t n = 0;
+      for (int p = 0; p < d.num_ranks; ++p) n += send_pairs[size_t(p)];
+      ep::ll_return_unpack(win_local, ll, ret_in.view().data, n, d, stream);
+    } else {
+      ep::ll_wait_combine(win_local, ll, seq_ptr(), err_ptr(), timeout_ns, d, stream);
+    }
+    ep::ll_combine_reduce(y.as<float>(), win_local, ll, ids.as<int32_t>(), wts.as<float>(),
+                          fused_shared_ptr(), ntok_ptr(), err_ptr(), d, stream);
+  }
+
+  // ---- low latency over the host API ----
+  void refuse_capture(const char* what) const {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    EPMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
+    EPMOE_CHECK(st == cudaStreamCaptureStatusNone, kUnsupported,
+                "rank {}: {} runs over the host API here (peers not load/store reachable, or "
+                "--ll-transfer host): it learns transfer sizes on the host and cannot be "
+                "captured in a CUDA graph",
+                d.rank, what);
+  }
+
+  void require_dispatched(const char* what) const {
+    EPMOE_CHECK(send_pairs.size() == size_t(d.num_ranks), kInvalidArgument,
+                "rank {}: low-latency {} before any dispatch", d.rank, what);
+  }
+
+  void ll_host_dispatch_send() {
+    refuse_capture("low-latency dispatch (send half)");
+    const int R = d.num_ranks;
+    ep::route_layout(dest_slot.as<int32_t>(), dest_count.as<int32_t>(),
+                     dest_count.as<int32_t>() + R, ids.as<int32_t>(), ntok_ptr(), d, stream);
+    exchange_counts();
+    ensure(send_buf, DType::kI32, {std::max<int64_t>(1, n_send * int64_t(rec.bytes) / 4)});
+    ep::normal_pack(send_buf.view().data, rec, x.view().data, ids.as<int32_t>(), wts.as<float>(),
+                    ntok_ptr(), dest_slot.as<int32_t>(), dest_offset_ptr(), d, stream);
+    // Into the window's staging area, source s at record s * T_max: where the load/store path
+    // puts it, so the receive half is the same kernels.
+    Sizes sz = sizes(send_counts, recv_counts, rec.bytes);
+    for (int s = 0; s < R; ++s) sz.ro[size_t(s)] = size_t(s) * size_t(d.t_max) * rec.bytes;
+    t.all_to_all_v(send_buf.view().data, sz.sb.data(), sz.so.data(),
+                   static_cast<char*>(win_local) + ll.staging, sz.rb.data(), sz.ro.data());
+    count_dispatch(sz);
+  }
+
+  void ll_host_combine_send() {
+    refuse_capture("low-latency combine (send half)");
+    require_dispatched("combine (send half)");
+    const size_t rb = ep::return_record_bytes(d.hidden);
+    Sizes sz = sizes(recv_pairs, send_pairs, rb);
+    const int64_t n_out = int64_t(sz.total_send / rb), n_in = int64_t(sz.total_recv / rb);
+    ensure(ret_out, DType::kI32, {std::max<int64_t>(1, n_out * int64_t(rb) / 4)});
+    ensure(ret_in, DType::kI32, {std::max<int64_t>(1, n_in * int64_t(rb) / 4)});
+    ep::ll_return_pack(ret_out.view().data, src_base_ptr(), out.view().data,
+                       recv_count.as<int32_t>(), recv_src.as<int32_t>(), recv_seg.as<int32_t>(),
+                       d, stream);
+    t.all_to_all_v(ret_out.view().data, sz.sb.data(), sz.so.data(), ret_in.view().data,
+                   sz.rb.data(), sz.ro.data());
+    traffic.combine_bytes = 0;
+    for (int p = 0; p < d.num_ranks; ++p)
+      if (p != d.rank) traffic.combine_bytes += int64_t(sz.sb[size_t(p)]);
+  }
+
+  // ---- sizes learned on the host ----
+  struct Sizes {
+    std::vector<size_t> sb, so, rb, ro;  // per peer: send bytes/offset, receive bytes/offset
+    size_t total_send = 0, total_recv = 0;
+  };
+  // Packed back to back in rank order: send[p] items to p, recv[p] items from p.
+  Sizes sizes(const std::vector<int32_t>& send, const std::vector<int32_t>& recv,
+              size_t item_bytes) const {
+    const size_t R = size_t(d.num_ranks);
+    Sizes z{std::vector<size_t>(R), std::vector<size_t>(R), std::vector<size_t>(R),
+            std::vector<size_t>(R)};
+    for (size_t p = 0; p < R; ++p) {
+      z.sb[p] = size_t(send[p]) * item_bytes;
+      z.so[p] = z.total_send;
+      z.total_send += z.sb[p];
+      z.rb[p] = size_t(recv[p]) * item_bytes;
+      z.ro[p] = z.total_recv;
+      z.total_recv += z.rb[p];
+    }
+    return z;
+  }
+  void count_dispatch(const Sizes& sz) {
+    traffic = EpCudaTraffic{};
+    for (int p = 0; p < d.num_ranks; ++p)
+      if (p != d.rank) {
+        traffic.dispatch_tokens += send_counts[size_t(p)];
+        traffic.dispatch_bytes += int64_t(sz.sb[size_t(p)]);
+      }
+  }
+
+  // After route_layout: reads this rank's per-destination token (and pair) counts, gathers
+  // everyone's, and uploads host_meta: dest_offset (packed send order), src_count (tokens from
+  // each source) and src_base (first return row of each source). One host synchronisation.
+  void exchange_counts() {
+    const int R = d.num_ranks;
+    int32_t* mine = pinned_i32;  // [2R]
+    EPMOE_CUDA_CHECK(cudaMemcpyAsync(mine, dest_count.view().data, 8 * size_t(R),
+                                     cudaMemcpyDeviceToHost, stream));
+    // Bounded: the stream may still hold the previous call's transfers.
+    t.synchronize("reading this rank's dispatch counts");
+    std::vector<int64_t> m64(mine, mine + 2 * R), all(size_t(R) * 2 * size_t(R));
+    t.all_gather_host(m64.data(), all.data(), 2 * R);
+    send_counts.assign(mine, mine + R);
+    send_pairs.assign(mine + R, mine + 2 * R);
+    recv_counts.assign(size_t(R), 0);
+    recv_pairs.assign(size_t(R), 0);
+    for (int s = 0; s < R; ++s) {
+      recv_counts[size_t(s)] = int32_t(all[size_t(s) * 2 * R + d.rank]);
+      recv_pairs[size_t(s)] = int32_t(all[size_t(s) * 2 * R + R + d.rank]);
+    }
+    int32_t* meta = pinned_i32 + 2 * R;  // [3R]
+    n_send = n_recv = 0;
+    int64_t ret = 0;
+    for (int p = 0; p < R; ++p) {
+      meta[p] = int32_t(n_send);
+      n_send += send_counts[size_t(p)];
+      n_recv += recv_counts[size_t(p)];
+      meta[R + p] = recv_counts[size_t(p)];
+      meta[2 * R + p] = int32_t(ret);
+      ret += recv_pairs[size_t(p)];
+    }
+    EPMOE_CUDA_CHECK(cudaMemcpyAsync(host_meta.view().data, meta, 12 * size_t(R),
+                                     cudaMemcpyHostToDevice, stream));
   }
 
   // ---- normal ----
   void normal_dispatch() {
     EPMOE_CHECK(ep.mode == EpMode::kNormal, kInvalidArgument,
                 "rank {}: normal-mode call on a low-latency rank", d.rank);
-    const int R = d.num_ranks;
-    ep::route_layout(dest_slot.as<int32_t>(), dest_count.as<int32_t>(), ids.as<int32_t>(),
-                     ntok_ptr(), d, stream);
-    send_counts.assign(size_t(R), 0);
-    EPMOE_CUDA_CHECK(cudaMemcpyAsync(send_counts.data(), dest_count.view().data, 4 * size_t(R),
-                                     cudaMemcpyDeviceToHost, stream));
-    EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-    std::vector<int64_t> mine(send_counts.begin(), send_counts.end()), all(size_t(R) * size_t(R));
-    t.all_gather_host(mine.data(), all.data(), R);
-    recv_counts.assign(size_t(R), 0);
-    for (int s = 0; s < R; ++s) recv_counts[size_t(s)] = int32_t(all[size_t(s) * R + d.rank]);
-    std::vector<int32_t> offs(static_cast<size_t>(R));
-    n_send = 0;
-    for (int p = 0; p < R; ++p) {
-      offs[size_t(p)] = int32_t(n_send);
-      n_send += send_counts[size_t(p)];
-    }
-    n_recv = 0;
-    for (int p = 0; p < R; ++p) n_recv += recv_counts[size_t(p)];
-    EPMOE_CUDA_CHECK(cudaMemcpyAsync(dest_offset.view().data, offs.data(), 4 * size_t(R),
-                                     cudaMemcpyHostToDevice, stream));
+    ep::route_layout(dest_slot.as<int32_t>(), dest_count.as<int32_t>(),
+                     dest_count.as<int32_t>() + d.num_ranks, ids.as<int32_t>(), ntok_ptr(), d,
+                     stream);
+    exchange_counts();
     const int64_t Kp = d.num_slots, H = d.hidden;
     ensure(send_buf, DType::kI32, {std::max<int64_t>(1, n_send * int64_t(rec.bytes) / 4)});
     ensure(recv_buf, DType::kI32, {std::max<int64_t>(1, n_recv * int64_t(rec.bytes) / 4)});
     ep::normal_pack(send_buf.view().data, rec, x.view().data, ids.as<int32_t>(), wts.as<float>(),
-                    ntok_ptr(), dest_slot.as<int32_t>(), dest_offset.as<int32_t>(), d, stream);
-    std::vector<size_t> sb(static_cast<size_t>(R)), so(static_cast<size_t>(R)), rb(static_cast<size_t>(R)), ro(static_cast<size_t>(R));
-    size_t s_acc = 0, r_acc = 0;
-    for (int p = 0; p < R; ++p) {
-      sb[size_t(p)] = size_t(send_counts[size_t(p)]) * rec.bytes;
-      so[size_t(p)] = s_acc;
-      s_acc += sb[size_t(p)];
-      rb[size_t(p)] = size_t(recv_counts[size_t(p)]) * rec.bytes;
-      ro[size_t(p)] = r_acc;
-      r_acc += rb[size_t(p)];
-    }
-    const int64_t before = t.host_api_remote_bytes();
-    t.all_to_all_v(send_buf.view().data, sb.data(), so.data(), recv_buf.view().data, rb.data(),
-                   ro.data());
-    traffic = EpCudaTraffic{};
-    for (int p = 0; p < R; ++p)
-      if (p != d.rank) {
-        traffic.dispatch_tokens += send_counts[size_t(p)];
-        traffic.dispatch_bytes += int64_t(sb[size_t(p)]);
-      }
-    (void)before;
+                    ntok_ptr(), dest_slot.as<int32_t>(), dest_offset_ptr(), d, stream);
+    const Sizes sz = sizes(send_counts, recv_counts, rec.bytes);
+    t.all_to_all_v(send_buf.view().data, sz.sb.data(), sz.so.data(), recv_buf.view().data,
+                   sz.rb.data(), sz.ro.data());
+    count_dispatch(sz);
     ensure(n_recv_x, DType::kBF16, {std::max<int64_t>(1, n_recv), H});
     ensure(n_recv_ids, DType::kI32, {std::max<int64_t>(1, n_recv), Kp});
     ensure(n_recv_w, DType::kF32, {std::max<int64_t>(1, n_recv), Kp});
@@ -334,33 +456,31 @@ struct EpRankCuda::Impl {
   }
 
   void normal_combine() {
-    const int R = d.num_ranks;
     const int64_t H = d.hidden;
     ensure(back, DType::kF32, {std::max<int64_t>(1, n_send), H});
-    std::vector<size_t> sb(static_cast<size_t>(R)), so(static_cast<size_t>(R)), rb(static_cast<size_t>(R)), ro(static_cast<size_t>(R));
-    size_t s_acc = 0, r_acc = 0;
-    const size_t row = size_t(H) * 4;
-    for (int p = 0; p < R; ++p) {
-      sb[size_t(p)] = size_t(recv_counts[size_t(p)]) * row;
-      so[size_t(p)] = s_acc;
-      s_acc += sb[size_t(p)];
-      rb[size_t(p)] = size_t(send_counts[size_t(p)]) * row;
-      ro[size_t(p)] = r_acc;
-      r_acc += rb[size_t(p)];
-    }
-    t.all_to_all_v(partial.view().data, sb.data(), so.data(), back.view().data, rb.data(),
-                   ro.data());
-    for (int p = 0; p < R; ++p)
-      if (p != d.rank) traffic.combine_bytes += int64_t(sb[size_t(p)]);
+    // Partial sums go back the way the tokens came: recv_counts[p] rows to p.
+    const Sizes sz = sizes(recv_counts, send_counts, size_t(H) * 4);
+    t.all_to_all_v(partial.view().data, sz.sb.data(), sz.so.data(), back.view().data,
+                   sz.rb.data(), sz.ro.data());
+    traffic.combine_bytes = 0;
+    for (int p = 0; p < d.num_ranks; ++p)
+      if (p != d.rank) traffic.combine_bytes += int64_t(sz.sb[size_t(p)]);
     ep::normal_combine(y.as<float>(), back.as<float>(), dest_slot.as<int32_t>(),
-                       dest_offset.as<int32_t>(), ids.as<int32_t>(), wts.as<float>(),
+                       dest_offset_ptr(), ids.as<int32_t>(), wts.as<float>(),
                        fused_shared_ptr(), ntok_ptr(), d, stream);
   }
 
   void check() {
-    EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    t.synchronize("the expert-parallel layer's stream");
     DeviceWaitError e{};
     EPMOE_CUDA_CHECK(cudaMemcpy(&e, err.view().data, sizeof(e), cudaMemcpyDeviceToHost));
+    if (e.failed == ep::kOverflowedExpert) {
+      err.fill_bytes(0);
+      EPMOE_FAIL(kInvalidArgument,
+                 "rank {}: local expert {} received {} rows, more than the {} (R x T_max) the "
+                 "low-latency receive buffer holds: some token names that expert twice",
+                 e.rank, e.peer, e.observed, e.expected);
+    }
     if (e.failed) {
       err.fill_bytes(0);
       EPMOE_FAIL(kTimeout,
@@ -410,11 +530,17 @@ void EpRankCuda::upload(const TensorView& xh, const TensorView& idh, const Tenso
     idh.expect("topk_ids", DType::kI32, {T, m.d.num_slots});
     wh.expect("topk_weights", DType::kF32, {T, m.d.num_slots});
     const int32_t* id = idh.as<int32_t>();
-    const int max_id = m.cfg.num_expert_ids();
-    for (int64_t i = 0; i < T * m.d.num_slots; ++i)
+    const int max_id = m.cfg.num_expert_ids(), Kp = m.d.num_slots;
+    for (int64_t i = 0; i < T * Kp; ++i) {
       EPMOE_CHECK(id[i] >= -1 && id[i] < max_id, kInvalidArgument,
-                  "rank {}: topk_ids[{}, {}] = {} is outside [-1, {})", m.d.rank,
-                  i / m.d.num_slots, i % m.d.num_slots, id[i], max_id);
+                  "rank {}: topk_ids[{}, {}] = {} is outside [-1, {})", m.d.rank, i / Kp, i % Kp,
+                  id[i], max_id);
+      // Low-latency receive buffers hold each token at most once per expert.
+      for (int64_t j = i - i % Kp; m.ep.mode == EpMode::kLowLatency && id[i] >= 0 && j < i; ++j)
+        EPMOE_CHECK(id[j] != id[i], kInvalidArgument,
+                    "rank {}: token {} names expert {} twice (slots {} and {})", m.d.rank, i / Kp,
+                    id[i], j % Kp, i % Kp);
+    }
     if (T) {
       std::memcpy(st + xb, idh.data, ib);
       std::memcpy(st + xb + ib, wh.data, ib);
@@ -425,7 +551,7 @@ void EpRankCuda::upload(const TensorView& xh, const TensorView& idh, const Tenso
   int32_t* tn = reinterpret_cast<int32_t*>(st + m.staging_bytes - 16);
   *tn = int32_t(T);
   EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.ntok.view().data, tn, 4, cudaMemcpyHostToDevice, m.stream));
-  EPMOE_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  m.t.synchronize("upload of the tokens");
 }
 
 void EpRankCuda::route() {
@@ -465,14 +591,32 @@ void EpRankCuda::forward_routed() {
 }
 
 void EpRankCuda::finish_layer() { impl_->finish_output(); }
+bool EpRankCuda::ll_over_host_api() const { return impl_->ll_host; }
+
+const char* ll_transfer_name(LlTransfer t) {
+  switch (t) {
+    case LlTransfer::kAuto: return "auto";
+    case LlTransfer::kDevice: return "device";
+    case LlTransfer::kHostApi: return "host";
+  }
+  return "?";
+}
+
+LlTransfer parse_ll_transfer(const std::string& s) {
+  for (LlTransfer t : {LlTransfer::kAuto, LlTransfer::kDevice, LlTransfer::kHostApi})
+    if (s == ll_transfer_name(t)) return t;
+  EPMOE_FAIL(kInvalidArgument, "unknown low-latency transfer '{}' (expected auto, device or host)",
+             s);
+}
 void EpRankCuda::check() { impl_->check(); }
 
 EpCudaTraffic EpRankCuda::last_traffic() {
   Impl& m = *impl_;
   m.check();
-  if (m.ep.mode == EpMode::kNormal) return m.traffic;
+  if (m.ep.mode == EpMode::kNormal || m.ll_host) return m.traffic;
   EpCudaTraffic tr;
   const int R = m.d.num_ranks;
+  // Load/store path: the kernels' counts say what they stored into other ranks' windows.
   std::vector<int32_t> counts(static_cast<size_t>(R));
   EPMOE_CUDA_CHECK(cudaMemcpy(counts.data(), m.dest_count.view().data, 4 * size_t(R), cudaMemcpyDeviceToHost));
   for (int p = 0; p < R; ++p)

@@ -1,12 +1,14 @@
 // Expert parallelism on GPUs (DESIGN §5): one EpRankCuda per rank, over a GpuTransport (nccl or
-// loopback). Low-latency mode: fixed shapes, no host synchronisation, CUDA-graph capturable,
-// send and receive halves as separate calls, bounded device waits. Normal mode: deduplicated
+// loopback). Low-latency mode: fixed shapes, send and receive halves as separate calls; between
+// load/store-reachable peers no host synchronisation, CUDA-graph capturable, bounded device
+// waits; between nodes the host-API fallback (LlTransfer below). Normal mode: deduplicated
 // dispatch through the transport's host API (it synchronises to learn receive sizes), local
 // permutation + grouped GEMM, partial sums back, reduced at the source in the canonical order.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "epmoe/comm/gpu_transport.h"
 #include "epmoe/core/config.h"
@@ -15,16 +17,28 @@
 
 namespace epmoe::cuda {
 
+// How low-latency mode moves tokens between ranks.
+//   kDevice:  the kernels store into the peers' windows and raise flags (load/store reachable
+//             peers: one node over NVLink/PCIe). No host synchronisation; CUDA-graph capturable.
+//   kHostApi: records are packed locally and exchanged with the transport's host API (grouped
+//             ncclSend/ncclRecv): works between nodes. The per-peer sizes are learned on the
+//             host, so each dispatch synchronises once and the path cannot be captured in a
+//             CUDA graph. Same receive layout, same bytes on the wire, bitwise the same output.
+//   kAuto:    kDevice when every peer is reachable, else kHostApi.
+enum class LlTransfer { kAuto, kDevice, kHostApi };
+const char* ll_transfer_name(LlTransfer t);  // "auto" | "device" | "host"
+// Throws Error(kInvalidArgument) naming the accepted values.
+LlTransfer parse_ll_transfer(const std::string& s);
+
 struct EpCudaOptions {
   bool fp8_dispatch = false;   // FP8 e4m3 payload with one f32 scale per 128 values
   int64_t timeout_ms = -1;     // device waits; -1 = EPMOE_TIMEOUT_MS
+  LlTransfer ll_transfer = LlTransfer::kAuto;
 };
 
 // Traffic of the last layer call to other ranks (self excluded), bytes as they crossed.
 struct EpCudaTraffic {
   int64_t dispatch_tokens = 0, dispatch_bytes = 0, combine_bytes = 0;
-  // DeepEP-style accounting (DESIGN §7), this rank's (token, expert) pairs routed to any rank:
-  int64_t dispatch_pairs = 0;
 };
 
 class EpRankCuda {
@@ -78,6 +92,9 @@ class EpRankCuda {
   EpCudaTraffic last_traffic();
 
   GpuTransport& transport() { return t_; }
+  // Low-latency mode: whether this rank moves tokens through the host API (LlTransfer::kHostApi,
+  // or kAuto with unreachable peers). False in normal mode.
+  bool ll_over_host_api() const;
   const EpConfig& ep() const;
 
  private:

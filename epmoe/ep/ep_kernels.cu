@@ -62,7 +62,7 @@ __device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
 // Records the first failed wait of the launch sequence (device memory, read by the host).
 __device__ void report_wait(DeviceWaitError* err, int rank, int peer, uint64_t expected,
                             uint64_t observed, const char* what) {
-  if (atomicCAS(&err->failed, 0, 1) == 0) {
+  if (atomicCAS(&err->failed, 0, kWaitTimedOut) == 0) {
     err->rank = rank;
     err->peer = peer;
     err->expected = expected;
@@ -297,12 +297,14 @@ __device__ void plan_and_reduce(float* y, Item* items, int n, ReducePlan* plan_s
 
 // ---------------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(1024) route_layout_kernel(int32_t* dest_slot, int32_t* dest_count,
+                                                            int32_t* dest_pairs,
                                                             const int32_t* ids,
                                                             const int32_t* num_tokens, EpDims d) {
   __shared__ int carry[kMaxRanks];
+  __shared__ int pairs[kMaxRanks];
   const int T = min(int64_t(*num_tokens), d.t_max);
   const int R = d.num_ranks;
-  if (threadIdx.x < R) carry[threadIdx.x] = 0;
+  if (threadIdx.x < R) carry[threadIdx.x] = pairs[threadIdx.x] = 0;
   __syncthreads();
   for (int base = 0; base < T; base += blockDim.x) {
     const int t = base + threadIdx.x;
@@ -310,7 +312,10 @@ __global__ void __launch_bounds__(1024) route_layout_kernel(int32_t* dest_slot, 
     if (t < T)
       for (int k = 0; k < d.num_slots; ++k) {
         const int id = ids[int64_t(t) * d.num_slots + k];
-        if (id >= 0 && id < d.num_routed) mask |= 1ull << (id / d.local_experts);
+        if (id >= 0 && id < d.num_routed) {
+          mask |= 1ull << (id / d.local_experts);
+          if (dest_pairs) atomicAdd(&pairs[id / d.local_experts], 1);  // a count: order-free
+        }
       }
     for (int r = 0; r < R; ++r) {
       const int v = int((mask >> r) & 1);
@@ -322,29 +327,37 @@ __global__ void __launch_bounds__(1024) route_layout_kernel(int32_t* dest_slot, 
       __syncthreads();
     }
   }
-  if (threadIdx.x < R) dest_count[threadIdx.x] = carry[threadIdx.x];
+  __syncthreads();
+  if (threadIdx.x < R) {
+    dest_count[threadIdx.x] = carry[threadIdx.x];
+    if (dest_pairs) dest_pairs[threadIdx.x] = pairs[threadIdx.x];
+  }
 }
 
+// One warp per (token, destination) pair writes the token's record for that destination:
+//   peers != nullptr: straight into the destination's window, at
+//                     peers[dst] + peer_off + (d.rank * T_max + slot) * rec.bytes;
+//   peers == nullptr: into the local send buffer at send + (dest_offset[dst] + slot) * rec.bytes.
 __global__ void __launch_bounds__(kWarps * 32)
-ll_send_kernel(void* const* peers, LowLatencyLayout ll, RecordLayout rec, const __nv_bfloat16* x,
-               const int32_t* ids, const float* w, const int32_t* num_tokens,
-               const int32_t* dest_slot, EpDims d) {
+pack_records_kernel(void* const* peers, size_t peer_off, char* send, const int32_t* dest_offset,
+                    RecordLayout rec, const __nv_bfloat16* x, const int32_t* ids, const float* w,
+                    const int32_t* num_tokens, const int32_t* dest_slot, EpDims d) {
   const int lane = threadIdx.x & 31;
   const int64_t T = min(int64_t(*num_tokens), d.t_max);
   const int64_t nw = int64_t(gridDim.x) * kWarps;
-  // One warp per (token, destination) pair: many transfers in flight at once.
   for (int64_t p = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); p < T * d.num_ranks;
        p += nw) {
     const int64_t t = p / d.num_ranks;
     const int dst = int(p % d.num_ranks);
     const int slot = dest_slot[t * d.num_ranks + dst];
     if (slot < 0) continue;
-    char* rp = static_cast<char*>(peers[dst]) + ll.staging +
-               (size_t(d.rank) * size_t(d.t_max) + size_t(slot)) * rec.bytes;
+    char* rp = peers ? static_cast<char*>(peers[dst]) + peer_off +
+                           (size_t(d.rank) * size_t(d.t_max) + size_t(slot)) * rec.bytes
+                     : send + (size_t(dest_offset[dst]) + size_t(slot)) * rec.bytes;
     write_record(rp, rec, x + t * d.hidden, ids + t * d.num_slots, w + t * d.num_slots, int(t),
                  dst, d, lane);
   }
-  __threadfence_system();
+  if (peers) __threadfence_system();
 }
 
 // Thread r: raise rank r's flag for us. seq is this rank's call counter.
@@ -387,8 +400,9 @@ wait_flags_kernel(int32_t* counts, const char* window, size_t flags_off, bool wi
 
 __global__ void __launch_bounds__(256)
 ll_recv_index_kernel(int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
-                     const char* window, LowLatencyLayout ll, RecordLayout rec,
-                     const int32_t* src_count, const DeviceWaitError* err, EpDims d) {
+                     int32_t* recv_seg, const char* window, LowLatencyLayout ll,
+                     RecordLayout rec, const int32_t* src_count, DeviceWaitError* err,
+                     EpDims d) {
   __shared__ int s_count[kMaxRanks];
   __shared__ int s_fail, s_running;
   const int e = blockIdx.x, R = d.num_ranks;
@@ -401,11 +415,13 @@ ll_recv_index_kernel(int32_t* recv_count, int32_t* recv_src, int32_t* recv_recor
   __syncthreads();
   if (s_fail) {
     if (threadIdx.x == 0) recv_count[e] = 0;
+    if (int(threadIdx.x) <= R) recv_seg[e * (R + 1) + threadIdx.x] = 0;
     return;
   }
   // Ordered compaction of the (source, token, slot) triples that hit expert e.
   for (int s = 0; s < R; ++s) {
     const int n = s_count[s];
+    if (threadIdx.x == 0) recv_seg[e * (R + 1) + s] = min(s_running, int(m_max));
     for (int base = 0; base < n; base += blockDim.x) {
       const int i = base + threadIdx.x;
       const char* rp = window + ll.staging + (size_t(s) * size_t(d.t_max) + size_t(i)) * rec.bytes;
@@ -437,7 +453,17 @@ ll_recv_index_kernel(int32_t* recv_count, int32_t* recv_src, int32_t* recv_recor
       __syncthreads();
     }
   }
-  if (threadIdx.x == 0) recv_count[e] = min(s_running, int(m_max));
+  if (threadIdx.x == 0) {
+    recv_count[e] = min(s_running, int(m_max));
+    recv_seg[e * (R + 1) + R] = min(s_running, int(m_max));
+    if (s_running > m_max && atomicCAS(&err->failed, 0, kOverflowedExpert) == 0) {
+      err->rank = d.rank;
+      err->peer = e;
+      err->expected = uint64_t(m_max);
+      err->observed = uint64_t(s_running);
+      __threadfence();
+    }
+  }
 }
 
 __global__ void __launch_bounds__(kWarps * 32)
@@ -467,6 +493,52 @@ ll_combine_send_kernel(void* const* peers, LowLatencyLayout ll, const __nv_bfloa
     for (int64_t v = lane; v < d.hidden / 8; v += 32) dst[v] = in[v];
   }
   __threadfence_system();
+}
+
+// Host-API path, expert side: every received row goes back to its source as a return record
+// (header {source token, slot, 0, 0} i32, then H bf16), packed source-major: the rows for
+// source s start at row src_base[s], expert-major within, in the expert's row order.
+// recv_seg: [E_loc, R + 1] first row of each source in each expert's rows (ll_recv_index).
+__global__ void __launch_bounds__(kWarps * 32)
+ll_return_pack_kernel(char* out, size_t ret_bytes, const int32_t* src_base,
+                      const __nv_bfloat16* expert_out, const int32_t* recv_count,
+                      const int32_t* recv_src, const int32_t* recv_seg, EpDims d) {
+  __shared__ int s_first[kMaxRanks];  // first return row of (source s, expert e)
+  const int e = blockIdx.x, lane = threadIdx.x & 31, R = d.num_ranks;
+  const int64_t m_max = int64_t(R) * d.t_max;
+  if (int(threadIdx.x) < R) {
+    const int s = threadIdx.x;
+    int before = 0;
+    for (int e2 = 0; e2 < e; ++e2)
+      before += recv_seg[e2 * (R + 1) + s + 1] - recv_seg[e2 * (R + 1) + s];
+    s_first[s] = src_base[s] + before - recv_seg[e * (R + 1) + s];
+  }
+  __syncthreads();
+  const int64_t row = int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5);
+  if (row >= recv_count[e]) return;
+  const int32_t* src = recv_src + (int64_t(e) * m_max + row) * 3;
+  char* rp = out + size_t(s_first[src[0]] + row) * ret_bytes;
+  if (lane < 4) reinterpret_cast<int32_t*>(rp)[lane] = lane == 0 ? src[1] : lane == 1 ? src[2] : 0;
+  const uint4* in = reinterpret_cast<const uint4*>(expert_out + (int64_t(e) * m_max + row) * d.hidden);
+  uint4* o = reinterpret_cast<uint4*>(rp + 16);
+  for (int64_t v = lane; v < d.hidden / 8; v += 32) o[v] = in[v];
+}
+
+// Host-API path, source side: n return records → the window's combine rows [T_max][K'] (the
+// place the load/store path writes them).
+__global__ void __launch_bounds__(kWarps * 32)
+ll_return_unpack_kernel(char* window, LowLatencyLayout ll, const char* in, size_t ret_bytes,
+                        int64_t n, EpDims d) {
+  const int lane = threadIdx.x & 31;
+  const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (i >= n) return;
+  const char* rp = in + size_t(i) * ret_bytes;
+  const int t = reinterpret_cast<const int32_t*>(rp)[0], k = reinterpret_cast<const int32_t*>(rp)[1];
+  if (t < 0 || t >= d.t_max || k < 0 || k >= d.num_slots) return;  // never out of the window
+  uint4* dst = reinterpret_cast<uint4*>(window + ll.combine +
+                                        (size_t(t) * d.num_slots + size_t(k)) * d.hidden * 2);
+  const uint4* src = reinterpret_cast<const uint4*>(rp + 16);
+  for (int64_t v = lane; v < d.hidden / 8; v += 32) dst[v] = src[v];
 }
 
 __global__ void __launch_bounds__(kWarps * 32)
@@ -505,25 +577,6 @@ ll_combine_recv_kernel(float* y, const char* window, LowLatencyLayout ll, const 
 }
 
 // ---- normal mode ----
-__global__ void __launch_bounds__(kWarps * 32)
-normal_pack_kernel(char* send, RecordLayout rec, const __nv_bfloat16* x, const int32_t* ids,
-                   const float* w, const int32_t* num_tokens, const int32_t* dest_slot,
-                   const int32_t* dest_offset, EpDims d) {
-  const int lane = threadIdx.x & 31;
-  const int64_t T = min(int64_t(*num_tokens), d.t_max);
-  const int64_t nw = int64_t(gridDim.x) * kWarps;
-  for (int64_t p = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); p < T * d.num_ranks;
-       p += nw) {
-    const int64_t t = p / d.num_ranks;
-    const int dst = int(p % d.num_ranks);
-    const int slot = dest_slot[t * d.num_ranks + dst];
-    if (slot < 0) continue;
-    write_record(send + (size_t(dest_offset[dst]) + size_t(slot)) * rec.bytes, rec,
-                 x + t * d.hidden, ids + t * d.num_slots, w + t * d.num_slots, int(t), dst, d,
-                 lane);
-  }
-}
-
 __global__ void __launch_bounds__(kWarps * 32)
 normal_unpack_kernel(__nv_bfloat16* recv_x, int32_t* recv_ids, float* recv_w, const char* recv,
                      RecordLayout rec, int64_t n) {
@@ -618,13 +671,14 @@ void prepare_kernels() {
   // same process spins on a flag, which would deadlock the loopback transport.
   cudaFuncAttributes a;
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, route_layout_kernel));
-  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_send_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, pack_records_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, raise_flags_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_recv_index_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, wait_flags_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_expand_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_combine_send_kernel));
-  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, normal_pack_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_return_pack_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_return_unpack_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, normal_unpack_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, add_rows_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, single_segment_kernel));
@@ -633,38 +687,58 @@ void prepare_kernels() {
   allow_big_smem(normal_combine_kernel, kCombineSmem);
 }
 
-void route_layout(int32_t* dest_slot, int32_t* dest_count, const int32_t* topk_ids,
-                  const int32_t* num_tokens, const EpDims& d, cudaStream_t stream) {
+void route_layout(int32_t* dest_slot, int32_t* dest_count, int32_t* dest_pairs,
+                  const int32_t* topk_ids, const int32_t* num_tokens, const EpDims& d,
+                  cudaStream_t stream) {
   EPMOE_CHECK(d.num_ranks <= kMaxRanks, kUnsupported, "at most {} ranks, got {}", kMaxRanks,
               d.num_ranks);
-  route_layout_kernel<<<1, 1024, 0, stream>>>(dest_slot, dest_count, topk_ids, num_tokens, d);
+  route_layout_kernel<<<1, 1024, 0, stream>>>(dest_slot, dest_count, dest_pairs, topk_ids,
+                                              num_tokens, d);
   EPMOE_CUDA_CHECK_LAUNCH("route_layout_kernel");
 }
+
+namespace {
+void launch_pack(void* const* peers, size_t peer_off, void* send, const int32_t* dest_offset,
+                 const RecordLayout& rec, const void* x, const int32_t* topk_ids,
+                 const float* topk_weights, const int32_t* num_tokens, const int32_t* dest_slot,
+                 const EpDims& d, cudaStream_t stream) {
+  pack_records_kernel<<<blocks_for(d.t_max * d.num_ranks, kWarps), kWarps * 32, 0, stream>>>(
+      peers, peer_off, static_cast<char*>(send), dest_offset, rec,
+      static_cast<const __nv_bfloat16*>(x), topk_ids, topk_weights, num_tokens, dest_slot, d);
+  EPMOE_CUDA_CHECK_LAUNCH("pack_records_kernel");
+}
+}  // namespace
 
 void ll_dispatch_send(void* const* peers, const LowLatencyLayout& ll, const RecordLayout& rec,
                       const void* x, const int32_t* topk_ids, const float* topk_weights,
                       const int32_t* num_tokens, const int32_t* dest_slot,
                       const int32_t* dest_count, uint64_t* seq, const EpDims& d,
                       cudaStream_t stream) {
-  ll_send_kernel<<<blocks_for(d.t_max * d.num_ranks, kWarps), kWarps * 32, 0, stream>>>(
-      peers, ll, rec, static_cast<const __nv_bfloat16*>(x), topk_ids, topk_weights, num_tokens,
-      dest_slot, d);
-  EPMOE_CUDA_CHECK_LAUNCH("ll_send_kernel");
+  launch_pack(peers, ll.staging, nullptr, nullptr, rec, x, topk_ids, topk_weights, num_tokens,
+              dest_slot, d, stream);
   raise_flags_kernel<<<1, kMaxRanks, 0, stream>>>(peers, ll.dispatch_flags, dest_count, seq, 1,
                                                   d.rank, d.num_ranks);
   EPMOE_CUDA_CHECK_LAUNCH("raise_flags_kernel");
 }
 
-void ll_dispatch_recv(void* recv_x, int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
-                      int32_t* src_count, const void* local_window, const LowLatencyLayout& ll,
-                      const RecordLayout& rec, const uint64_t* seq, DeviceWaitError* err,
-                      int64_t timeout_ns, const EpDims& d, cudaStream_t stream) {
-  const char* win = static_cast<const char*>(local_window);
-  wait_flags_kernel<<<1, kMaxRanks, 0, stream>>>(src_count, win, ll.dispatch_flags, true, seq, err,
-                                                timeout_ns, d.rank, d.num_ranks);
+void ll_wait_dispatch(int32_t* src_count, const void* local_window, const LowLatencyLayout& ll,
+                      const uint64_t* seq, DeviceWaitError* err, int64_t timeout_ns,
+                      const EpDims& d, cudaStream_t stream) {
+  wait_flags_kernel<<<1, kMaxRanks, 0, stream>>>(src_count, static_cast<const char*>(local_window),
+                                                ll.dispatch_flags, true, seq, err, timeout_ns,
+                                                d.rank, d.num_ranks);
   EPMOE_CUDA_CHECK_LAUNCH("wait_flags_kernel");
-  ll_recv_index_kernel<<<d.local_experts, 256, 0, stream>>>(recv_count, recv_src, recv_record, win,
-                                                            ll, rec, src_count, err, d);
+}
+
+void ll_expand_received(void* recv_x, int32_t* recv_count, int32_t* recv_src,
+                        int32_t* recv_record, int32_t* recv_seg, const int32_t* src_count,
+                        const void* local_window, const LowLatencyLayout& ll,
+                        const RecordLayout& rec, DeviceWaitError* err, const EpDims& d,
+                        cudaStream_t stream) {
+  const char* win = static_cast<const char*>(local_window);
+  ll_recv_index_kernel<<<d.local_experts, 256, 0, stream>>>(recv_count, recv_src, recv_record,
+                                                            recv_seg, win, ll, rec, src_count,
+                                                            err, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_recv_index_kernel");
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
   ll_expand_kernel<<<dim3(d.local_experts, blocks_for(m_max, kWarps)), kWarps * 32, 0, stream>>>(
@@ -686,14 +760,19 @@ void ll_combine_send(void* const* peers, const LowLatencyLayout& ll, const void*
   EPMOE_CUDA_CHECK_LAUNCH("raise_flags_kernel");
 }
 
-void ll_combine_recv(float* y, const void* local_window, const LowLatencyLayout& ll,
-                     const int32_t* topk_ids, const float* topk_weights, const float* shared_out,
-                     const int32_t* num_tokens, const uint64_t* seq, DeviceWaitError* err,
-                     int64_t timeout_ns, const EpDims& d, cudaStream_t stream) {
+void ll_wait_combine(const void* local_window, const LowLatencyLayout& ll, const uint64_t* seq,
+                     DeviceWaitError* err, int64_t timeout_ns, const EpDims& d,
+                     cudaStream_t stream) {
   wait_flags_kernel<<<1, kMaxRanks, 0, stream>>>(nullptr, static_cast<const char*>(local_window),
                                                 ll.combine_flags, false, seq, err, timeout_ns,
                                                 d.rank, d.num_ranks);
   EPMOE_CUDA_CHECK_LAUNCH("wait_flags_kernel");
+}
+
+void ll_combine_reduce(float* y, const void* local_window, const LowLatencyLayout& ll,
+                       const int32_t* topk_ids, const float* topk_weights,
+                       const float* shared_out, const int32_t* num_tokens,
+                       const DeviceWaitError* err, const EpDims& d, cudaStream_t stream) {
   const dim3 grid(blocks_for(d.t_max, kWarps), unsigned((d.hidden + kCombineCols - 1) / kCombineCols));
   ll_combine_recv_kernel<<<grid, kWarps * 32, kCombineSmem, stream>>>(
       y, static_cast<const char*>(local_window), ll, topk_ids, topk_weights, shared_out,
@@ -701,13 +780,33 @@ void ll_combine_recv(float* y, const void* local_window, const LowLatencyLayout&
   EPMOE_CUDA_CHECK_LAUNCH("ll_combine_recv_kernel");
 }
 
+size_t return_record_bytes(int64_t hidden) { return 16 + size_t(hidden) * 2; }
+
+void ll_return_pack(void* out, const int32_t* src_base, const void* expert_out,
+                    const int32_t* recv_count, const int32_t* recv_src, const int32_t* recv_seg,
+                    const EpDims& d, cudaStream_t stream) {
+  const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
+  ll_return_pack_kernel<<<dim3(d.local_experts, blocks_for(m_max, kWarps)), kWarps * 32, 0,
+                          stream>>>(static_cast<char*>(out), return_record_bytes(d.hidden),
+                                    src_base, static_cast<const __nv_bfloat16*>(expert_out),
+                                    recv_count, recv_src, recv_seg, d);
+  EPMOE_CUDA_CHECK_LAUNCH("ll_return_pack_kernel");
+}
+
+void ll_return_unpack(void* local_window, const LowLatencyLayout& ll, const void* in, int64_t n,
+                      const EpDims& d, cudaStream_t stream) {
+  if (n == 0) return;
+  ll_return_unpack_kernel<<<unsigned((n + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(
+      static_cast<char*>(local_window), ll, static_cast<const char*>(in),
+      return_record_bytes(d.hidden), n, d);
+  EPMOE_CUDA_CHECK_LAUNCH("ll_return_unpack_kernel");
+}
+
 void normal_pack(void* send, const RecordLayout& rec, const void* x, const int32_t* topk_ids,
                  const float* topk_weights, const int32_t* num_tokens, const int32_t* dest_slot,
                  const int32_t* dest_offset, const EpDims& d, cudaStream_t stream) {
-  normal_pack_kernel<<<blocks_for(d.t_max * d.num_ranks, kWarps), kWarps * 32, 0, stream>>>(
-      static_cast<char*>(send), rec, static_cast<const __nv_bfloat16*>(x), topk_ids,
-      topk_weights, num_tokens, dest_slot, dest_offset, d);
-  EPMOE_CUDA_CHECK_LAUNCH("normal_pack_kernel");
+  launch_pack(nullptr, 0, send, dest_offset, rec, x, topk_ids, topk_weights, num_tokens,
+              dest_slot, d, stream);
 }
 
 void normal_unpack(void* recv_x, int32_t* recv_ids, float* recv_w, const void* recv,

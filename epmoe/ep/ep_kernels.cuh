@@ -36,6 +36,12 @@ struct LowLatencyLayout {
 };
 LowLatencyLayout make_ll_layout(int num_ranks, int64_t t_max, const RecordLayout& rec);
 
+// DeviceWaitError::failed values: 1 = a wait ran out of time; kOverflowedExpert = a local expert
+// got more rows than the masked receive buffer holds (peer = the expert, expected = R·T_max,
+// observed = rows).
+constexpr int kWaitTimedOut = 1;
+constexpr int kOverflowedExpert = 2;
+
 // What the kernels need to know about the rank and the problem.
 struct EpDims {
   int rank = 0, num_ranks = 1;
@@ -49,11 +55,13 @@ struct EpDims {
 void prepare_kernels();
 
 // Per token: which ranks it visits (deduplicated) and its slot in each destination, in token
-// order; per destination: how many tokens go there. One block, no host synchronisation.
-// dest_slot: [T_max, R] i32 (-1 = not visited); dest_count: [R] i32;
+// order; per destination: how many tokens go there, and (dest_pairs, optional) how many
+// (token, slot) pairs it owns. One block, no host synchronisation.
+// dest_slot: [T_max, R] i32 (-1 = not visited); dest_count, dest_pairs: [R] i32;
 // topk_ids: [T_max, K'] i32; num_tokens: device i32 (T <= T_max).
-void route_layout(int32_t* dest_slot, int32_t* dest_count, const int32_t* topk_ids,
-                  const int32_t* num_tokens, const EpDims& d, cudaStream_t stream);
+void route_layout(int32_t* dest_slot, int32_t* dest_count, int32_t* dest_pairs,
+                  const int32_t* topk_ids, const int32_t* num_tokens, const EpDims& d,
+                  cudaStream_t stream);
 
 // ---- low-latency ----
 // Writes each token once into every destination's staging area; then raises the flags.
@@ -64,15 +72,22 @@ void ll_dispatch_send(void* const* peers, const LowLatencyLayout& ll, const Reco
                       const int32_t* dest_count, uint64_t* seq, const EpDims& d,
                       cudaStream_t stream);
 
-// Waits (bounded) for every source's flag, then expands the staged tokens into the masked layout
-// in (source rank, token, slot) order. recv_x: [E_loc, M_max, H] bf16 (FP8 payloads dequantised);
-// recv_count: [E_loc] i32; recv_src: [E_loc, M_max, 3] i32 (source rank, source token, slot);
-// recv_record: [E_loc, M_max] i32 (staging record of the row); src_count: [R] i32 scratch
-// (tokens from each source). M_max = R·T_max.
-void ll_dispatch_recv(void* recv_x, int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
-                      int32_t* src_count, const void* local_window, const LowLatencyLayout& ll,
-                      const RecordLayout& rec, const uint64_t* seq, DeviceWaitError* err,
-                      int64_t timeout_ns, const EpDims& d, cudaStream_t stream);
+// Waits (bounded) for every source's dispatch flag; src_count: [R] i32 gets the number of
+// tokens each source sent.
+void ll_wait_dispatch(int32_t* src_count, const void* local_window, const LowLatencyLayout& ll,
+                      const uint64_t* seq, DeviceWaitError* err, int64_t timeout_ns,
+                      const EpDims& d, cudaStream_t stream);
+
+// Expands the tokens staged in the window (src_count[s] records from source s) into the masked
+// layout in (source rank, token, slot) order. recv_x: [E_loc, M_max, H] bf16 (FP8 payloads
+// dequantised); recv_count: [E_loc] i32; recv_src: [E_loc, M_max, 3] i32 (source rank, source
+// token, slot); recv_record: [E_loc, M_max] i32 (staging record of the row); recv_seg:
+// [E_loc, R + 1] i32, the first row of each source in each expert's rows. M_max = R·T_max.
+void ll_expand_received(void* recv_x, int32_t* recv_count, int32_t* recv_src,
+                        int32_t* recv_record, int32_t* recv_seg, const int32_t* src_count,
+                        const void* local_window, const LowLatencyLayout& ll,
+                        const RecordLayout& rec, DeviceWaitError* err, const EpDims& d,
+                        cudaStream_t stream);
 
 // Sends each expert row back into its source's window, then raises the combine flags.
 // expert_out: [E_loc, M_max, H] bf16.
@@ -80,13 +95,32 @@ void ll_combine_send(void* const* peers, const LowLatencyLayout& ll, const void*
                      const int32_t* recv_count, const int32_t* recv_src, const uint64_t* seq,
                      const EpDims& d, cudaStream_t stream);
 
-// Waits (bounded) for every rank's combine flag and forms y[t] in the canonical order
-// (reduce_plan.h): routed rows from the window, fused shared rows from shared_out.
+// Waits (bounded) for every rank's combine flag.
+void ll_wait_combine(const void* local_window, const LowLatencyLayout& ll, const uint64_t* seq,
+                     DeviceWaitError* err, int64_t timeout_ns, const EpDims& d,
+                     cudaStream_t stream);
+
+// Forms y[t] in the canonical order (reduce_plan.h): routed rows from the window's combine
+// area, fused shared rows from shared_out.
 // y: [T_max, H] f32 (rows < T); shared_out: [T_max, n_shared_fused, H] f32 or nullptr.
-void ll_combine_recv(float* y, const void* local_window, const LowLatencyLayout& ll,
-                     const int32_t* topk_ids, const float* topk_weights, const float* shared_out,
-                     const int32_t* num_tokens, const uint64_t* seq, DeviceWaitError* err,
-                     int64_t timeout_ns, const EpDims& d, cudaStream_t stream);
+void ll_combine_reduce(float* y, const void* local_window, const LowLatencyLayout& ll,
+                       const int32_t* topk_ids, const float* topk_weights,
+                       const float* shared_out, const int32_t* num_tokens,
+                       const DeviceWaitError* err, const EpDims& d, cudaStream_t stream);
+
+// ---- low-latency over the host API (peers not load/store reachable) ----
+// The dispatch records travel with the transport's all_to_all_v into the window's staging area
+// (the layout ll_dispatch_send produces), so ll_expand_received and ll_combine_reduce serve both
+// paths. The way back uses return records: {source token, slot, 0, 0} i32 then H bf16.
+size_t return_record_bytes(int64_t hidden);
+// Expert side: all received rows as return records, source-major from row src_base[s] ([R] i32,
+// device), expert-major within each source.
+void ll_return_pack(void* out, const int32_t* src_base, const void* expert_out,
+                    const int32_t* recv_count, const int32_t* recv_src, const int32_t* recv_seg,
+                    const EpDims& d, cudaStream_t stream);
+// Source side: n return records → the window's combine rows.
+void ll_return_unpack(void* local_window, const LowLatencyLayout& ll, const void* in, int64_t n,
+                      const EpDims& d, cudaStream_t stream);
 
 // ---- normal ----
 // Packs records for every (token, destination) pair: destination-major, token order.

@@ -94,8 +94,8 @@ Tensor run_loopback_ep(const MoeWeights& wts, int R, EpMode mode, int64_t t_max,
     R = 1;
     t_max = std::max<int64_t>(1, r.total);
   }
-  std::vector<int64_t> first(static_cast<size_t>(R), 0);
-  for (int i = 1; i < R; ++i) first[size_t(i)] = first[size_t(i - 1)] + tokens[size_t(i - 1)];
+  std::vector<int64_t> first(tokens.size(), 0);
+  for (size_t i = 1; i < tokens.size(); ++i) first[i] = first[i - 1] + tokens[i - 1];
   run_loopback(R, 0, [&](GpuTransport& t) {
     const size_t me = size_t(t.rank());
     EpRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = t_max},
@@ -168,13 +168,17 @@ TEST(GpuExpertParallel, LowLatencyLayoutAndOnlyRealTokens) {
   const Routing r = make_routing(cfg, R, t_max, rng, false, {3, 0, 16, 9});
   ASSERT_EQ(r.total, 28);
   std::mutex mu;
+  for (LlTransfer how : {LlTransfer::kDevice, LlTransfer::kHostApi})
   run_loopback(R, 0, [&](GpuTransport& t) {
+    SCOPED_TRACE(fmt::format("transfers: {}", ll_transfer_name(how)));
     const int me = t.rank();
     int64_t first = 0;
     for (int i = 0; i < me; ++i) first += r.tokens[size_t(i)];
     const int64_t n = r.tokens[size_t(me)];
     EpRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = EpMode::kLowLatency,
-                                     .max_tokens_per_rank = t_max});
+                                     .max_tokens_per_rank = t_max},
+                    EpCudaOptions{.ll_transfer = how});
+    EXPECT_EQ(rank.ll_over_host_api(), how == LlTransfer::kHostApi);
     rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
     rank.ll_dispatch_send();
     rank.ll_dispatch_recv();
@@ -185,7 +189,7 @@ TEST(GpuExpertParallel, LowLatencyLayoutAndOnlyRealTokens) {
     EPMOE_CUDA_CHECK(cudaMemcpy(src.view().data, rank.recv_src().data, src.nbytes(), cudaMemcpyDeviceToHost));
     EPMOE_CUDA_CHECK(cudaMemcpy(rx.view().data, rank.recv_x().data, rx.nbytes(), cudaMemcpyDeviceToHost));
     std::vector<int32_t> expect(size_t(E_loc), 0);
-    int64_t copies = 0, g = 0;
+    int64_t copies = 0, g = 0, returned = 0;  // returned: rows this rank sends back to others
     for (int s = 0; s < R; ++s)
       for (int64_t i = 0; i < r.tokens[size_t(s)]; ++i, ++g) {
         std::set<int> dests;
@@ -194,6 +198,7 @@ TEST(GpuExpertParallel, LowLatencyLayoutAndOnlyRealTokens) {
           if (id < 0) continue;
           dests.insert(id / E_loc);
           if (id / E_loc != me) continue;
+          returned += s != me;
           const int e = id % E_loc;
           const int64_t row = expect[size_t(e)]++;
           const int32_t* sv = src.as<int32_t>() + (e * m_max + row) * 3;
@@ -220,6 +225,99 @@ TEST(GpuExpertParallel, LowLatencyLayoutAndOnlyRealTokens) {
         << "rank " << me;
     if (n == 0) {
       EXPECT_EQ(tr.dispatch_bytes, 0);
+    }
+    // The way back: each row once, bf16; the host-API path adds a 16-byte header per row.
+    const int64_t row_bytes = cfg.hidden * 2 + (how == LlTransfer::kHostApi ? 16 : 0);
+    EXPECT_EQ(tr.combine_bytes, returned * row_bytes) << "rank " << me;
+  });
+}
+
+// Low-latency mode over the host API (the path between nodes), on loopback ranks: the same
+// output as one rank, bitwise, over random routings with skew, empty ranks and -1 ids.
+TEST(GpuExpertParallel, LowLatencyOverHostApiBitwiseEqualToOneRank) {
+  EPMOE_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const MoeConfig cfg = small_config(1, true);
+  const MoeWeights wts = random_moe_weights(cfg, rng());
+  for (bool fp8 : {false, true}) {
+    const EpCudaOptions opt{.fp8_dispatch = fp8, .ll_transfer = LlTransfer::kHostApi};
+    for (int R : {1, 2, 4, 8}) {
+      for (int trial = 0; trial < (testing::quick() ? 2 : 5); ++trial) {
+        SCOPED_TRACE(fmt::format("R {} fp8 {} trial {}", R, fp8, trial));
+        const Routing r = make_routing(cfg, R, 20, rng, trial == 1);
+        const Tensor ep = run_loopback_ep(wts, R, EpMode::kLowLatency, 20, r, opt);
+        const Tensor one = run_loopback_ep(wts, 1, EpMode::kLowLatency, 1, r,
+                                           EpCudaOptions{.fp8_dispatch = fp8}, true);
+        ASSERT_TRUE(testing::bitwise_equal(ep, one, "host-API EP vs 1-rank output"));
+      }
+    }
+  }
+}
+
+// The host-API path learns sizes on the host: capturing it in a CUDA graph is refused with an
+// error that says why, before anything is enqueued; eager calls work afterwards.
+TEST(GpuExpertParallel, LowLatencyOverHostApiRefusesGraphCapture) {
+  EPMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(fresh_seed());
+  const MoeConfig cfg = small_config(0, false);
+  const MoeWeights wts = random_moe_weights(cfg, rng());
+  const Routing r = make_routing(cfg, 2, 8, rng, false, {5, 8});
+  const Tensor one = run_loopback_ep(wts, 1, EpMode::kLowLatency, 1, r, {}, true);
+  Tensor y(DType::kF32, {r.total, cfg.hidden});
+  std::mutex mu;
+  run_loopback(2, 0, [&](GpuTransport& t) {
+    const int me = t.rank();
+    const int64_t first = me ? r.tokens[0] : 0, n = r.tokens[size_t(me)];
+    EpRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
+                                     .max_tokens_per_rank = 8},
+                    EpCudaOptions{.ll_transfer = LlTransfer::kHostApi});
+    rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
+    EPMOE_CUDA_CHECK(cudaStreamBeginCapture(t.stream(), cudaStreamCaptureModeThreadLocal));
+    std::string what;
+    try {
+      rank.ll_dispatch_send();
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kUnsupported);
+      what = e.what();
+    }
+    cudaGraph_t graph = nullptr;
+    EPMOE_CUDA_CHECK(cudaStreamEndCapture(t.stream(), &graph));
+    if (graph) cudaGraphDestroy(graph);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      EXPECT_NE(what.find("CUDA graph"), std::string::npos) << "rank " << me << ": " << what;
+    }
+    rank.forward_routed();
+    rank.check();
+    if (n)
+      EPMOE_CUDA_CHECK(cudaMemcpy(y.as<float>() + first * cfg.hidden, rank.y().data,
+                                  size_t(n * cfg.hidden) * 4, cudaMemcpyDeviceToHost));
+  });
+  EXPECT_TRUE(testing::bitwise_equal(y, one, "eager after the refused capture"));
+}
+
+// Low-latency receive buffers hold each token once per expert: a token naming one expert twice
+// is refused at upload with the token, the expert and both slots.
+TEST(GpuExpertParallel, LowLatencyRefusesTheSameExpertTwiceInAToken) {
+  EPMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(fresh_seed());
+  const MoeConfig cfg = small_config(0, false);
+  const MoeWeights wts = random_moe_weights(cfg, rng());
+  Routing r = make_routing(cfg, 1, 4, rng, false, {4});
+  r.ids.as<int32_t>()[2 * cfg.num_slots() + 0] = 5;
+  r.ids.as<int32_t>()[2 * cfg.num_slots() + 3] = 5;
+  run_loopback(1, 0, [&](GpuTransport& t) {
+    EpRankCuda rank(t, wts, EpConfig{.num_ranks = 1, .mode = EpMode::kLowLatency,
+                                     .max_tokens_per_rank = 4});
+    try {
+      rank.upload(r.x, r.ids, r.w);
+      ADD_FAILURE() << "a repeated expert id was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
+      EXPECT_NE(std::string(e.what()).find("token 2 names expert 5 twice (slots 0 and 3)"),
+                std::string::npos) << e.what();
     }
   });
 }
@@ -295,6 +393,57 @@ TEST(GpuExpertParallel, SilentPeerTimesOutNamingIt) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
 }
 
+// Sets an environment variable for one scope (the host-side waits read EPMOE_TIMEOUT_MS).
+struct ScopedEnv {
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old, had_ = true;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() { had_ ? setenv(name_, old_.c_str(), 1) : unsetenv(name_); }
+  const char* name_;
+  std::string old_;
+  bool had_ = false;
+};
+
+// Over the host API a silent peer is noticed at the size exchange, a host-side wait bounded by
+// EPMOE_TIMEOUT_MS that names the rank that never came.
+TEST(GpuExpertParallel, SilentPeerOverHostApiTimesOutNamingIt) {
+  EPMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(fresh_seed());
+  const MoeConfig cfg = small_config(0, false);
+  const MoeWeights wts = random_moe_weights(cfg, rng());
+  const Routing r = make_routing(cfg, 1, 8, rng);
+  ScopedEnv budget("EPMOE_TIMEOUT_MS", "1500");
+  const auto start = std::chrono::steady_clock::now();
+  std::atomic<bool> done{false};
+  try {
+    run_loopback(2, 0, [&](GpuTransport& t) {
+      EpRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
+                                       .max_tokens_per_rank = 8},
+                      EpCudaOptions{.ll_transfer = LlTransfer::kHostApi});
+      if (t.rank() == 1) {  // set up, then silent until rank 0 gave up
+        while (!done && std::chrono::steady_clock::now() - start < std::chrono::seconds(20))
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        return;
+      }
+      try {
+        rank.upload(r.x, r.ids, r.w);
+        rank.forward_routed();
+        rank.check();
+      } catch (...) {
+        done = true;
+        throw;
+      }
+      done = true;
+    });
+    FAIL() << "a silent peer went unnoticed";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kTimeout) << e.what();
+    EXPECT_NE(std::string(e.what()).find("ranks 1 never arrived"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(15));
+}
+
 TEST(GpuExpertParallel, GoldenFilesSplitAcrossRanks) {
   EPMOE_REQUIRE_GPU();
   const char* env = std::getenv("EPMOE_GOLDEN_DIR");
@@ -355,26 +504,31 @@ TEST(GpuExpertParallel, GoldenFilesSplitAcrossRanks) {
 }
 
 #ifdef EPMOE_TEST_NCCL
-// Two GPUs over NCCL, a thread per GPU: bitwise equal to the 1-rank output, both modes.
+// Two GPUs over NCCL, a thread per GPU: bitwise equal to the 1-rank output, normal mode and
+// low-latency mode both ways (auto: load/store where NCCL maps the peer, else the host API; and
+// the host API forced). Under NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 (NCCL's network path) the
+// same test checks the fallback that runs between nodes.
 TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRank) {
   EPMOE_REQUIRE_GPU();
   if (device_count() < 2) GTEST_SKIP() << "needs 2 GPUs, found " << device_count();
   std::mt19937_64 rng(fresh_seed());
   const MoeConfig cfg = small_config(1, true);
   const MoeWeights wts = random_moe_weights(cfg, rng());
-  for (int trial = 0; trial < (testing::quick() ? 4 : 100); ++trial) {
+  int host_api_runs = 0, load_store_runs = 0;
+  for (int trial = 0; trial < (testing::quick() ? 6 : 100); ++trial) {
     const EpMode mode = trial % 2 ? EpMode::kLowLatency : EpMode::kNormal;
+    const LlTransfer how = trial % 4 == 3 ? LlTransfer::kHostApi : LlTransfer::kAuto;
     const Routing r = make_routing(cfg, 2, 24, rng, trial % 10 == 9);
     Tensor y(DType::kF32, {r.total, cfg.hidden});
-    bool ll_skipped = false;
+    std::atomic<int> host_ranks{0};
+    bool reachable = true;
     run_nccl_threads(2, [&](GpuTransport& t) {
-      if (mode == EpMode::kLowLatency && !static_cast<NcclTransport&>(t).all_peers_reachable()) {
-        ll_skipped = true;
-        return;
-      }
       const size_t me = size_t(t.rank());
+      if (me == 0) reachable = t.peers_reachable();
       const int64_t first = me ? r.tokens[0] : 0, n = r.tokens[me];
-      EpRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = mode, .max_tokens_per_rank = 24});
+      EpRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = mode, .max_tokens_per_rank = 24},
+                      EpCudaOptions{.ll_transfer = how});
+      host_ranks += rank.ll_over_host_api();
       rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
       rank.forward_routed();
       rank.check();
@@ -382,10 +536,19 @@ TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRank) {
         EPMOE_CUDA_CHECK(cudaMemcpy(y.as<float>() + first * cfg.hidden, rank.y().data,
                                     size_t(n * cfg.hidden) * 4, cudaMemcpyDeviceToHost));
     });
-    if (ll_skipped) continue;
+    if (mode == EpMode::kLowLatency) {
+      const bool expect_host = how == LlTransfer::kHostApi || !reachable;
+      EXPECT_EQ(host_ranks.load(), expect_host ? 2 : 0) << "trial " << trial;
+      (expect_host ? host_api_runs : load_store_runs) += 1;
+    }
     const Tensor one = run_loopback_ep(wts, 1, mode, 1, r, {}, true);
-    ASSERT_TRUE(testing::bitwise_equal(y, one, fmt::format("trial {} {}", trial, ep_mode_name(mode))));
+    ASSERT_TRUE(testing::bitwise_equal(
+        y, one, fmt::format("trial {} {} ({} transfers)", trial, ep_mode_name(mode),
+                            ll_transfer_name(how))));
   }
+  std::printf("low-latency runs: %d over the host API, %d by load/store\n", host_api_runs,
+              load_store_runs);
+  EXPECT_GT(host_api_runs, 0);
 }
 
 // The dead-peer fault test over NCCL: GPU 1 joins the setup but never sends; GPU 0 reports a
@@ -397,13 +560,15 @@ TEST(GpuExpertParallelNccl, SilentPeerTimesOutNamingIt) {
   const MoeConfig cfg = small_config(0, false);
   const MoeWeights wts = random_moe_weights(cfg, rng());
   const Routing r = make_routing(cfg, 1, 8, rng);
+  ScopedEnv budget("EPMOE_TIMEOUT_MS", "1500");  // the host-side waits (host-API path)
   const auto start = std::chrono::steady_clock::now();
-  std::atomic<bool> done{false};
+  std::atomic<bool> done{false}, over_host_api{false};
   try {
     run_nccl_threads(2, [&](GpuTransport& t) {
       EpRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
                                        .max_tokens_per_rank = 8},
                       EpCudaOptions{.timeout_ms = 1000});
+      if (rank.ll_over_host_api()) over_host_api = true;
       if (t.rank() == 1) {  // alive, its memory mapped, but it never sends
         while (!done && std::chrono::steady_clock::now() - start < std::chrono::seconds(20))
           std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -422,7 +587,10 @@ TEST(GpuExpertParallelNccl, SilentPeerTimesOutNamingIt) {
     FAIL() << "a silent peer went unnoticed";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::kTimeout) << e.what();
-    EXPECT_NE(std::string(e.what()).find("peer 1"), std::string::npos) << e.what();
+    // Load/store: the device wait names the peer; host API: the size exchange names the rank
+    // that never entered it.
+    const char* naming = over_host_api ? "ranks [1] never entered it" : "peer 1";
+    EXPECT_NE(std::string(e.what()).find(naming), std::string::npos) << e.what();
   }
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
 }
