@@ -5,6 +5,8 @@
 
 #include "epmoe/core/config.h"
 #include "epmoe/core/dtype.h"
+#include "epmoe/core/env.h"
+#include "epmoe/core/error.h"
 #include "epmoe/core/exact_math.h"
 #include "epmoe/core/tensor.h"
 
@@ -120,6 +122,29 @@ TEST(Config, BadConfigurationsNameTheProblem) {
   EXPECT_THROW(ep.validate(dsv3_tiny()), Error);
   ep.num_ranks = 8;
   EXPECT_NO_THROW(ep.validate(dsv3_tiny()));
+}
+
+// Tunables are read once and cached; env_reload makes the next read see the environment again.
+TEST(Env, CachedUntilReloadedAndTyped) {
+  setenv("EPMOE_TEST_TUNABLE", "7", 1);
+  env_reload();
+  EXPECT_EQ(env_int("TEST_TUNABLE", 1), 7);
+  setenv("EPMOE_TEST_TUNABLE", "9", 1);
+  EXPECT_EQ(env_int("TEST_TUNABLE", 1), 7);
+  env_reload();
+  EXPECT_EQ(env_int("TEST_TUNABLE", 1), 9);
+  setenv("EPMOE_TEST_TUNABLE", "9ms", 1);
+  env_reload();
+  try {
+    env_int("TEST_TUNABLE", 1);
+    ADD_FAILURE() << "a non-integer tunable was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kInvalidConfig);
+    EXPECT_NE(std::string(e.what()).find("EPMOE_TEST_TUNABLE='9ms'"), std::string::npos) << e.what();
+  }
+  unsetenv("EPMOE_TEST_TUNABLE");
+  env_reload();
+  EXPECT_EQ(env_int("TEST_TUNABLE", 1), 1);
 }
 
 }  // namespace

@@ -44,6 +44,11 @@ std::string env_str(const char* name, const std::string& fallback) {
   return lookup(name, &v) ? v : fallback;
 }
 
+void env_reload() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  cache().clear();
+}
+
 int64_t wait_timeout_ms() { return env_int("TIMEOUT_MS", 10000); }
 
 }  // namespace epmoe

@@ -11,6 +11,10 @@ namespace epmoe {
 int64_t env_int(const char* name, int64_t fallback);
 std::string env_str(const char* name, const std::string& fallback);
 
+// Forgets the cached values: the next read sees the environment as it is now (tests that change
+// a tunable for one scope).
+void env_reload();
+
 // Budget for every bounded wait (flags, counters, barriers): EPMOE_TIMEOUT_MS, default 10000.
 int64_t wait_timeout_ms();
 

@@ -13,6 +13,7 @@
 #include <set>
 
 #include "epmoe/comm/gpu_transport.h"
+#include "epmoe/core/env.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/ep/ep_cuda.h"
 #include "epmoe/layer/moe_layer_cpu.h"
@@ -398,8 +399,12 @@ struct ScopedEnv {
   ScopedEnv(const char* name, const char* value) : name_(name) {
     if (const char* old = std::getenv(name)) old_ = old, had_ = true;
     setenv(name, value, 1);
+    env_reload();
   }
-  ~ScopedEnv() { had_ ? setenv(name_, old_.c_str(), 1) : unsetenv(name_); }
+  ~ScopedEnv() {
+    had_ ? setenv(name_, old_.c_str(), 1) : unsetenv(name_);
+    env_reload();
+  }
   const char* name_;
   std::string old_;
   bool had_ = false;
