@@ -125,8 +125,9 @@ fi
 
 if has sanitizer; then
   t0=$(date +%s)
-  # Sanitized kernels run many times slower: give the flag waits a longer budget.
-  export EPMOE_TIMEOUT_MS=60000
+  # Sanitized kernels run many times slower: give the flag waits a longer budget. The sanitizers
+  # run kernels one at a time: every send half finishes before any rank waits (see ep_cuda.cu).
+  export EPMOE_TIMEOUT_MS=60000 EPMOE_SERIAL_HALVES=1
   EPMOE_GPU_TEST_QUICK=1 timeout 240 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 \
     $GT --gtest_filter='GpuExpertParallel.*' > "$J/memcheck.log" 2>&1
   say "memcheck (EP tests): rc=$? ($(elapsed $t0)): $(grep -E 'ERROR SUMMARY' "$J/memcheck.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$J/memcheck.log" | tail -2 | tr '\n' ' ')"

@@ -162,6 +162,7 @@ struct EpRankCuda::Impl {
   DeviceTensor ll_local;   // low-latency over the host API: the window, local only
   void* win_local = nullptr;
   bool ll_host = false;
+  bool serial_halves = env_int("SERIAL_HALVES", 0) != 0;
   DeviceTensor w13, w2, sw13, sw2, gate_w, gate_bias;
   DeviceTensor x, ids, wts, ntok, y, logits, cublas_ws;
   DeviceTensor dest_slot, dest_count, host_meta, seq, err;
@@ -247,6 +248,7 @@ struct EpRankCuda::Impl {
     ep::ll_dispatch_send(window.peers, ll, rec, x.view().data, ids.as<int32_t>(),
                          wts.as<float>(), ntok_ptr(), dest_slot.as<int32_t>(),
                          dest_count.as<int32_t>(), seq_ptr(), d, stream);
+    serial_point("dispatch send half");
   }
   void ll_dispatch_recv() {
     EPMOE_CHECK(ep.mode == EpMode::kLowLatency, kInvalidArgument,
@@ -272,6 +274,20 @@ struct EpRankCuda::Impl {
     if (ll_host) return ll_host_combine_send();
     ep::ll_combine_send(window.peers, ll, out.view().data, recv_count.as<int32_t>(),
                         recv_src.as<int32_t>(), seq_ptr(), d, stream);
+    serial_point("combine send half");
+  }
+
+  // EPMOE_SERIAL_HALVES=1 (checking tools only): after a send half, wait for it and for every
+  // rank's, so no receive kernel is enqueued before all sends finished. compute-sanitizer runs
+  // kernels one at a time, and a waiting kernel would otherwise hold the device while the peer
+  // it waits for is queued behind it. Skipped while a CUDA graph is being captured.
+  void serial_point(const char* what) {
+    if (!serial_halves) return;
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    EPMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
+    if (st != cudaStreamCaptureStatusNone) return;
+    t.synchronize(what);
+    t.barrier();
   }
   void ll_combine_recv() {
     if (ll_host) {
