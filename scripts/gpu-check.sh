@@ -8,6 +8,7 @@
 #   bench    : kernel + grouped GEMM benchmarks, dispatch/combine over loopback (and NCCL)
 #   sanitizer: compute-sanitizer memcheck and racecheck on the expert-parallel tests
 # The build directory (build-gpu) is reused, so a second call with other stages rebuilds nothing.
+# EPMOE_COMMIT names the commit in the summary where the copy on the GPU machine has no usable git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -41,7 +42,7 @@ NCCL_PIP=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl
 NCCL_ARG=(); [ -d "$NCCL_PIP" ] && NCCL_ARG=(-DEPMOE_NCCL_ROOT="$NCCL_PIP")
 GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c GPU)
-say "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+local changes)')"
+say "commit: ${EPMOE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}$(git diff --quiet 2>/dev/null || echo ' (+local changes)')"
 say "gpus: $NGPU x $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)"
 
 t0=$(date +%s)
