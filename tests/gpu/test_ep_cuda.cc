@@ -523,10 +523,12 @@ TEST(GpuExpertParallel, GoldenFilesSplitAcrossRanks) {
 // Two GPUs over NCCL, a thread per GPU: bitwise equal to the 1-rank output, normal mode and
 // low-latency mode both ways (auto: load/store where NCCL maps the peer, else the host API; and
 // the host API forced). Under NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 (NCCL's network path) the
-// same test checks the fallback that runs between nodes.
+// same test checks the fallback that runs between nodes. EPMOE_TEST_NCCL_RANKS (default 2) runs
+// it on more GPUs.
 TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRank) {
   EPMOE_REQUIRE_GPU();
-  if (device_count() < 2) GTEST_SKIP() << "needs 2 GPUs, found " << device_count();
+  const int R = int(env_int("TEST_NCCL_RANKS", 2));
+  if (device_count() < R) GTEST_SKIP() << "needs " << R << " GPUs, found " << device_count();
   std::mt19937_64 rng(fresh_seed());
   const MoeConfig cfg = small_config(1, true);
   const MoeWeights wts = random_moe_weights(cfg, rng());
@@ -534,15 +536,17 @@ TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRank) {
   for (int trial = 0; trial < (testing::quick() ? 6 : 100); ++trial) {
     const EpMode mode = trial % 2 ? EpMode::kLowLatency : EpMode::kNormal;
     const LlTransfer how = trial % 4 == 3 ? LlTransfer::kHostApi : LlTransfer::kAuto;
-    const Routing r = make_routing(cfg, 2, 24, rng, trial % 10 == 9);
+    const Routing r = make_routing(cfg, R, 24, rng, trial % 10 == 9);
     Tensor y(DType::kF32, {r.total, cfg.hidden});
     std::atomic<int> host_ranks{0};
     bool reachable = true;
-    run_nccl_threads(2, [&](GpuTransport& t) {
+    run_nccl_threads(R, [&](GpuTransport& t) {
       const size_t me = size_t(t.rank());
       if (me == 0) reachable = t.peers_reachable();
-      const int64_t first = me ? r.tokens[0] : 0, n = r.tokens[me];
-      EpRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = mode, .max_tokens_per_rank = 24},
+      int64_t first = 0;
+      for (size_t j = 0; j < me; ++j) first += r.tokens[j];
+      const int64_t n = r.tokens[me];
+      EpRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = 24},
                       EpCudaOptions{.ll_transfer = how});
       host_ranks += rank.ll_over_host_api();
       rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
@@ -554,7 +558,7 @@ TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRank) {
     });
     if (mode == EpMode::kLowLatency) {
       const bool expect_host = how == LlTransfer::kHostApi || !reachable;
-      EXPECT_EQ(host_ranks.load(), expect_host ? 2 : 0) << "trial " << trial;
+      EXPECT_EQ(host_ranks.load(), expect_host ? R : 0) << "trial " << trial;
       (expect_host ? host_api_runs : load_store_runs) += 1;
     }
     const Tensor one = run_loopback_ep(wts, 1, mode, 1, r, {}, true);
@@ -562,8 +566,8 @@ TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRank) {
         y, one, fmt::format("trial {} {} ({} transfers)", trial, ep_mode_name(mode),
                             ll_transfer_name(how))));
   }
-  std::printf("low-latency runs: %d over the host API, %d by load/store\n", host_api_runs,
-              load_store_runs);
+  std::printf("%d ranks, low-latency runs: %d over the host API, %d by load/store\n", R,
+              host_api_runs, load_store_runs);
   EXPECT_GT(host_api_runs, 0);
 }
 
