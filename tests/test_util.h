@@ -11,6 +11,7 @@
 #include <random>
 #include <string>
 
+#include "epmoe/core/stats.h"
 #include "epmoe/core/tensor.h"
 
 namespace epmoe::testing {
@@ -34,15 +35,7 @@ inline Tensor random_tensor(DType dt, const Shape& shape, std::mt19937_64& rng, 
   return t;
 }
 
-inline double rel_l2(const float* a, const float* ref, int64_t n) {
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = double(a[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
+using ::epmoe::rel_l2;
 
 // Index of the first bytewise difference of two same-shaped tensors, -1 if none.
 inline int64_t first_mismatch(const TensorView& a, const TensorView& b) {

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "epmoe/core/parallel.h"
+#include "epmoe/core/stats.h"
 #include "epmoe/ep/ep_runner.h"
 #include "epmoe/layer/moe_layer_cpu.h"
 #include "epmoe/weights/moe_weights.h"
@@ -80,16 +81,6 @@ Tensor random_input(int64_t t, int64_t h, uint64_t seed) {
   bf16* p = x.as<bf16>();
   for (int64_t i = 0; i < t * h; ++i) p[i] = f32_to_bf16(d(rng));
   return x;
-}
-
-double rel_l2(const float* a, const float* b, int64_t n) {
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = double(a[i]) - double(b[i]);
-    num += d * d;
-    den += double(b[i]) * double(b[i]);
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
 // Compares per-token id sets (and weights matched by id) of two routings.

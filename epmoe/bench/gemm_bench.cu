@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <fmt/format.h>
 
+#include "epmoe/bench/bench_stream.cuh"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
 #include "epmoe/experts/experts.cuh"
@@ -19,77 +20,7 @@ namespace epmoe::cuda {
 namespace {
 
 constexpr int64_t kHidden = 7168, kInter = 2048, kExperts = 256, kTopK = 8;
-constexpr int64_t kFlushBytes = int64_t(256) << 20;
-
-// Uniform bf16 values in [-amp, amp) from a counter hash (random, never zero-filled).
-__global__ void fill_random_bf16(__nv_bfloat16* p, int64_t n, float amp, uint64_t seed) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    uint64_t z = uint64_t(i) + seed * 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    p[i] = __float2bfloat16_rn(amp * (float(z >> 40) * (2.0f / 16777216.0f) - 1.f));
-  }
-}
-
-class Timer {
- public:
-  Timer(int iters, int warmup) : iters_(iters), warmup_(warmup) {
-    EPMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    EPMOE_CUDA_CHECK(cudaEventCreate(&start_));
-    EPMOE_CUDA_CHECK(cudaEventCreate(&stop_));
-    flush_ = DeviceTensor(DType::kI32, {kFlushBytes / 4});
-    std::random_device rd;
-    seed_ = (uint64_t(rd()) << 32) | rd();
-  }
-  ~Timer() {
-    cudaStreamSynchronize(stream_);
-    cudaEventDestroy(start_);
-    cudaEventDestroy(stop_);
-    cudaStreamDestroy(stream_);
-  }
-  Timer(const Timer&) = delete;
-  Timer& operator=(const Timer&) = delete;
-  cudaStream_t stream() const { return stream_; }
-
-  DeviceTensor random_bf16(const Shape& s, float amp) {
-    DeviceTensor t(DType::kBF16, s);
-    const int64_t n = t.numel();
-    if (n > 0) {
-      fill_random_bf16<<<4096, 256, 0, stream_>>>(static_cast<__nv_bfloat16*>(t.view().data), n,
-                                                  amp, ++seed_);
-      EPMOE_CUDA_CHECK_LAUNCH("fill_random_bf16");
-      EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    }
-    return t;
-  }
-
-  // Median µs of fn over iters runs, each after writing the 256 MB flush buffer.
-  double median_us(const std::function<void()>& fn) {
-    for (int i = 0; i < warmup_; ++i) fn();
-    std::vector<double> v;
-    for (int i = 0; i < iters_; ++i) {
-      EPMOE_CUDA_CHECK(cudaMemsetAsync(flush_.view().data, i & 0xff, flush_.nbytes(), stream_));
-      EPMOE_CUDA_CHECK(cudaEventRecord(start_, stream_));
-      fn();
-      EPMOE_CUDA_CHECK(cudaEventRecord(stop_, stream_));
-      EPMOE_CUDA_CHECK(cudaEventSynchronize(stop_));
-      float ms = 0.f;
-      EPMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
-      v.push_back(double(ms) * 1e3);
-    }
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-  }
-
- private:
-  int iters_, warmup_;
-  cudaStream_t stream_ = nullptr;
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
-  DeviceTensor flush_;
-  uint64_t seed_ = 0;
-};
+constexpr int64_t kFlushBytes = int64_t(256) << 20;  // written before every timed run
 
 // Rows per local expert [0, e_loc) when `tokens` tokens each pick kTopK distinct experts of
 // kExperts uniformly at random.
@@ -173,8 +104,9 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
   require_device();
   int dev = 0;
   EPMOE_CUDA_CHECK(cudaGetDevice(&dev));
-  Timer timer(iters, warmup);
-  const cudaStream_t stream = timer.stream();
+  BenchStream bs(kFlushBytes);
+  const cudaStream_t stream = bs.stream();
+  auto median_us = [&](const std::function<void()>& fn) { return bs.median_us(fn, iters, warmup); };
   GroupedGemmRunner cublas;
   std::random_device rd;
   std::mt19937_64 rng((uint64_t(rd()) << 32) | rd());
@@ -186,7 +118,7 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
     std::vector<std::vector<int32_t>> counts;
     for (int64_t T : tokens) counts.push_back(route_counts(ranks * T, e_loc, rng));
     for (const Gemm g : {Gemm{"gate_up", 2 * kInter, kHidden}, Gemm{"down", kHidden, kInter}}) {
-      DeviceTensor w = timer.random_bf16({e_loc, g.n_out, g.k}, 0.05f);
+      DeviceTensor w = bs.random(DType::kBF16, {e_loc, g.n_out, g.k}, 0.05f);
       const TensorView w0{w.view().data, {g.n_out, g.k}, DType::kBF16, Device::kCuda};
       for (size_t ti = 0; ti < tokens.size(); ++ti) {
         const int64_t T = tokens[ti];
@@ -201,21 +133,21 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
         Tensor seg_host(DType::kI32, {e_loc + 1});
         std::copy(seg.begin(), seg.end(), seg_host.as<int32_t>());
         DeviceTensor dseg = DeviceTensor::from_host(seg_host);
-        DeviceTensor in = timer.random_bf16({N, g.k}, 1.f);
+        DeviceTensor in = bs.random(DType::kBF16, {N, g.k}, 1.f);
         DeviceTensor out(DType::kBF16, {N, g.n_out}), out_ref(DType::kBF16, {N, g.n_out});
 
         Row r{g.name, "contiguous", e_loc, T, N, g.n_out, g.k};
         r.weight_bytes = wbytes;
-        r.ours_us = timer.median_us([&] {
+        r.ours_us = median_us([&] {
           grouped_gemm_contiguous(out.view(), in.view(), w.view(), dseg.view(), 0, stream);
         });
         // NOTES: the cuBLAS runs get the counts already on the host: the host synchronisation
         // they need in a real layer (GroupedGemmRunner::fetch_counts) is not timed.
-        r.grouped_us = timer.median_us([&] {
+        r.grouped_us = median_us([&] {
           cublas.contiguous(out_ref.view(), in.view(), w.view(), seg.data(), e_loc, 0, stream,
                             GroupedGemmImpl::kGrouped);
         });
-        r.per_expert_us = timer.median_us([&] {
+        r.per_expert_us = median_us([&] {
           cublas.contiguous(out_ref.view(), in.view(), w.view(), seg.data(), e_loc, 0, stream,
                             GroupedGemmImpl::kPerExpert);
         });
@@ -223,14 +155,14 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
         r.check = sample_rel_l2(out.view().data, out_ref.view().data, std::min<int64_t>(N, 512),
                                 g.n_out);
         // Same FLOPs as one dense GEMM: all N rows through one expert's weight.
-        r.dense_us = timer.median_us(
+        r.dense_us = median_us(
             [&] { dense_gemm(out_ref.view(), in.view(), w0, 0.f, cublas.handle(), stream); });
         rows.push_back(r);
 
         if (T > 512) continue;
         // Masked (low-latency) layout: [E_loc, M_max, K] with M_max = R·T.
         const int64_t m_max = ranks * T;
-        DeviceTensor m_in = timer.random_bf16({e_loc, m_max, g.k}, 1.f);
+        DeviceTensor m_in = bs.random(DType::kBF16, {e_loc, m_max, g.k}, 1.f);
         DeviceTensor mout(DType::kBF16, {e_loc, m_max, g.n_out}),
             mout_ref(DType::kBF16, {e_loc, m_max, g.n_out});
         DeviceTensor dcount = DeviceTensor::from_host([&] {
@@ -240,14 +172,14 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
         }());
         Row m = r;
         m.layout = "masked";
-        m.ours_us = timer.median_us([&] {
+        m.ours_us = median_us([&] {
           grouped_gemm_masked(mout.view(), m_in.view(), w.view(), dcount.view(), 0, stream);
         });
-        m.grouped_us = timer.median_us([&] {
+        m.grouped_us = median_us([&] {
           cublas.masked(mout_ref.view(), m_in.view(), w.view(), cnt.data(), 0, stream,
                         GroupedGemmImpl::kGrouped);
         });
-        m.per_expert_us = timer.median_us([&] {
+        m.per_expert_us = median_us([&] {
           cublas.masked(mout_ref.view(), m_in.view(), w.view(), cnt.data(), 0, stream,
                         GroupedGemmImpl::kPerExpert);
         });

@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <fmt/format.h>
 
+#include "epmoe/bench/bench_stream.cuh"
 #include "epmoe/core/config.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
@@ -18,89 +19,28 @@ namespace epmoe::cuda {
 
 namespace {
 
-// Uniform values in [-amp, amp) from a counter hash (random, never zero-filled).
-__device__ __forceinline__ float hash_uniform(uint64_t i, uint64_t seed) {
-  uint64_t z = i + seed * 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return float(z >> 40) * (1.0f / 16777216.0f) * 2.f - 1.f;
-}
-__global__ void fill_bf16_kernel(__nv_bfloat16* p, int64_t n, float amp, uint64_t seed) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    p[i] = __float2bfloat16_rn(amp * hash_uniform(uint64_t(i), seed));
-}
-__global__ void fill_f32_kernel(float* p, int64_t n, float amp, uint64_t seed) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    p[i] = amp * hash_uniform(uint64_t(i), seed);
-}
-
+// The benchmark's stream (flush buffer: 2x the L2 bytes) and the options' iteration counts.
 class Bench {
  public:
-  explicit Bench(const KernelBenchOptions& o) : opts_(o) {
-    require_device();
-    EPMOE_CUDA_CHECK(cudaSetDevice(0));
-    EPMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    EPMOE_CUDA_CHECK(cudaEventCreate(&start_));
-    EPMOE_CUDA_CHECK(cudaEventCreate(&stop_));
-    int l2 = 0;
-    EPMOE_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
-    flush_ = DeviceTensor(DType::kI32, {int64_t(std::max(l2, 1 << 20)) / 2});  // 2x L2 bytes
-    std::random_device rd;
-    seed_ = (uint64_t(rd()) << 32) | rd();
-  }
-  ~Bench() {
-    cudaStreamSynchronize(stream_);
-    cudaEventDestroy(start_);
-    cudaEventDestroy(stop_);
-    cudaStreamDestroy(stream_);
-  }
-  cudaStream_t stream() const { return stream_; }
+  explicit Bench(const KernelBenchOptions& o) : opts_(o), bs_((require_device(), l2_flush_bytes())) {}
+  cudaStream_t stream() const { return bs_.stream(); }
   GroupedGemmRunner& gemm() { return gemm_; }
-
-  DeviceTensor random(DType dt, const Shape& s, float amp = 1.f) {
-    DeviceTensor t(dt, s);
-    const int64_t n = t.numel();
-    if (n == 0) return t;
-    const unsigned grid = unsigned(std::min<int64_t>((n + 255) / 256, 8192));
-    if (dt == DType::kBF16)
-      fill_bf16_kernel<<<grid, 256, 0, stream_>>>(static_cast<__nv_bfloat16*>(t.view().data), n, amp,
-                                                  ++seed_);
-    else
-      fill_f32_kernel<<<grid, 256, 0, stream_>>>(t.as<float>(), n, amp, ++seed_);
-    EPMOE_CUDA_CHECK_LAUNCH("fill_kernel");
-    EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    return t;
-  }
-
-  // Median µs of fn over opts.iters runs, each after an L2 flush.
+  DeviceTensor random(DType dt, const Shape& s, float amp = 1.f) { return bs_.random(dt, s, amp); }
+  // Median µs of fn over opts.iters runs (or `iters`), each after an L2 flush.
   double time_us(const std::function<void()>& fn, int iters = 0) {
-    if (iters <= 0) iters = opts_.iters;
-    for (int i = 0; i < opts_.warmup; ++i) fn();
-    std::vector<double> v;
-    for (int i = 0; i < iters; ++i) {
-      EPMOE_CUDA_CHECK(cudaMemsetAsync(flush_.view().data, i & 0xff, flush_.nbytes(), stream_));
-      EPMOE_CUDA_CHECK(cudaEventRecord(start_, stream_));
-      fn();
-      EPMOE_CUDA_CHECK(cudaEventRecord(stop_, stream_));
-      EPMOE_CUDA_CHECK(cudaEventSynchronize(stop_));
-      float ms = 0.f;
-      EPMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
-      v.push_back(double(ms) * 1e3);
-    }
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
+    return bs_.median_us(fn, iters > 0 ? iters : opts_.iters, opts_.warmup);
   }
 
  private:
+  static int64_t l2_flush_bytes() {
+    EPMOE_CUDA_CHECK(cudaSetDevice(0));
+    int l2 = 0;
+    EPMOE_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
+    return 2 * int64_t(std::max(l2, 1 << 20));
+  }
   KernelBenchOptions opts_;
-  cudaStream_t stream_ = nullptr;
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
-  DeviceTensor flush_;
+  BenchStream bs_;
   GroupedGemmRunner gemm_;
-  uint64_t seed_ = 0;
 };
 
 struct Ceilings {

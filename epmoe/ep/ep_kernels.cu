@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "epmoe/cuda/cuda_check.h"
+#include "epmoe/cuda/vec8.cuh"
 #include "epmoe/permute/reduce_plan.h"
 
 namespace epmoe::cuda::ep {
@@ -125,15 +126,9 @@ __device__ int block_exclusive_scan(int v, int* total) {
 }
 
 // ---- records ----
+// Plain loads: the rows may have been written by peers (no read-only cache path).
 __device__ __forceinline__ void load8(float* v, const __nv_bfloat16* p) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
+  bf16x8_to_f32(v, *reinterpret_cast<const uint4*>(p));
 }
 __device__ __forceinline__ void load8(float* v, const float* p) {
   const float4 a = *reinterpret_cast<const float4*>(p);

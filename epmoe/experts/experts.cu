@@ -8,6 +8,7 @@
 
 #include "epmoe/core/exact_math.h"
 #include "epmoe/cuda/cuda_check.h"
+#include "epmoe/cuda/vec8.cuh"
 
 namespace epmoe::cuda {
 
@@ -30,14 +31,7 @@ struct RowFilter {
 };
 
 __device__ __forceinline__ void load8(float* f, const __nv_bfloat16* p) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 q = __bfloat1622float2(h[i]);
-    f[2 * i] = q.x;
-    f[2 * i + 1] = q.y;
-  }
+  bf16x8_to_f32(f, __ldg(reinterpret_cast<const uint4*>(p)));
 }
 __device__ __forceinline__ void load8(float* f, const float* p) {
   const float4 a = __ldg(reinterpret_cast<const float4*>(p));

@@ -8,6 +8,7 @@
 
 #include "epmoe/core/config.h"
 #include "epmoe/cuda/cuda_check.h"
+#include "epmoe/cuda/vec8.cuh"
 #include "epmoe/permute/reduce_plan.h"
 
 namespace epmoe::cuda {
@@ -146,15 +147,6 @@ pre_reorder_kernel(uint4* __restrict__ sorted, const uint4* __restrict__ x,
   }
 }
 
-__device__ __forceinline__ void bf16x8_to_f32(float* f, const uint4& v) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 p = __bfloat1622float2(h[i]);
-    f[2 * i] = p.x;
-    f[2 * i + 1] = p.y;
-  }
-}
 
 // Each lane quantises 8 values; 16 lanes form a block of 128 (FP8 path).
 __global__ void __launch_bounds__(kReorderWarps * 32)

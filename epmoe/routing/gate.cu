@@ -7,6 +7,7 @@
 
 #include "epmoe/core/exact_math.h"
 #include "epmoe/cuda/cuda_check.h"
+#include "epmoe/routing/gate_cpu.h"
 
 namespace epmoe::cuda {
 
@@ -327,28 +328,15 @@ __global__ void unfused_weights_kernel(int32_t* ids, float* weights, int64_t T, 
   }
 }
 
-// Shared shape checks of both selection launchers; returns T and the bias pointer.
+// The selection checks of the CPU reference plus the fused kernel's expert limit.
 int64_t check_select(const TensorView& topk_ids, const TensorView& topk_weights,
                      const TensorView& logits, const TensorView& bias, const MoeConfig& config,
                      const float** bias_ptr) {
-  config.validate();
-  const int E = config.n_routed_experts, Kp = config.num_slots();
-  EPMOE_CHECK(E <= kMaxGateExperts, kUnsupported, "the CUDA gate supports up to {} experts, got {}",
-              kMaxGateExperts, E);
-  EPMOE_CHECK(logits.shape.rank == 2 && logits.shape[1] == E, kInvalidArgument,
-              "logits must be [T, {}], got {}", E, logits.shape.str());
-  const int64_t T = logits.shape[0];
-  logits.expect("logits", DType::kF32, {T, E});
-  topk_ids.expect("topk_ids", DType::kI32, {T, Kp});
-  topk_weights.expect("topk_weights", DType::kF32, {T, Kp});
-  *bias_ptr = nullptr;
-  if (bias.data != nullptr && bias.shape.rank > 0 && bias.numel() > 0) {
-    EPMOE_CHECK(config.scoring == Scoring::kSigmoid, kInvalidArgument,
-                "an e_score_correction_bias applies only to sigmoid scoring");
-    bias.expect("e_score_correction_bias", DType::kF32, {E});
-    *bias_ptr = bias.as<float>();
-  }
-  return T;
+  config.validate();  // an invalid config is reported as such before the expert limit
+  EPMOE_CHECK(config.n_routed_experts <= kMaxGateExperts, kUnsupported,
+              "the CUDA gate supports up to {} experts, got {}", kMaxGateExperts,
+              config.n_routed_experts);
+  return check_selection_args(topk_ids, topk_weights, logits, bias, config, bias_ptr);
 }
 
 }  // namespace

@@ -115,9 +115,9 @@ void route_token(int32_t* ids, float* weights, const float* logit, const float* 
 
 }  // namespace
 
-void select_experts_cpu(const TensorView& topk_ids, const TensorView& topk_weights,
-                        const TensorView& logits, const TensorView& bias,
-                        const MoeConfig& config, int threads) {
+int64_t check_selection_args(const TensorView& topk_ids, const TensorView& topk_weights,
+                             const TensorView& logits, const TensorView& bias,
+                             const MoeConfig& config, const float** bias_ptr) {
   config.validate();
   const int E = config.n_routed_experts, Kp = config.num_slots();
   EPMOE_CHECK(logits.shape.rank == 2 && logits.shape[1] == E, kInvalidArgument,
@@ -126,13 +126,22 @@ void select_experts_cpu(const TensorView& topk_ids, const TensorView& topk_weigh
   logits.expect("logits", DType::kF32, {T, E});
   topk_ids.expect("topk_ids", DType::kI32, {T, Kp});
   topk_weights.expect("topk_weights", DType::kF32, {T, Kp});
-  const float* bias_ptr = nullptr;
-  if (bias.numel() > 0) {
+  *bias_ptr = nullptr;
+  if (bias.data != nullptr && bias.shape.rank > 0 && bias.numel() > 0) {
     EPMOE_CHECK(config.scoring == Scoring::kSigmoid, kInvalidArgument,
                 "an e_score_correction_bias applies only to sigmoid scoring");
     bias.expect("e_score_correction_bias", DType::kF32, {E});
-    bias_ptr = bias.as<float>();
+    *bias_ptr = bias.as<float>();
   }
+  return T;
+}
+
+void select_experts_cpu(const TensorView& topk_ids, const TensorView& topk_weights,
+                        const TensorView& logits, const TensorView& bias,
+                        const MoeConfig& config, int threads) {
+  const float* bias_ptr = nullptr;
+  const int64_t T = check_selection_args(topk_ids, topk_weights, logits, bias, config, &bias_ptr);
+  const int E = config.n_routed_experts, Kp = config.num_slots();
   const float* lg = logits.as<float>();
   for (int64_t i = 0; i < T * E; ++i)
     EPMOE_CHECK(!std::isnan(lg[i]), kNumeric, "router logit of token {}, expert {} is NaN",

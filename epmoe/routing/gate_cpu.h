@@ -13,7 +13,8 @@ void gate_gemm_cpu(const TensorView& logits, const TensorView& x, const TensorVi
                    int threads = 0);
 
 // topk_ids: [T, K'] i32, topk_weights: [T, K'] f32 with K' = config.num_slots().
-// logits: [T, E] f32; bias: [E] f32 e_score_correction_bias, or a view with numel() == 0.
+// logits: [T, E] f32; bias: [E] f32 e_score_correction_bias, or an empty view (no data or no
+// elements).
 // Slots 0..K-1 hold the routed experts by descending choice score (ties: lower index first);
 // slots K..K'-1 the fused shared experts E+j. Throws Error(kNumeric) naming the token and expert
 // of the first NaN logit.
@@ -22,5 +23,12 @@ void gate_gemm_cpu(const TensorView& logits, const TensorView& x, const TensorVi
 void select_experts_cpu(const TensorView& topk_ids, const TensorView& topk_weights,
                         const TensorView& logits, const TensorView& bias,
                         const MoeConfig& config, int threads = 0);
+
+// The argument checks of expert selection, shared by the CPU reference and the CUDA gate
+// (typed errors naming the tensor): validates the config and the shapes and dtypes above, and
+// that a bias comes only with sigmoid scoring. Returns T; *bias_ptr = the bias, or nullptr.
+int64_t check_selection_args(const TensorView& topk_ids, const TensorView& topk_weights,
+                             const TensorView& logits, const TensorView& bias,
+                             const MoeConfig& config, const float** bias_ptr);
 
 }  // namespace epmoe

@@ -11,6 +11,7 @@
 
 #include <gtest/gtest.h>
 
+#include "epmoe/core/stats.h"
 #include "epmoe/core/tensor.h"
 #include "epmoe/cuda/device.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -87,14 +88,7 @@ inline ::testing::AssertionResult bitwise_equal(const Tensor& got, const Tensor&
 
 inline double rel_l2(const Tensor& got, const Tensor& want) {
   const Tensor a = to_f32(got.view()), b = to_f32(want.view());
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < a.numel(); ++i) {
-    const double d = double(a.as<float>()[i]) - double(b.as<float>()[i]);
-    if (std::isnan(d)) return INFINITY;
-    num += d * d;
-    den += double(b.as<float>()[i]) * double(b.as<float>()[i]);
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  return ::epmoe::rel_l2(a.as<float>(), b.as<float>(), a.numel());
 }
 
 }  // namespace epmoe::cuda::testing
