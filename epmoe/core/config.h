@@ -54,6 +54,15 @@ struct EpConfig {
   int local_experts(const MoeConfig& moe) const { return moe.n_routed_experts / num_ranks; }
 };
 
+// When `--overlap auto` chooses two-batch (TBO) or single-batch (SBO) overlap, by the tokens of
+// the busiest rank (SGLang enables TBO above a token threshold). Defaults come from the layer
+// benchmark (docs/benchmarks/overlap.md); 0 turns a strategy off.
+struct OverlapConfig {
+  int64_t decode_tbo_min_tokens = 0;    // low-latency: TBO from this many tokens per rank
+  int64_t decode_sbo_min_tokens = 0;    // low-latency: SBO from this many (below TBO's threshold)
+  int64_t prefill_tbo_min_tokens = 0;   // normal: TBO from this many tokens per rank
+};
+
 struct Preset {
   std::string name;
   std::string description;
