@@ -1,9 +1,11 @@
 #include "epmoe/core/env.h"
 
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <mutex>
 
+#include "epmoe/core/checked.h"
 #include "epmoe/core/error.h"
 
 namespace epmoe {
@@ -30,13 +32,18 @@ bool lookup(const char* name, std::string* value) {
 }  // namespace
 
 int64_t env_int(const char* name, int64_t fallback) {
+  return env_int_in_range(name, fallback, std::numeric_limits<int64_t>::min(),
+                          std::numeric_limits<int64_t>::max());
+}
+
+int64_t env_int_in_range(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
   std::string v;
   if (!lookup(name, &v)) return fallback;
-  char* end = nullptr;
-  long long x = std::strtoll(v.c_str(), &end, 10);
-  EPMOE_CHECK(!v.empty() && end && *end == '\0', kInvalidConfig,
-              "EPMOE_{}='{}' is not an integer", name, v);
-  return x;
+  try {
+    return parse_int_in_range(v, lo, hi, fmt::format("EPMOE_{}", name));
+  } catch (const Error&) {
+    EPMOE_FAIL(kInvalidConfig, "EPMOE_{}='{}' is not an integer in [{}, {}]", name, v, lo, hi);
+  }
 }
 
 std::string env_str(const char* name, const std::string& fallback) {
@@ -49,6 +56,6 @@ void env_reload() {
   cache().clear();
 }
 
-int64_t wait_timeout_ms() { return env_int("TIMEOUT_MS", 10000); }
+int64_t wait_timeout_ms() { return env_int_in_range("TIMEOUT_MS", 10000, 1, 86400000); }
 
 }  // namespace epmoe

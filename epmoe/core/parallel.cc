@@ -13,7 +13,7 @@ namespace epmoe {
 
 int default_cpu_threads() {
   static const int n = [] {
-    int64_t v = env_int("CPU_THREADS", 0);
+    int64_t v = env_int_in_range("CPU_THREADS", 0, 0, 4096);
     if (v > 0) return int(v);
     return int(std::max(1u, std::thread::hardware_concurrency()));
   }();

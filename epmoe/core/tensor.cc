@@ -3,6 +3,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "epmoe/core/checked.h"
+
 namespace epmoe {
 
 Shape::Shape(std::initializer_list<int64_t> d) {
@@ -19,7 +21,11 @@ Shape::Shape(const std::vector<int64_t>& d) {
 
 int64_t Shape::numel() const {
   int64_t n = 1;
-  for (int i = 0; i < rank; ++i) n *= dims[i];
+  for (int i = 0; i < rank; ++i) {
+    if (__builtin_mul_overflow(n, dims[i], &n) || dims[i] < 0)
+      EPMOE_FAIL(kInvalidArgument, "the element count of shape {} {}", str(),
+                 dims[i] < 0 ? "has a negative dimension" : "overflows int64");
+  }
   return n;
 }
 
@@ -36,6 +42,10 @@ std::string Shape::str() const {
   return s + "]";
 }
 
+size_t TensorView::nbytes() const {
+  return checked_mul(size_t(numel()), dtype_size(dtype), "tensor byte size");
+}
+
 void TensorView::expect(const char* what, DType dt, const Shape& s) const {
   EPMOE_CHECK(dtype == dt, kInvalidArgument, "{} must be {}, got {}", what, dtype_name(dt),
               dtype_name(dtype));
@@ -49,8 +59,8 @@ void Tensor::Free::operator()(void* p) const { std::free(p); }
 Tensor::Tensor(DType dtype, const Shape& shape) : shape_(shape), dtype_(dtype) {
   for (int i = 0; i < shape.rank; ++i)
     EPMOE_CHECK(shape[i] >= 0, kInvalidArgument, "negative dimension in shape {}", shape.str());
-  size_t bytes = nbytes();
-  size_t alloc = ((bytes + 63) / 64) * 64;
+  const size_t bytes = nbytes();
+  size_t alloc = checked_add(bytes, size_t(63), "tensor allocation size") / 64 * 64;
   if (alloc == 0) alloc = 64;
   void* p = std::aligned_alloc(64, alloc);
   EPMOE_CHECK(p != nullptr, kInvalidArgument, "cannot allocate {} bytes for tensor {}", bytes,

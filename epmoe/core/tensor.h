@@ -27,6 +27,7 @@ struct Shape {
   Shape(std::initializer_list<int64_t> d);
   explicit Shape(const std::vector<int64_t>& d);
   int64_t operator[](int i) const { return dims[i]; }
+  // Checked: throws Error(kInvalidArgument) for a negative dimension or a product beyond int64.
   int64_t numel() const;
   bool operator==(const Shape& o) const;
   bool operator!=(const Shape& o) const { return !(*this == o); }
@@ -48,7 +49,7 @@ struct TensorView {
   Device device = Device::kCpu;
 
   int64_t numel() const { return shape.numel(); }
-  size_t nbytes() const { return size_t(numel()) * dtype_size(dtype); }
+  size_t nbytes() const;  // checked: throws Error(kInvalidArgument) when it overflows
   int64_t size(int i) const { return shape[i]; }
 
   template <typename T> T* as() const {
@@ -72,7 +73,7 @@ class Tensor {
   const Shape& shape() const { return shape_; }
   DType dtype() const { return dtype_; }
   int64_t numel() const { return shape_.numel(); }
-  size_t nbytes() const { return size_t(numel()) * dtype_size(dtype_); }
+  size_t nbytes() const { return view().nbytes(); }
   bool empty() const { return numel() == 0; }
   bool defined() const { return data_ != nullptr; }
 
