@@ -64,8 +64,10 @@ Strategy make_strategy(OverlapKind kind, EpMode mode, const UserOps& u) {
       add_user(v, "attn_prepare", u.attn_prepare);
       add_user(v, "attn_core", u.attn_core);
       add_user(v, "mlp_prepare", u.mlp_prepare);
-      for (L o : {L::kGate, L::kSelectExperts, L::kDispatchSend, L::kDispatchRecv, L::kExperts,
-                  L::kCombineSend, L::kCombineRecv, L::kSharedExperts, L::kOutput})
+      // The shared expert before the routed path: fused shared slices are part of the
+      // canonical sum combine_recv forms, so every list runs it before combine_recv.
+      for (L o : {L::kGate, L::kSelectExperts, L::kSharedExperts, L::kDispatchSend,
+                  L::kDispatchRecv, L::kExperts, L::kCombineSend, L::kCombineRecv, L::kOutput})
         op(o);
       add_user(v, "layer_postprocess", u.layer_postprocess);
       s.plan = ForwardPlan{.num_micro_batches = 1, .concurrent = false};

@@ -48,8 +48,9 @@ struct Strategy {
 
 // The strategies of DESIGN §6 for an EP mode:
 //   none: everything in order on one micro-batch, one lane: [attn_prepare, attn_core,
-//         mlp_prepare, gate, select_experts, dispatch_send, dispatch_recv, experts,
-//         combine_send, combine_recv, shared_experts, output, layer_postprocess].
+//         mlp_prepare, gate, select_experts, shared_experts, dispatch_send, dispatch_recv,
+//         experts, combine_send, combine_recv, output, layer_postprocess]. (Every list runs
+//         shared_experts before combine_recv: fused shared slices join the canonical sum there.)
 //   tbo:  low-latency (decode) the d = 2 list of seed 000 (combine_recv a stage of its own);
 //         normal (prefill) the d = 0 list; two micro-batches.
 //   sbo:  one micro-batch; the shared expert between dispatch_send and dispatch_recv on a lane
