@@ -10,6 +10,52 @@
 #include "epmoe/core/error.h"
 #include "tools/run_command.h"
 
+namespace {
+
+// Every option of `epmoe run` checked before anything is loaded, allocated or looped over:
+// numbers in range, options that do not apply to the chosen backend or mode refused, the --json
+// file opened for writing now (not after a long run). Throws epmoe::Error naming the option.
+void check_run_options(const CLI::App& cmd, const epmoe::cli::RunOptions& o) {
+  using epmoe::ErrorKind;
+  auto given = [&](const char* name) { return cmd.count(name) > 0; };
+  EPMOE_CHECK(o.ranks >= 1 && o.ranks <= epmoe::cli::kMaxRanks, kInvalidArgument,
+              "--ranks must be in [1, {}], got {}", epmoe::cli::kMaxRanks, o.ranks);
+  EPMOE_CHECK(o.iters >= 1 && o.iters <= 1000000, kInvalidArgument,
+              "--iters must be >= 1 and at most 1000000, got {}", o.iters);
+  EPMOE_CHECK(o.threads >= 0 && o.threads <= 4096, kInvalidArgument,
+              "--threads must be in [0, 4096] (0: every core), got {}", o.threads);
+  EPMOE_CHECK(o.max_tokens >= 0 && o.max_tokens <= INT32_MAX, kInvalidArgument,
+              "--max-tokens must be in [0, {}], got {}", INT32_MAX, o.max_tokens);
+  EPMOE_CHECK(o.backend == "cpu" || o.backend == "cuda", kInvalidArgument,
+              "--backend must be 'cpu' or 'cuda', got '{}'", o.backend);
+  EPMOE_CHECK(o.transport == "auto" || o.transport == "nccl" || o.transport == "loopback",
+              kInvalidArgument, "--transport must be auto, nccl or loopback, got '{}'",
+              o.transport);
+  EPMOE_CHECK(!given("--golden") || !o.golden.empty(), kInvalidArgument,
+              "--golden names no file (an empty path)");
+  EPMOE_CHECK(!given("--json") || !o.json.empty(), kInvalidArgument,
+              "--json names no file (an empty path)");
+  EPMOE_CHECK(!given("--tokens") || !o.tokens.empty(), kInvalidArgument,
+              "--tokens is empty (give N, or one count per rank: a,b,c)");
+  if (o.backend == "cpu") {
+    for (const char* opt : {"--transport", "--ll-transfer", "--fp8-dispatch"})
+      EPMOE_CHECK(!given(opt), kInvalidArgument,
+                  "{} applies to --backend cuda only (this run uses the cpu backend)", opt);
+  }
+  EPMOE_CHECK(!given("--ll-transfer") || epmoe::parse_ep_mode(o.mode) == epmoe::EpMode::kLowLatency,
+              kInvalidArgument, "--ll-transfer applies to --mode low-latency only");
+  EPMOE_CHECK(!o.scale_on_output || o.fuse_shared, kInvalidArgument,
+              "--scale-on-output applies with --fuse-shared only");
+  if (!o.golden.empty()) {
+    for (const char* opt : {"--preset", "--seed"})
+      EPMOE_CHECK(!given(opt), kInvalidArgument,
+                  "{} does not apply with --golden (the file holds the layer and its input)", opt);
+  }
+  if (!o.json.empty()) epmoe::cli::open_json_output(o.json);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   // Before any CUDA call: kernels load eagerly (a lazy first launch can wait for the device while
   // a loopback rank spins on a flag), and NVLink multicast stays off.
@@ -48,7 +94,8 @@ int main(int argc, char** argv) {
   run_cmd->add_flag("--scale-on-output", run.scale_on_output,
                     "with --fuse-shared: routed weights exclude rsf, output scaled by rsf");
   run_cmd->add_option("--threads", run.threads, "CPU threads in all (default: every core)");
-  run_cmd->add_option("--seed", run.seed, "seed of the random weights and inputs");
+  run_cmd->add_option("--seed", run.seed, "seed of the random weights and inputs")
+      ->check(CLI::NonNegativeNumber);
   run_cmd->add_option("--json", run.json, "write machine-readable results to this file");
 
   epmoe::cli::BenchOptions bench;
@@ -71,9 +118,13 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    // One line, like every other error (CLI11 adds a "Run with --help" line of its own).
+    fmt::print(stderr, "epmoe: error: {}\n", e.what());
+    return 2;
   }
   try {
+    if (run_cmd->parsed()) check_run_options(*run_cmd, run);
     if (presets->parsed()) {
       for (const auto& p : epmoe::presets())
         fmt::print("{:18} {}\n{:18} {}\n", p.name, p.description, "", p.config.summary());

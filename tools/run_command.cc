@@ -1,6 +1,11 @@
 #include "tools/run_command.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -11,10 +16,12 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "epmoe/core/checked.h"
 #include "epmoe/core/parallel.h"
 #include "epmoe/core/stats.h"
 #include "epmoe/ep/ep_runner.h"
 #include "epmoe/layer/moe_layer_cpu.h"
+#include "epmoe/weights/golden.h"
 #include "epmoe/weights/moe_weights.h"
 #include "epmoe/weights/safetensors.h"
 #if defined(EPMOE_WITH_CUDA) && __has_include("epmoe/layer/moe_layer_cuda.h")
@@ -52,13 +59,39 @@ std::vector<int64_t> parse_count_list(const std::string& spec) {
   std::stringstream ss(spec);
   std::string item;
   while (std::getline(ss, item, ',')) {
-    char* end = nullptr;
-    const long long v = std::strtoll(item.c_str(), &end, 10);
-    EPMOE_CHECK(!item.empty() && *end == '\0' && v >= 0, kInvalidArgument,
-                "--tokens: '{}' is not a non-negative integer", item);
-    out.push_back(v);
+    // int32 bound: token indices travel as int32 (recv_src, topk_ids rows).
+    out.push_back(parse_int_in_range(item, 0, INT32_MAX, "--tokens"));
   }
   return out;
+}
+
+}  // namespace
+
+void open_json_output(const std::string& path) {
+  // O_NONBLOCK: a FIFO without a reader fails (ENXIO) instead of blocking.
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_NONBLOCK, 0644);
+  EPMOE_CHECK(fd >= 0, kInvalidArgument, "cannot write --json file '{}': {}", path,
+              std::strerror(errno));
+  struct stat st {};
+  const bool ok = ::fstat(fd, &st) == 0 && (S_ISREG(st.st_mode) || S_ISCHR(st.st_mode));
+  ::close(fd);
+  EPMOE_CHECK(ok, kInvalidArgument, "--json file '{}' is not a regular file", path);
+}
+
+namespace {
+
+// Writes `j` to `path`; a failed write (a full disk, /dev/full) is an error, not a silent loss.
+void write_json_file(const std::string& path, const json& j) {
+  std::ofstream f(path);
+  EPMOE_CHECK(f.good(), kInvalidArgument, "cannot write --json file '{}': {}", path,
+              std::strerror(errno));
+  f << j.dump(2) << "\n";
+  f.flush();
+  EPMOE_CHECK(f.good(), kInvalidArgument, "writing --json file '{}' failed: {}", path,
+              std::strerror(errno));
+  f.close();
+  EPMOE_CHECK(!f.fail(), kInvalidArgument, "closing --json file '{}' failed: {}", path,
+              std::strerror(errno));
 }
 
 std::vector<int64_t> parse_tokens(const std::string& spec, int ranks) {
@@ -161,14 +194,13 @@ int run_command(const RunOptions& o) {
     MoeConfig cfg = config_from_safetensors_metadata(*file);
     cfg.fuse_shared = o.fuse_shared && cfg.n_shared_experts > 0;
     cfg.scale_on_output = o.scale_on_output && cfg.fuse_shared;
-    weights = load_moe_weights(o.golden, cfg);
-    const TensorView in = file->tensor("input");
-    EPMOE_CHECK(in.shape.rank == 2 && in.shape[1] == cfg.hidden, kBadFile,
-                "{}: 'input' must be [T, {}], got {}", o.golden, cfg.hidden, in.shape.str());
-    x_all = to_dtype(in, in.dtype == DType::kF32 ? DType::kF32 : DType::kBF16);
-    golden_out = to_f32(file->tensor("output"));
-    golden_ids = to_dtype(file->tensor("topk_ids"), DType::kI32);
-    golden_w = to_f32(file->tensor("topk_weights"));
+    // The expected tensors first (header checks, small): a bad file fails before the weights load.
+    GoldenTensors g = read_golden_tensors(*file, cfg);
+    weights = load_moe_weights(*file, cfg);
+    x_all = std::move(g.input);
+    golden_out = std::move(g.output);
+    golden_ids = std::move(g.topk_ids);
+    golden_w = std::move(g.topk_weights);
     source = o.golden;
   } else {
     MoeConfig cfg = find_preset(o.preset).config;
@@ -187,7 +219,12 @@ int run_command(const RunOptions& o) {
     tokens = parse_tokens(o.tokens, o.ranks);
   }
   int64_t total = 0;
-  for (int64_t t : tokens) total += t;
+  for (int64_t t : tokens) total = checked_add(total, t, "the total token count");
+  // The input and the output of every token, in one process.
+  check_buffer_budget(checked_mul(checked_mul(total, cfg.hidden, "tokens x hidden"), int64_t(6),
+                                  "the token buffers"),
+                      fmt::format("the input and output of {} tokens x {} (--tokens)", total,
+                                  cfg.hidden));
   if (o.golden.empty()) x_all = random_input(total, cfg.hidden, o.seed * 7919 + 1);
   const std::vector<TensorView> xs = split_rows(x_all, tokens);
   EpConfig ep{.num_ranks = o.ranks, .mode = mode, .max_tokens_per_rank = o.max_tokens};
@@ -360,11 +397,7 @@ int run_command(const RunOptions& o) {
     fmt::print("{}\n", pass ? "PASS" : "FAIL");
     code = pass ? 0 : 1;
   }
-  if (!o.json.empty()) {
-    std::ofstream f(o.json);
-    EPMOE_CHECK(f.good(), kInvalidArgument, "cannot write --json file '{}'", o.json);
-    f << out.dump(2) << "\n";
-  }
+  if (!o.json.empty()) write_json_file(o.json, out);
   return code;
 }
 
@@ -402,11 +435,7 @@ int bench_command(const BenchOptions& o) {
     ko.warmup = o.warmup;
     result = cuda::run_kernel_bench(ko);
   }
-  if (!o.json.empty()) {
-    std::ofstream f(o.json);
-    EPMOE_CHECK(f.good(), kInvalidArgument, "cannot write --json file '{}'", o.json);
-    f << result.dump(2) << "\n";
-  }
+  if (!o.json.empty()) write_json_file(o.json, result);
   return 0;
 #else
   (void)o;

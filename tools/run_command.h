@@ -26,6 +26,13 @@ struct RunOptions {
   std::string json;               // write results here
 };
 
+// The most ranks `epmoe run` accepts (checked before any per-rank work).
+constexpr int kMaxRanks = 4096;
+
+// Opens `path` for writing at once (created if missing, not truncated), so a bad --json path is
+// an error before the run, not after it. Refuses directories and FIFOs (a write would block).
+void open_json_output(const std::string& path);
+
 // Returns the process exit code: 0 = ran (and PASS when checked), 1 = check FAILED.
 // Throws epmoe::Error for bad input.
 int run_command(const RunOptions& opts);

@@ -24,13 +24,14 @@ using Clock = std::chrono::steady_clock;
 
 // The memory of one collective window creation: one block per rank, freed together.
 struct WindowSet {
-  explicit WindowSet(int n) : ptrs(size_t(n), nullptr) {}
+  explicit WindowSet(int n) : ptrs(size_t(n), nullptr), budget(size_t(n)) {}
   ~WindowSet() {
     for (void* p : ptrs) std::free(p);
   }
   WindowSet(const WindowSet&) = delete;
   WindowSet& operator=(const WindowSet&) = delete;
   std::vector<void*> ptrs;  // [R]
+  std::vector<BufferReservation> budget;  // [R] each block's share of the buffer budget
 };
 
 struct ThreadGroup::State {
@@ -164,8 +165,8 @@ class ThreadComm final : public Communicator {
   int failed_peer() const override { return s_->failed_rank.load(); }
 
   std::unique_ptr<Window> create_window(size_t bytes) override {
-    check_buffer_budget(int64_t(std::min<size_t>(bytes, size_t(INT64_MAX))),
-                        fmt::format("rank {}'s symmetric window", rank_));
+    BufferReservation reserved(int64_t(std::min<size_t>(bytes, size_t(INT64_MAX))),
+                               fmt::format("rank {}'s symmetric window", rank_));
     const size_t alloc = checked_add(bytes, size_t(63 + 64), "window size") / 64 * 64;
     const uint64_t n = creations_++;
     std::shared_ptr<WindowSet> set;
@@ -175,7 +176,7 @@ class ThreadComm final : public Communicator {
       if (!slot) slot = std::make_shared<WindowSet>(size());
       set = slot;
     }
-    // Owned by the set from here on: a timeout below leaks nothing.
+    // Registered in the set at once: a timeout at the barrier below leaks nothing.
     void* mine = std::aligned_alloc(64, alloc);
     EPMOE_CHECK(mine != nullptr, kInvalidArgument, "rank {} cannot allocate a {}-byte window",
                 rank_, bytes);
@@ -183,6 +184,7 @@ class ThreadComm final : public Communicator {
     {
       std::lock_guard<std::mutex> lock(s_->mutex);
       set->ptrs[size_t(rank_)] = mine;
+      set->budget[size_t(rank_)] = std::move(reserved);
     }
     barrier();  // every block in the set
     {

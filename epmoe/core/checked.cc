@@ -1,5 +1,6 @@
 #include "epmoe/core/checked.h"
 
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <limits>
@@ -47,8 +48,12 @@ int64_t parse_int_in_range(const std::string& text, int64_t lo, int64_t hi,
     v = std::strtoll(s, &end, 10);
     ok = errno == 0 && end != nullptr && *end == '\0';
   }
-  EPMOE_CHECK(ok && v >= lo && v <= hi, kInvalidArgument,
-              "{} must be an integer in [{}, {}], got '{}'", what, lo, hi, text);
+  if (!(ok && v >= lo && v <= hi)) {
+    if (lo == 0)
+      EPMOE_FAIL(kInvalidArgument, "{}: '{}' is not a non-negative integer (at most {})", what,
+                 text, hi);
+    EPMOE_FAIL(kInvalidArgument, "{}: '{}' is not an integer in [{}, {}]", what, text, lo, hi);
+  }
   return int64_t(v);
 }
 
@@ -64,6 +69,43 @@ void check_buffer_budget(int64_t bytes, const std::string& what) {
               "GiB, EPMOE_MAX_BUFFER_BYTES)",
               what, bytes, double(bytes) / double(1 << 30), budget,
               double(budget) / double(1 << 30));
+}
+
+namespace {
+std::atomic<int64_t> g_reserved{0};
+}  // namespace
+
+BufferReservation::BufferReservation(int64_t bytes, const std::string& what) {
+  check_buffer_budget(bytes, what);
+  const int64_t budget = max_buffer_bytes();
+  int64_t held = g_reserved.load();
+  while (true) {
+    EPMOE_CHECK(held <= budget - bytes, kInvalidConfig,
+                "{} needs {} bytes ({:.2f} GiB), but {} bytes of the buffer budget of {} bytes "
+                "({:.2f} GiB, EPMOE_MAX_BUFFER_BYTES) are already held",
+                what, bytes, double(bytes) / double(1 << 30), held, budget,
+                double(budget) / double(1 << 30));
+    if (g_reserved.compare_exchange_weak(held, held + bytes)) break;
+  }
+  bytes_ = bytes;
+}
+
+BufferReservation::~BufferReservation() {
+  if (bytes_ > 0) g_reserved.fetch_sub(bytes_);
+}
+
+BufferReservation::BufferReservation(BufferReservation&& other) noexcept
+    : bytes_(other.bytes_) {
+  other.bytes_ = 0;
+}
+
+BufferReservation& BufferReservation::operator=(BufferReservation&& other) noexcept {
+  if (this != &other) {
+    if (bytes_ > 0) g_reserved.fetch_sub(bytes_);
+    bytes_ = other.bytes_;
+    other.bytes_ = 0;
+  }
+  return *this;
 }
 
 }  // namespace epmoe

@@ -32,4 +32,21 @@ int64_t max_buffer_bytes();
 // `bytes` exceeds max_buffer_bytes().
 void check_buffer_budget(int64_t bytes, const std::string& what);
 
+// Bytes of the budget held for as long as the buffers they size live; the sum over the process
+// (every rank thread) stays within max_buffer_bytes(). Move-only.
+class BufferReservation {
+ public:
+  BufferReservation() = default;
+  // Throws Error(kInvalidConfig) naming `what`, its bytes, the bytes already held and the budget.
+  BufferReservation(int64_t bytes, const std::string& what);
+  ~BufferReservation();
+  BufferReservation(BufferReservation&& other) noexcept;
+  BufferReservation& operator=(BufferReservation&& other) noexcept;
+  BufferReservation(const BufferReservation&) = delete;
+  BufferReservation& operator=(const BufferReservation&) = delete;
+
+ private:
+  int64_t bytes_ = 0;
+};
+
 }  // namespace epmoe

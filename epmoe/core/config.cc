@@ -64,8 +64,9 @@ void EpConfig::validate(const MoeConfig& moe) const {
   EPMOE_CHECK(moe.n_routed_experts % num_ranks == 0, kInvalidConfig,
               "the rank count ({}) must divide n_routed_experts ({})", num_ranks,
               moe.n_routed_experts);
-  EPMOE_CHECK(max_tokens_per_rank >= 0, kInvalidConfig, "max tokens per rank must be >= 0, got {}",
-              max_tokens_per_rank);
+  // int32 bounds: token indices and ranks travel as int32 (recv_src, flags, peer tables).
+  EPMOE_CHECK(max_tokens_per_rank >= 0 && max_tokens_per_rank <= INT32_MAX, kInvalidConfig,
+              "max tokens per rank must be in [0, {}], got {}", INT32_MAX, max_tokens_per_rank);
 }
 
 const std::vector<Preset>& presets() {

@@ -240,10 +240,81 @@ class Loader {
   MoeWeights load() const;
 
  private:
+  // Throws Error(kNumeric) naming the first stored tensor (in load order) that holds a NaN or an
+  // Inf: checked on the converted bank (every source passed through it; FP8 scales included).
+  void reject_nonfinite(const MoeWeights& w, const Source& gate, const std::vector<Source>& gp,
+                        const std::vector<Source>& up, const std::vector<Source>& down,
+                        const Source& sgate, const Source& sup, const Source& sdown,
+                        const std::string& bias_name) const;
+
   const SafetensorsFile& file_;
   const MoeConfig& config_;
   const std::string& prefix_;
 };
+
+// Index of the first non-finite value of [n] bf16|f32 at p, or -1.
+int64_t first_nonfinite(const uint8_t* p, DType dt, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v;
+    if (dt == DType::kF32) {
+      std::memcpy(&v, p + size_t(i) * 4, 4);
+    } else {
+      bf16 b;
+      std::memcpy(&b, p + size_t(i) * 2, 2);
+      v = bf16_to_f32(b);
+    }
+    if (!std::isfinite(v)) return i;
+  }
+  return -1;
+}
+
+void Loader::reject_nonfinite(const MoeWeights& w, const Source& gate,
+                              const std::vector<Source>& gp, const std::vector<Source>& up,
+                              const std::vector<Source>& down, const Source& sgate,
+                              const Source& sup, const Source& sdown,
+                              const std::string& bias_name) const {
+  const int64_t E = config_.n_routed_experts, H = config_.hidden, I = config_.moe_intermediate;
+  auto fail_at = [&](const std::string& name, int64_t i, int64_t cols) {
+    EPMOE_FAIL(kNumeric, "'{}': tensor '{}' holds a non-finite value (NaN or Inf) at [{}, {}]",
+               file_.path(), name, i / cols, i % cols);
+  };
+  int64_t i = first_nonfinite(bytes_of(w.gate), w.gate.dtype(), E * H);
+  if (i >= 0) fail_at(gate.name, i, H);
+  if (!bias_name.empty() && (i = first_nonfinite(bytes_of(w.gate_bias), DType::kF32, E)) >= 0)
+    fail_at(bias_name, i, E);
+  // The bank: [nb] experts of (gate [I, H], up [I, H]) and down [H, I]; flags first (in
+  // parallel), then the message of the lowest expert, so it does not depend on the threads.
+  const int64_t nb = w.w13.shape()[0];
+  const DType dt = w.w13.dtype();
+  const size_t half = size_t(I * H) * dtype_size(dt);
+  std::vector<char> bad(size_t(nb), 0);
+  parallel_for(nb, 1, 0, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e)
+      bad[size_t(e)] = first_nonfinite(bytes_of(w.w13) + size_t(e) * 2 * half, dt, 2 * I * H) >= 0 ||
+                       first_nonfinite(bytes_of(w.w2) + size_t(e) * half, dt, H * I) >= 0;
+  });
+  for (int64_t e = 0; e < nb; ++e) {
+    if (!bad[size_t(e)]) continue;
+    const bool routed = e < E;
+    const uint8_t* g = bytes_of(w.w13) + size_t(e) * 2 * half;
+    if ((i = first_nonfinite(g, dt, I * H)) >= 0) fail_at(routed ? gp[e].name : sgate.name, i, H);
+    if ((i = first_nonfinite(g + half, dt, I * H)) >= 0)
+      fail_at(routed ? up[e].name : sup.name, i, H);
+    if ((i = first_nonfinite(bytes_of(w.w2) + size_t(e) * half, dt, H * I)) >= 0)
+      fail_at(routed ? down[e].name : sdown.name, i, I);
+  }
+  // Unfused shared MLP: its sources are converted below; scan them as stored here.
+  if (!config_.fuse_shared && config_.n_shared_experts > 0) {
+    for (const Source* s : {&sgate, &sup, &sdown}) {
+      for (int64_t r = 0; r < s->rows; ++r) {
+        Tensor row(DType::kF32, Shape{s->cols});
+        copy_block(*s, r, 0, 1, s->cols, bytes_of(row), DType::kF32, s->cols);
+        if ((i = first_nonfinite(bytes_of(row), DType::kF32, s->cols)) >= 0)
+          fail_at(s->name, r * s->cols + i, s->cols);
+      }
+    }
+  }
+}
 
 MoeWeights Loader::load() const {
   config_.validate();
@@ -344,6 +415,7 @@ MoeWeights Loader::load() const {
       }
     }
   });
+  reject_nonfinite(w, gate, gp, up, down, sgate, sup, sdown, has_bias ? bias_name : "");
   if (ns > 0 && !config_.fuse_shared) {
     w.shared_w13 = Tensor(bank, Shape{2 * ns * I, H});
     w.shared_w2 = Tensor(bank, Shape{H, ns * I});

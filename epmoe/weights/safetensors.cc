@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <set>
 #include <utility>
 
 #include <nlohmann/json.hpp>
@@ -54,6 +55,44 @@ bool json_to_u64(const json& v, uint64_t* out) {
   return false;
 }
 
+// Nesting depth of a JSON text (brackets outside strings), scanned without recursion: the
+// parser's result is destroyed and printed recursively, so a hostile header with a million '['
+// must be refused before it is parsed. Returns the byte offset where `max_depth` is exceeded, or
+// -1.
+int64_t json_depth_exceeded(const uint8_t* p, size_t n, int max_depth) {
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < n; ++i) {
+    const uint8_t c = p[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > max_depth) return int64_t(i);
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return -1;
+}
+
+// The header: an object of tensors (and __metadata__, an object of strings): three levels.
+constexpr int kMaxHeaderDepth = 8;
+// The format's own bound on the header (the reference implementation refuses larger ones).
+constexpr uint64_t kMaxHeaderBytes = 100u << 20;
+constexpr size_t kMaxTensors = 1u << 20;
+
+// A short, non-recursive rendering of a JSON value for error messages.
+std::string brief(const json& v) {
+  if (v.is_primitive()) {
+    std::string s = v.dump();
+    return s.size() > 40 ? s.substr(0, 40) + "..." : s;
+  }
+  return fmt::format("a {} of {} element(s)", v.type_name(), v.size());
+}
+
 uint64_t read_le_u64(const uint8_t* p) {
   uint64_t v = 0;
   for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
@@ -63,10 +102,22 @@ uint64_t read_le_u64(const uint8_t* p) {
 }  // namespace
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  EPMOE_CHECK(!path.empty(), kBadFile, "the safetensors file name is empty");
+  // NOTES: stat before open: opening a FIFO (or a tty) for reading blocks until a writer comes.
+  struct stat st {};
+  EPMOE_CHECK(::stat(path.c_str(), &st) == 0, kBadFile, "cannot open safetensors file '{}': {}",
+              path, std::strerror(errno));
+  EPMOE_CHECK(S_ISREG(st.st_mode), kBadFile, "'{}' is not a regular file but a {}", path,
+              S_ISDIR(st.st_mode)    ? "directory"
+              : S_ISFIFO(st.st_mode) ? "FIFO"
+              : S_ISCHR(st.st_mode)  ? "character device"
+              : S_ISBLK(st.st_mode)  ? "block device"
+              : S_ISSOCK(st.st_mode) ? "socket"
+                                     : "special file");
+  // O_NONBLOCK: should the path have been replaced by a FIFO since the stat, open does not hang.
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   EPMOE_CHECK(fd >= 0, kBadFile, "cannot open safetensors file '{}': {}", path,
               std::strerror(errno));
-  struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
     EPMOE_FAIL(kBadFile, "'{}' is not a regular file", path);
@@ -117,17 +168,39 @@ void SafetensorsFile::parse_header() {
   EPMOE_CHECK(header_len <= size_ - 8, kBadFile,
               "'{}': header length {} exceeds the {} bytes that follow it in the file", path_,
               header_len, size_ - 8);
+  EPMOE_CHECK(header_len <= kMaxHeaderBytes, kBadFile,
+              "'{}': header length {} exceeds the format's limit of {} bytes", path_, header_len,
+              kMaxHeaderBytes);
   data_ = base_ + 8 + header_len;
   data_size_ = size_ - 8 - size_t(header_len);
 
+  const int64_t deep = json_depth_exceeded(base_ + 8, size_t(header_len), kMaxHeaderDepth);
+  EPMOE_CHECK(deep < 0, kBadFile, "'{}': header nests deeper than {} levels (at byte {})", path_,
+              kMaxHeaderDepth, deep + 8);
   json header;
+  std::string duplicate;
   try {
-    header = json::parse(base_ + 8, base_ + 8 + header_len);
+    // The callback sees every top-level key: a tensor named twice would otherwise be the last
+    // one silently.
+    std::set<std::string> keys;
+    header = json::parse(base_ + 8, base_ + 8 + header_len,
+                         [&](int depth, json::parse_event_t event, json& parsed) {
+                           if (depth == 1 && event == json::parse_event_t::key &&
+                               !keys.insert(parsed.get<std::string>()).second &&
+                               duplicate.empty())
+                             duplicate = parsed.get<std::string>();
+                           return true;
+                         });
   } catch (const json::exception& e) {
     EPMOE_FAIL(kBadFile, "'{}': header is not valid JSON ({})", path_, e.what());
   }
+  EPMOE_CHECK(duplicate.empty(), kBadFile, "'{}': header names tensor '{}' more than once", path_,
+              duplicate);
   EPMOE_CHECK(header.is_object(), kBadFile, "'{}': header is not a JSON object but a {}", path_,
               header.type_name());
+  EPMOE_CHECK(header.size() <= kMaxTensors, kBadFile,
+              "'{}': header lists {} entries, more than the {} epmoe reads", path_, header.size(),
+              kMaxTensors);
 
   for (auto it = header.begin(); it != header.end(); ++it) {
     const std::string& name = it.key();
@@ -169,10 +242,11 @@ void SafetensorsFile::parse_header() {
     for (const json& d : sh) {
       uint64_t n = 0;
       EPMOE_CHECK(json_to_u64(d, &n) && n <= uint64_t(INT64_MAX), kBadFile,
-                  "'{}': tensor '{}' has a negative or non-integer dimension {} in shape {}",
-                  path_, name, d.dump(), sh.dump());
-      EPMOE_CHECK(!__builtin_mul_overflow(numel, n, &numel), kBadFile,
-                  "'{}': tensor '{}' shape {} overflows", path_, name, sh.dump());
+                  "'{}': tensor '{}' has a negative or non-integer dimension {}", path_, name,
+                  brief(d));
+      EPMOE_CHECK(!__builtin_mul_overflow(numel, n, &numel) && numel <= uint64_t(INT64_MAX),
+                  kBadFile, "'{}': tensor '{}': the element count of its shape overflows", path_,
+                  name);
       dims.push_back(int64_t(n));
     }
     e.shape = Shape(dims);
@@ -182,8 +256,8 @@ void SafetensorsFile::parse_header() {
     EPMOE_CHECK(off.is_array() && off.size() == 2 && json_to_u64(off[0], &begin) &&
                     json_to_u64(off[1], &end),
                 kBadFile,
-                "'{}': tensor '{}' data_offsets {} is not a pair of non-negative integers", path_,
-                name, off.dump());
+                "'{}': tensor '{}' data_offsets ({}) is not a pair of non-negative integers",
+                path_, name, brief(off));
     EPMOE_CHECK(begin <= end, kBadFile, "'{}': tensor '{}' data_offsets [{}, {}] are out of order",
                 path_, name, begin, end);
     EPMOE_CHECK(end <= data_size_, kBadFile,
@@ -191,7 +265,8 @@ void SafetensorsFile::parse_header() {
                 path_, name, begin, end, data_size_);
     uint64_t expect_bytes = 0;
     EPMOE_CHECK(!__builtin_mul_overflow(numel, uint64_t(dtype_size(e.dtype)), &expect_bytes),
-                kBadFile, "'{}': tensor '{}' shape {} overflows", path_, name, sh.dump());
+                kBadFile, "'{}': tensor '{}' shape {}: its byte size overflows", path_, name,
+                e.shape.str());
     EPMOE_CHECK(end - begin == expect_bytes, kBadFile,
                 "'{}': tensor '{}' holds {} bytes but {} {} needs {} bytes", path_, name,
                 end - begin, dts, e.shape.str(), expect_bytes);
