@@ -1,6 +1,7 @@
-// Expert parallelism on the CPU backend (DESIGN §5): EP output == single-rank output bitwise for
-// R in {1, 2, 4, 8} x both modes x uneven tokens (empty ranks, -1 ids); layouts; only real
-// tokens on the wire; bounded waits; bad input.
+// Expert parallelism on the CPU backend (DESIGN §5), one micro-batch's protocol
+// (EpMicroBatchCpu): receive layouts of both modes, only real tokens on the wire, the halves
+// called one by one, bounded waits, bad input, the canonical sum split in two. (Whole layers
+// under every strategy and rank count: test_overlap.cc.)
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -8,129 +9,20 @@
 #include <set>
 
 #include "epmoe/comm/thread_comm.h"
-#include "epmoe/ep/ep_runner.h"
+#include "epmoe/ep/ep_cpu.h"
+#include "epmoe/layer/layer_rank_cpu.h"
+#include "epmoe/layer/layer_runner_cpu.h"
 #include "epmoe/layer/moe_layer_cpu.h"
-#include "epmoe/routing/gate_cpu.h"
+#include "epmoe/permute/reduce_plan.h"
+#include "tests/ep_test_util.h"
 #include "tests/test_util.h"
 
 namespace epmoe {
 namespace {
 
 using testing::fresh_seed;
-
-MoeConfig small_config(int n_shared, bool fuse, bool scale_on_output = false) {
-  return MoeConfig{.hidden = 72, .moe_intermediate = 24, .n_routed_experts = 32, .top_k = 4,
-                   .n_group = 4, .topk_group = 2, .n_shared_experts = n_shared,
-                   .routed_scaling_factor = 2.5f, .norm_topk_prob = true,
-                   .scoring = Scoring::kSigmoid, .fuse_shared = fuse,
-                   .scale_on_output = scale_on_output};
-}
-
-// Random routing with -1 ids, duplicates across tokens and a skewed expert.
-void random_routing(const MoeConfig& c, int64_t T, std::mt19937_64& rng, Tensor* ids, Tensor* w) {
-  const int Kp = c.num_slots();
-  *ids = Tensor(DType::kI32, {T, Kp});
-  *w = Tensor(DType::kF32, {T, Kp});
-  std::uniform_real_distribution<float> wd(0.05f, 1.f);
-  for (int64_t t = 0; t < T; ++t) {
-    std::set<int> used;
-    for (int k = 0; k < c.top_k; ++k) {
-      int id;
-      const int kind = int(rng() % 10);
-      if (kind == 0) id = -1;
-      else if (kind < 3) id = 5;  // hot expert
-      else id = int(rng() % uint64_t(c.n_routed_experts));
-      if (id >= 0 && used.count(id)) id = -1;
-      if (id >= 0) used.insert(id);
-      ids->as<int32_t>()[t * Kp + k] = id;
-      w->as<float>()[t * Kp + k] = wd(rng);
-    }
-    for (int j = 0; j < c.fused_shared(); ++j) {
-      ids->as<int32_t>()[t * Kp + c.top_k + j] = c.n_routed_experts + j;
-      w->as<float>()[t * Kp + c.top_k + j] = 1.f;
-    }
-  }
-}
-
-std::vector<int64_t> uneven_tokens(int R, int64_t t_max, std::mt19937_64& rng) {
-  std::vector<int64_t> t(static_cast<size_t>(R));
-  for (auto& v : t) v = int64_t(rng() % uint64_t(t_max + 1));
-  if (R > 1) t[rng() % uint64_t(R)] = 0;  // a rank without tokens
-  t[0] = std::max<int64_t>(t[0], 1);
-  return t;
-}
-
-// Runs the EP layer with explicit routing on R thread ranks and gathers y.
-Tensor run_ep(const MoeWeights& wts, const EpConfig& ep, const Tensor& x, const Tensor& ids,
-              const Tensor& w, const std::vector<int64_t>& tokens) {
-  const int64_t H = wts.config.hidden, Kp = wts.config.num_slots();
-  Tensor y(DType::kF32, {x.shape()[0], H});
-  std::vector<int64_t> first(tokens.size(), 0);
-  for (size_t r = 1; r < tokens.size(); ++r) first[r] = first[r - 1] + tokens[r - 1];
-  ThreadGroup group(ep.num_ranks);
-  group.run([&](Communicator& comm) {
-    const size_t r = size_t(comm.rank());
-    EpRankCpu rank(comm, wts, ep, 1);
-    const int64_t t0 = first[r], n = tokens[r];
-    TensorView xr{x.as<bf16>() + t0 * H, {n, H}, DType::kBF16, Device::kCpu};
-    TensorView ir{ids.as<int32_t>() + t0 * Kp, {n, Kp}, DType::kI32, Device::kCpu};
-    TensorView wr{w.as<float>() + t0 * Kp, {n, Kp}, DType::kF32, Device::kCpu};
-    for (int iter = 0; iter < 2; ++iter) {  // twice: buffers and flags are reused
-      Tensor yr = rank.forward(xr, ir, wr);
-      std::memcpy(y.as<float>() + t0 * H, yr.view().data, yr.nbytes());
-    }
-  });
-  return y;
-}
-
-TEST(ExpertParallel, BitwiseEqualToSingleRankAcrossRanksAndModes) {
-  const uint64_t seed = fresh_seed();
-  std::mt19937_64 rng(seed);
-  struct Variant { int n_shared; bool fuse, scale; };
-  for (Variant v : {Variant{1, false, false}, Variant{2, true, false}, Variant{1, true, true},
-                    Variant{0, false, false}}) {
-    const MoeConfig cfg = small_config(v.n_shared, v.fuse, v.scale);
-    const MoeWeights wts = random_moe_weights(cfg, rng());
-    for (int R : {1, 2, 4, 8}) {
-      for (EpMode mode : {EpMode::kNormal, EpMode::kLowLatency}) {
-        SCOPED_TRACE(fmt::format("seed {} R {} mode {} shared {} fuse {} scale {}", seed, R,
-                                 ep_mode_name(mode), v.n_shared, v.fuse, v.scale));
-        const int64_t t_max = 24;
-        const std::vector<int64_t> tokens = uneven_tokens(R, t_max, rng);
-        int64_t T = 0;
-        for (auto t : tokens) T += t;
-        Tensor x = testing::random_tensor(DType::kBF16, {T, cfg.hidden}, rng);
-        Tensor ids, w;
-        random_routing(cfg, T, rng, &ids, &w);
-        const Tensor ref = moe_experts_cpu(wts, x, ids, w, 1);
-        const EpConfig ep{.num_ranks = R, .mode = mode, .max_tokens_per_rank = t_max};
-        const Tensor y = run_ep(wts, ep, x, ids, w, tokens);
-        const int64_t bad = testing::first_mismatch(y, ref);
-        ASSERT_EQ(bad, -1) << "first mismatch at token " << bad / cfg.hidden << ", column "
-                           << bad % cfg.hidden;
-      }
-    }
-  }
-}
-
-TEST(ExpertParallel, PresetWithGateMatchesSingleRank) {
-  const MoeWeights wts = random_moe_weights(find_preset("deepseek-v3-tiny").config, fresh_seed());
-  std::mt19937_64 rng(fresh_seed());
-  const std::vector<int64_t> tokens = {30, 0, 17, 64, 1, 0, 9, 40};
-  Tensor x = testing::random_tensor(DType::kBF16, {161, 256}, rng);
-  const LayerResult ref = moe_forward_cpu(wts, x);
-  for (EpMode mode : {EpMode::kNormal, EpMode::kLowLatency}) {
-    const EpRunResult res = run_ep_cpu(wts, EpConfig{.num_ranks = 8, .mode = mode},
-                                       split_rows(x, tokens), 1, 1);
-    int64_t row = 0;
-    for (int r = 0; r < 8; ++r) {
-      TensorView ref_r{ref.y.as<float>() + row * 256, {tokens[size_t(r)], 256}, DType::kF32,
-                       Device::kCpu};
-      ASSERT_EQ(testing::first_mismatch(res.y[size_t(r)], ref_r), -1) << "rank " << r;
-      row += tokens[size_t(r)];
-    }
-  }
-}
+using testing::random_routing;
+using testing::small_config;
 
 // Normal-mode dispatch layout: every rank receives exactly the tokens routed to it, once each,
 // in (source rank, token) order, with the ids of its own experts.
@@ -150,11 +42,13 @@ TEST(ExpertParallel, NormalDispatchLayoutAndOnlyRealTokens) {
     int64_t t0 = 0;
     for (int i = 0; i < r; ++i) t0 += tokens[size_t(i)];
     const int64_t n = tokens[size_t(r)];
-    EpRankCpu rank(comm, wts, ep);
-    rank.normal_dispatch(
+    EpMicroBatchCpu rank(comm, wts, ep, EpMicroBatchDesc{.index = 0, .capacity = 64});
+    rank.dispatch_send(
         TensorView{x.as<bf16>() + t0 * cfg.hidden, {n, cfg.hidden}, DType::kBF16, Device::kCpu},
         TensorView{ids.as<int32_t>() + t0 * Kp, {n, Kp}, DType::kI32, Device::kCpu},
         TensorView{w.as<float>() + t0 * Kp, {n, Kp}, DType::kF32, Device::kCpu});
+    EXPECT_EQ(rank.traffic().dispatch_bytes, 0);  // the send half packs; nothing moved yet
+    rank.dispatch_recv();
     // Expected: walk all tokens in global (= source rank, token) order.
     int64_t row = 0, copies = 0;
     std::vector<int32_t> counts(size_t(E_loc), 0);
@@ -188,7 +82,7 @@ TEST(ExpertParallel, NormalDispatchLayoutAndOnlyRealTokens) {
     for (int e = 0; e < E_loc; ++e) EXPECT_EQ(rank.recv_expert_counts().as<int32_t>()[e], counts[size_t(e)]);
     // Only real tokens: copies sent == distinct remote destinations of this rank's tokens, and the
     // bytes are exactly those copies (row + src + ids + weights), never padding.
-    const EpTraffic& tr = rank.last_traffic();
+    const EpTraffic& tr = rank.traffic();
     EXPECT_EQ(tr.dispatch_tokens, copies);
     const int64_t record = (cfg.hidden * 2 + 4 + 8 * Kp + 7) / 8 * 8;
     EXPECT_EQ(tr.dispatch_bytes, copies * record);
@@ -216,11 +110,11 @@ TEST(ExpertParallel, LowLatencyLayoutAndHalves) {
   group.run([&](Communicator& comm) {
     const int r = comm.rank();
     const int64_t t0 = r == 0 ? 0 : 3, n = tokens[size_t(r)];
-    EpRankCpu rank(comm, wts, ep);
+    EpMicroBatchCpu rank(comm, wts, ep, EpMicroBatchDesc{.index = 1, .capacity = t_max});
     TensorView xr{x.as<bf16>() + t0 * cfg.hidden, {n, cfg.hidden}, DType::kBF16, Device::kCpu};
-    rank.ll_dispatch_send(xr, TensorView{ids.as<int32_t>() + t0 * Kp, {n, Kp}, DType::kI32, Device::kCpu},
-                          TensorView{w.as<float>() + t0 * Kp, {n, Kp}, DType::kF32, Device::kCpu});
-    rank.ll_dispatch_recv();
+    rank.dispatch_send(xr, TensorView{ids.as<int32_t>() + t0 * Kp, {n, Kp}, DType::kI32, Device::kCpu},
+                       TensorView{w.as<float>() + t0 * Kp, {n, Kp}, DType::kF32, Device::kCpu});
+    rank.dispatch_recv();
     ASSERT_EQ(rank.recv_x().shape(), Shape({E_loc, R * t_max, cfg.hidden}));
     std::vector<int32_t> expect_count(size_t(E_loc), 0);
     for (int64_t t = 0; t < 19; ++t)
@@ -238,10 +132,11 @@ TEST(ExpertParallel, LowLatencyLayoutAndHalves) {
                               x.as<bf16>() + t * cfg.hidden, size_t(cfg.hidden) * 2), 0);
       }
     for (int e = 0; e < E_loc; ++e) EXPECT_EQ(rank.recv_count().as<int32_t>()[e], expect_count[size_t(e)]);
-    rank.ll_experts();
-    rank.ll_combine_send();
+    rank.experts();
+    rank.combine_send();
     Tensor y(DType::kF32, {n, cfg.hidden});
-    rank.ll_combine_recv(y);
+    std::vector<uint8_t> has_routed;
+    rank.combine_recv(y, &has_routed);
     TensorView ref_r{ref.as<float>() + t0 * cfg.hidden, {n, cfg.hidden}, DType::kF32, Device::kCpu};
     EXPECT_EQ(testing::first_mismatch(y, ref_r), -1);
   });
@@ -260,10 +155,10 @@ TEST(ExpertParallel, SilentPeerTimesOutNamingIt) {
   try {
     group.run([&](Communicator& comm) {
       comm.set_wait_timeout_ms(300);
-      EpRankCpu rank(comm, wts, ep);
+      EpMicroBatchCpu rank(comm, wts, ep, EpMicroBatchDesc{.index = 0, .capacity = 4});
       if (comm.rank() == 1) return;  // never sends
-      rank.ll_dispatch_send(x, ids, w);
-      rank.ll_dispatch_recv();
+      rank.dispatch_send(x, ids, w);
+      rank.dispatch_recv();
     });
     FAIL() << "a silent peer went unnoticed";
   } catch (const Error& e) {
@@ -279,9 +174,10 @@ TEST(ExpertParallel, SilentPeerTimesOutNamingIt) {
   try {
     g2.run([&](Communicator& comm) {
       comm.set_wait_timeout_ms(300);
-      EpRankCpu rank(comm, wts, ep_n);
+      EpMicroBatchCpu rank(comm, wts, ep_n, EpMicroBatchDesc{.index = 1, .capacity = 4});
       if (comm.rank() == 1) return;
-      rank.normal_dispatch(x, ids, w);
+      rank.dispatch_send(x, ids, w);  // packs without waiting for the silent peer
+      rank.dispatch_recv();
     });
     FAIL();
   } catch (const Error& e) {
@@ -302,8 +198,9 @@ TEST(ExpertParallel, BadInputIsRejected) {
     try {
       g.run([&](Communicator& comm) {
         comm.set_wait_timeout_ms(500);
-        EpRankCpu rank(comm, wts, ep);
-        rank.forward(x, i, w);
+        MoeLayerRankCpu layer(comm, wts, ep);
+        layer.set_input(x, i, w);
+        execute(layer, make_strategy(OverlapKind::kTbo, ep.mode));
       });
       ADD_FAILURE() << "accepted; expected an error with '" << needle << "'";
     } catch (const Error& e) {
@@ -319,6 +216,39 @@ TEST(ExpertParallel, BadInputIsRejected) {
   EXPECT_THROW(
       (EpConfig{.num_ranks = 3, .mode = EpMode::kNormal, .max_tokens_per_rank = 4}.validate(cfg)),
       Error);
+}
+
+// The layer adds fused shared slots after combine_recv's routed sum (the shared expert may run
+// after it): that must group exactly as one canonical sum over every slot does.
+TEST(ExpertParallel, SharedTermsAfterTheRoutedSumMatchOneSum) {
+  std::mt19937_64 rng(fresh_seed());
+  const int E = 32, H = 8;
+  std::normal_distribution<float> d(0.f, 1.f);
+  std::vector<float> acc;
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int n_routed = int(rng() % 7), n_shared = int(rng() % 3);
+    std::vector<std::vector<float>> rows(size_t(n_routed + n_shared), std::vector<float>(H));
+    for (auto& r : rows)
+      for (float& v : r) v = d(rng);
+    std::vector<ReduceTerm> all, routed, shared;
+    for (int i = 0; i < n_routed + n_shared; ++i) {
+      const bool is_shared = i >= n_routed;
+      const int key = is_shared ? E + int(rng() % 2) : (rng() % 8 == 0 ? -1 : int(rng() % E));
+      const ReduceTerm t{key, rows[size_t(i)].data(), d(rng), false};
+      all.push_back(t);
+      (is_shared ? shared : routed).push_back(t);
+    }
+    std::vector<float> one(H), part(H), two(H);
+    reduce_terms_cpu(one.data(), H, E, all.data(), int(all.size()), acc);
+    reduce_terms_cpu(part.data(), H, E, routed.data(), int(routed.size()), acc);
+    std::vector<ReduceTerm> rest;
+    bool any_routed = false;
+    for (const auto& t : routed) any_routed |= t.key >= 0;
+    if (any_routed) rest.push_back(ReduceTerm{0, part.data(), 1.f, true});
+    rest.insert(rest.end(), shared.begin(), shared.end());
+    reduce_terms_cpu(two.data(), H, E, rest.data(), int(rest.size()), acc);
+    ASSERT_EQ(std::memcmp(one.data(), two.data(), sizeof(float) * H), 0) << "trial " << trial;
+  }
 }
 
 TEST(ExpertParallel, RankRangesAlongTheTree) {

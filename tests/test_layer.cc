@@ -1,11 +1,12 @@
 // The whole layer on the CPU path against the golden files (an independent implementation):
-// relative L2 < 1e-5 and exact expert-id sets, single rank and split across ranks.
+// relative L2 < 1e-5 and exact expert-id sets, single rank; split across ranks under every
+// overlap strategy, bitwise the single-rank output.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <filesystem>
 
-#include "epmoe/ep/ep_runner.h"
+#include "epmoe/layer/layer_runner_cpu.h"
 #include "epmoe/layer/moe_layer_cpu.h"
 #include "epmoe/weights/moe_weights.h"
 #include "epmoe/weights/safetensors.h"
@@ -68,19 +69,25 @@ TEST_P(GoldenLayer, CpuPathMatchesSingleRankAndSplit) {
       tokens[0] = T / 3;
       tokens[size_t(R - 1)] = T - T / 3;  // middle ranks empty
       if (R > 2) std::swap(tokens[0], tokens[1]);
-      for (EpMode mode : {EpMode::kNormal, EpMode::kLowLatency}) {
-        const EpRunResult res = run_ep_cpu(w, EpConfig{.num_ranks = R, .mode = mode},
-                                           split_rows(x, tokens), 1, 1);
-        int64_t row = 0;
-        for (int rk = 0; rk < R; ++rk) {
-          const int64_t nr = tokens[size_t(rk)];
-          TensorView ref_r{r.y.as<float>() + row * cfg.hidden, {nr, cfg.hidden}, DType::kF32,
-                           Device::kCpu};
-          ASSERT_EQ(testing::first_mismatch(res.y[size_t(rk)], ref_r), -1)
-              << "R " << R << " " << ep_mode_name(mode) << " rank " << rk;
-          row += nr;
+      std::vector<RankInput> inputs;
+      for (const TensorView& xr : split_rows(x, tokens)) inputs.push_back(RankInput{.x = xr});
+      for (EpMode mode : {EpMode::kNormal, EpMode::kLowLatency})
+        for (OverlapKind kind : {OverlapKind::kNone, OverlapKind::kTbo, OverlapKind::kSbo}) {
+          // Every strategy at R = 8; the others at one rank count each (cheap enough).
+          if (kind != OverlapKind::kNone && R != 8) continue;
+          const LayerRunResult res = run_layer_cpu(w, EpConfig{.num_ranks = R, .mode = mode},
+                                                   inputs, LayerRunOptions{.overlap = kind});
+          int64_t row = 0;
+          for (int rk = 0; rk < R; ++rk) {
+            const int64_t nr = tokens[size_t(rk)];
+            TensorView ref_r{r.y.as<float>() + row * cfg.hidden, {nr, cfg.hidden}, DType::kF32,
+                             Device::kCpu};
+            ASSERT_EQ(testing::first_mismatch(res.y[size_t(rk)], ref_r), -1)
+                << "R " << R << " " << ep_mode_name(mode) << " " << overlap_name(kind)
+                << " rank " << rk;
+            row += nr;
+          }
         }
-      }
     }
   }
 }

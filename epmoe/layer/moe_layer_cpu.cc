@@ -1,11 +1,11 @@
 #include "epmoe/layer/moe_layer_cpu.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "epmoe/core/parallel.h"
 #include "epmoe/experts/experts_cpu.h"
-#include "epmoe/permute/permute_cpu.h"
-#include "epmoe/routing/gate_cpu.h"
+#include "epmoe/layer/layer_runner_cpu.h"
 
 namespace epmoe {
 
@@ -23,48 +23,31 @@ void add_shared_expert_cpu(const TensorView& out, const MoeWeights& weights, con
   });
 }
 
-Tensor moe_experts_cpu(const MoeWeights& weights, const TensorView& x, const TensorView& topk_ids,
-                       const TensorView& topk_weights, int threads) {
-  const MoeConfig& cfg = weights.config;
-  EPMOE_CHECK(x.shape.rank == 2 && x.shape[1] == cfg.hidden, kInvalidArgument,
-              "input must be [T, {}], got {}", cfg.hidden, x.shape.str());
-  const int64_t T = x.shape[0], H = cfg.hidden;
-  const int Kp = cfg.num_slots(), bank = weights.bank_size();
-  topk_ids.expect("topk_ids", DType::kI32, {T, Kp});
-  topk_weights.expect("topk_weights", DType::kF32, {T, Kp});
-  const int32_t* ids = topk_ids.as<int32_t>();
-  for (int64_t i = 0; i < T * Kp; ++i)
-    EPMOE_CHECK(ids[i] >= -1 && ids[i] < bank, kInvalidArgument,
-                "topk_ids[{}, {}] = {} is outside [-1, {})", i / Kp, i % Kp, ids[i], bank);
-  Tensor y(DType::kF32, {T, H});
-  Tensor seg(DType::kI32, {bank + 1}), s2d(DType::kI32, {T, Kp});
-  preprocess_cpu(seg, s2d, topk_ids, 0, bank);
-  const int64_t rows = seg.as<int32_t>()[bank];
-  Tensor sorted(DType::kF32, {rows, H}), down(DType::kF32, {rows, H});
-  pre_reorder_cpu(sorted, x, s2d);
-  experts_contiguous_cpu(down, sorted, seg, weights.w13, weights.w2, 0, threads);
-  post_reorder_cpu(y, down, s2d, topk_ids, topk_weights, cfg.n_routed_experts, 0, threads);
-  add_shared_expert_cpu(y, weights, x, threads);
-  if (cfg.fuse_shared && cfg.scale_on_output) {
-    float* yp = y.as<float>();
-    for (int64_t i = 0; i < T * H; ++i) yp[i] *= cfg.routed_scaling_factor;
-  }
-  return y;
-}
+namespace {
 
-LayerResult moe_forward_cpu(const MoeWeights& weights, const TensorView& x, int threads) {
+// One rank, the sequential strategy: normal mode (a single rank sends nothing anywhere).
+LayerResult run_single_rank(const MoeWeights& weights, const RankInput& in, int threads) {
   const MoeConfig& cfg = weights.config;
   cfg.validate();
-  EPMOE_CHECK(x.shape.rank == 2 && x.shape[1] == cfg.hidden, kInvalidArgument,
-              "input must be [T, {}], got {}", cfg.hidden, x.shape.str());
-  const int64_t T = x.shape[0];
-  const int Kp = cfg.num_slots();
-  LayerResult r{Tensor(), Tensor(DType::kI32, {T, Kp}), Tensor(DType::kF32, {T, Kp})};
-  Tensor logits(DType::kF32, {T, cfg.n_routed_experts});
-  gate_gemm_cpu(logits, x, weights.gate, threads);
-  select_experts_cpu(r.topk_ids, r.topk_weights, logits, weights.gate_bias, cfg, threads);
-  r.y = moe_experts_cpu(weights, x, r.topk_ids, r.topk_weights, threads);
-  return r;
+  EPMOE_CHECK(in.x.shape.rank == 2 && in.x.shape[1] == cfg.hidden, kInvalidArgument,
+              "input must be [T, {}], got {}", cfg.hidden, in.x.shape.str());
+  const EpConfig ep{.num_ranks = 1, .mode = EpMode::kNormal,
+                    .max_tokens_per_rank = std::max<int64_t>(in.x.shape[0], 1)};
+  LayerRunResult r = run_layer_cpu(
+      weights, ep, {in},
+      LayerRunOptions{.overlap = OverlapKind::kNone, .iters = 1, .threads_per_rank = threads});
+  return LayerResult{std::move(r.y[0]), std::move(r.topk_ids[0]), std::move(r.topk_weights[0])};
+}
+
+}  // namespace
+
+LayerResult moe_forward_cpu(const MoeWeights& weights, const TensorView& x, int threads) {
+  return run_single_rank(weights, RankInput{.x = x}, threads);
+}
+
+Tensor moe_experts_cpu(const MoeWeights& weights, const TensorView& x, const TensorView& topk_ids,
+                       const TensorView& topk_weights, int threads) {
+  return run_single_rank(weights, RankInput{x, topk_ids, topk_weights}, threads).y;
 }
 
 }  // namespace epmoe
