@@ -61,6 +61,42 @@ TEST(Cli, LowLatencyGoldenSplitAcrossRanks) {
   EXPECT_NE(r.out.find("check vs golden output"), std::string::npos) << r.out;
 }
 
+// Every overlap strategy, both modes: the CLI compares the overlapped run with `none` on the same
+// tokens (bitwise) and with the single-rank reference, and says which strategy ran.
+TEST(Cli, OverlapRunsAreCheckedBitwiseAgainstNone) {
+  for (const char* mode : {"normal", "low-latency"})
+    for (const char* overlap : {"tbo", "sbo"}) {
+      SCOPED_TRACE(std::string(mode) + " " + overlap);
+      const std::string json = tmp_path(std::string("overlap_") + overlap + ".json");
+      Result r = run_cli(std::string("run --overlap ") + overlap + " --mode " + mode +
+                         " --tokens 7,0,1,12 --iters 2 --check --json " + json);
+      EXPECT_EQ(r.code, 0) << r.out;
+      EXPECT_NE(r.out.find(std::string("overlap ") + overlap), std::string::npos) << r.out;
+      EXPECT_NE(r.out.find(std::string("check ") + overlap + " vs none"), std::string::npos)
+          << r.out;
+      EXPECT_NE(r.out.find("dispatch_recv"), std::string::npos) << r.out;  // the per-op table
+      EXPECT_NE(r.out.find("PASS"), std::string::npos) << r.out;
+      std::ifstream f(json);
+      const auto j = nlohmann::json::parse(f);
+      EXPECT_EQ(j["overlap"], overlap);
+      EXPECT_EQ(j["overlap_vs_none_mismatches"], 0);
+      EXPECT_TRUE(j["check"]["pass"].get<bool>());
+      EXPECT_EQ(j["per_rank"][1]["dispatch_bytes"], 0);
+    }
+  // `auto` resolves through the overlap thresholds and names what it picked.
+  Result a = run_cli("run --overlap auto --tokens 3 --iters 1");
+  EXPECT_EQ(a.code, 0) << a.out;
+  EXPECT_NE(a.out.find("overlap "), std::string::npos) << a.out;
+  const std::string g = testing::golden_dir() + "/dsv3_small_grouped.safetensors";
+  if (std::ifstream(g).good()) {
+    Result r = run_cli("run --golden " + g +
+                       " --ranks 8 --tokens 5,0,0,12,1,0,19,0 --mode low-latency --overlap tbo");
+    EXPECT_EQ(r.code, 0) << r.out;
+    EXPECT_NE(r.out.find("check vs golden output"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("check tbo vs none"), std::string::npos) << r.out;
+  }
+}
+
 void expect_one_line_error(const std::string& args, const std::string& needle) {
   Result r = run_cli(args);
   EXPECT_NE(r.code, 0) << args << "\n" << r.out;
@@ -78,6 +114,7 @@ TEST(Cli, BadInputGivesOneClearLine) {
   expect_one_line_error("run --tokens 20 --max-tokens 10", "more than max_tokens_per_rank = 10");
   expect_one_line_error("run --golden /nonexistent.safetensors", "/nonexistent.safetensors");
   expect_one_line_error("run --iters 0", "--iters must be >= 1");
+  expect_one_line_error("run --overlap fast", "--overlap");
 
   // Malformed and truncated files.
   const std::string junk = tmp_path("junk.safetensors");
