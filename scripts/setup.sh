@@ -15,3 +15,6 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# CUTLASS/CuTe headers for the Hopper grouped GEMM (PyPI's nvidia-cutlass wheel, pinned; a wheel in
+# .whl/ is used without network). Without them the build leaves the sm90 GEMM out.
+"$(dirname "$0")/fetch-cutlass.sh" || echo "setup: CUTLASS headers not fetched; the sm90 grouped GEMM will not be built" >&2

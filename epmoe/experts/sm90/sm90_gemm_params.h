@@ -1,0 +1,41 @@
+// Internal to the sm90 GEMM family: what the host launchers (sm90_grouped_gemm.cu, no CUTLASS
+// headers) hand to the kernel translation units (sm90_gemm_*.cu, one per instantiation).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace epmoe::cuda::sm90 {
+
+// The instantiated kernels: input dtype x output dtype. Tile configs: sm90_gemm_config.cuh.
+enum class Kernel { kBf16Bf16, kBf16F32, kFp8Bf16, kFp8F32 };
+
+// Everything one grouped call reads; both layouts.
+struct Params {
+  void* out;               // contiguous [N, Nout]; masked [E_loc, M_max, Nout] (bf16|f32)
+  const void* in;          // contiguous [N, K];    masked [E_loc, M_max, K]    (bf16|f8e4m3)
+  const void* w;           // [E_bank, Nout, K]                                 (bf16|f8e4m3)
+  const float* in_scale;   // FP8 only: contiguous [N, K/128]; masked [E_loc, M_max, K/128]
+  const float* w_scale;    // FP8 only: [E_bank, Nout/128, K/128]
+  const int32_t* counts;   // contiguous: seg_indptr [E_loc+1]; masked: count [E_loc] (DEVICE)
+  bool masked;
+  int64_t rows;            // contiguous: N; masked: M_max
+  int n_out, k, e_loc, bank_offset;
+};
+
+// Device scratch handed to a kernel TU: `bytes` at `data` (16-byte aligned).
+struct Scratch {
+  void* data;
+  size_t bytes;
+  int sm_count;
+};
+
+// Bytes a kernel needs in the scratch for `groups` experts on a device with sm_count SMs.
+template <Kernel K> size_t workspace_bytes(int groups, int sm_count);
+// Writes the per-expert arguments from p.counts on the device, then runs the grouped GEMM; both
+// on `stream`, no host synchronisation. Throws Error(kCuda|kInternal) on CUTLASS failures.
+template <Kernel K> void run(const Params& p, const Scratch& s, cudaStream_t stream);
+
+}  // namespace epmoe::cuda::sm90
