@@ -7,6 +7,10 @@
 #   multi    : (>= 2 GPUs) NCCL EP tests, the same on NCCL's network path, mpirun -np 2
 #   bench    : kernel + grouped GEMM benchmarks, dispatch/combine over loopback (and NCCL)
 #   sanitizer: compute-sanitizer memcheck and racecheck on the expert-parallel tests
+#   gemm     : (not in the default list) the sm90 grouped GEMM: its tests, memcheck/racecheck on
+#              them (quick sizes), `epmoe bench --kernel gemm` and bench/torch_grouped_mm.py
+# The sm90 GEMM needs the CUTLASS headers: scripts/fetch-cutlass.sh unpacks the pinned wheel
+# carried in .whl/ (no network here) into third_party/ before the build.
 # The build directory (build-gpu) is reused, so a second call with other stages rebuilds nothing.
 # EPMOE_COMMIT names the commit in the summary where the copy on the GPU machine has no usable git.
 set -uo pipefail
@@ -46,6 +50,7 @@ say "commit: ${EPMOE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo un
 say "gpus: $NGPU x $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)"
 
 t0=$(date +%s)
+bash scripts/fetch-cutlass.sh > "$OUT/cutlass.log" 2>&1 || say "CUTLASS headers missing (carry .whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl): no sm90 GEMM"
 if ! cmake -S . -B build-gpu "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$NVCC" \
       "${NCCL_ARG[@]}" > "$OUT/build.log" 2>&1 ||
    ! cmake --build build-gpu -j"$(nproc)" >> "$OUT/build.log" 2>&1; then
@@ -122,6 +127,25 @@ if has bench; then
   } > "$OUT/bench.log" 2>&1
   say "bench: ($(elapsed $t0))"
   grep -vE "^\s*$" "$OUT/bench.log" | tail -60 | tee -a "$SUMMARY" >/dev/null
+fi
+
+if has gemm; then
+  t0=$(date +%s)
+  timeout 600 $GT --gtest_filter='Sm90*' --gtest_output=json:"$J/sm90_tests.json" > "$OUT/gemm.log" 2>&1
+  rc=$?
+  grep -B3 -A12 "Failure" "$OUT/gemm.log" | head -60
+  say "sm90 gemm tests: rc=$rc, $(grep -c '^\[       OK \]' "$OUT/gemm.log") passed, $(grep -c '^\[  FAILED  \] [A-Za-z]' "$OUT/gemm.log") failed, $(grep -c '^\[  SKIPPED \] [A-Za-z]' "$OUT/gemm.log") skipped ($(elapsed $t0))"
+  grep -E '^\[  (FAILED|SKIPPED) \] [A-Za-z]' "$OUT/gemm.log" | sort -u | head -20 | tee -a "$SUMMARY"
+  for tool in memcheck racecheck; do
+    EPMOE_GPU_TEST_QUICK=1 timeout 300 compute-sanitizer --tool $tool --error-exitcode 99 \
+      $GT --gtest_filter='Sm90*:-*RowsAreIndependent*' > "$J/sm90_$tool.log" 2>&1
+    say "sm90 $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$J/sm90_$tool.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$J/sm90_$tool.log" | tail -2 | tr '\n' ' ')"
+  done
+  timeout 400 $B/epmoe bench --kernel gemm --json "$J/bench_sm90_gemm.json" > "$OUT/bench_gemm.log" 2>&1
+  say "gemm bench: rc=$?"; grep -vE "^\s*$" "$OUT/bench_gemm.log" | tail -70 | tee -a "$SUMMARY" > /dev/null
+  PY=/opt/torch/.venv/bin/python; [ -x "$PY" ] || PY=python3
+  timeout 300 "$PY" bench/torch_grouped_mm.py --json "$J/bench_torch_grouped_mm.json" > "$OUT/bench_torch.log" 2>&1
+  say "torch grouped_mm bench: rc=$?"; tail -40 "$OUT/bench_torch.log" | tee -a "$SUMMARY" > /dev/null
 fi
 
 if has sanitizer; then
