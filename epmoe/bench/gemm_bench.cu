@@ -6,7 +6,9 @@
 #include <random>
 #include <string>
 
+#include <cublasLt.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <fmt/format.h>
 
 #include "epmoe/bench/bench_stream.cuh"
@@ -14,6 +16,7 @@
 #include "epmoe/cuda/device.h"
 #include "epmoe/experts/experts.cuh"
 #include "epmoe/experts/grouped_gemm.cuh"
+#include "epmoe/experts/sm90/sm90_grouped_gemm.cuh"
 
 namespace epmoe::cuda {
 
@@ -21,6 +24,8 @@ namespace {
 
 constexpr int64_t kHidden = 7168, kInter = 2048, kExperts = 256, kTopK = 8;
 constexpr int64_t kFlushBytes = int64_t(256) << 20;  // written before every timed run
+constexpr int64_t kDense = 8192;                      // the dense ceilings: kDense³ GEMMs
+constexpr int64_t kScaleBlock = 128;
 
 // Rows per local expert [0, e_loc) when `tokens` tokens each pick kTopK distinct experts of
 // kExperts uniformly at random.
@@ -60,18 +65,134 @@ struct Gemm {
   int64_t n_out, k;
 };
 
+__device__ __forceinline__ uint64_t hash64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+__device__ __forceinline__ float unit(uint64_t seed, int64_t i) {  // uniform in [-1, 1)
+  return float(hash64(seed + uint64_t(i) * 0x9e3779b97f4a7c15ull) >> 40) * 0x1p-23f - 1.f;
+}
+// FP8 e4m3 values uniform in [-2, 2) (never NaN).
+__global__ void fill_fp8_kernel(__nv_fp8_e4m3* p, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = __nv_fp8_e4m3(2.f * unit(seed, i));
+}
+// Block scales in [lo, 2·lo).
+__global__ void fill_scale_kernel(float* p, int64_t n, float lo, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = lo * (1.5f + 0.5f * unit(seed, i));
+}
+
+DeviceTensor random_fp8(const Shape& s, std::mt19937_64& rng) {
+  DeviceTensor t(DType::kF8E4M3, s);
+  if (t.numel() > 0) {
+    fill_fp8_kernel<<<1024, 256>>>(static_cast<__nv_fp8_e4m3*>(t.view().data), t.numel(), rng());
+    EPMOE_CUDA_CHECK_LAUNCH("fill_fp8_kernel");
+    EPMOE_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  return t;
+}
+DeviceTensor random_scales(const Shape& s, float lo, std::mt19937_64& rng) {
+  DeviceTensor t(DType::kF32, s);
+  if (t.numel() > 0) {
+    fill_scale_kernel<<<256, 256>>>(t.as<float>(), t.numel(), lo, rng());
+    EPMOE_CUDA_CHECK_LAUNCH("fill_scale_kernel");
+    EPMOE_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  return t;
+}
+
+// Same-run ceilings: dense cuBLAS bf16 and cuBLASLt FP8 (e4m3 x e4m3 -> bf16, f32 accumulation)
+// GEMMs of kDense³, and device-to-device copy bandwidth (read + write bytes).
+struct Ceilings {
+  double dense_bf16_tflops = 0, dense_fp8_tflops = 0, copy_gbps = 0;
+};
+
+Ceilings measure_ceilings(BenchStream& bs, cublasHandle_t handle,
+                          const std::function<double(const std::function<void()>&)>& median_us,
+                          std::mt19937_64& rng) {
+  Ceilings c;
+  const double flops = 2.0 * double(kDense) * double(kDense) * double(kDense);
+  const cudaStream_t stream = bs.stream();
+  {
+    DeviceTensor a = bs.random(DType::kBF16, {kDense, kDense}),
+                 b = bs.random(DType::kBF16, {kDense, kDense}), d(DType::kBF16, {kDense, kDense});
+    c.dense_bf16_tflops =
+        flops / (median_us([&] { dense_gemm(d.view(), a.view(), b.view(), 0.f, handle, stream); }) *
+                 1e6);
+  }
+  {
+    // D [M, N] row-major = column-major N x M; A = the weight [N, K] (op T), B = in [M, K].
+    DeviceTensor a = random_fp8({kDense, kDense}, rng), b = random_fp8({kDense, kDense}, rng),
+                 d(DType::kBF16, {kDense, kDense}), ws(DType::kI32, {int64_t(32) << 18});
+    cublasLtHandle_t lt = nullptr;
+    EPMOE_CUBLAS_CHECK(cublasLtCreate(&lt));
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+    cublasLtMatmulPreference_t pref = nullptr;
+    EPMOE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    EPMOE_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    EPMOE_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    EPMOE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, kDense, kDense, kDense));
+    EPMOE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, kDense, kDense, kDense));
+    EPMOE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, kDense, kDense, kDense));
+    EPMOE_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const size_t ws_bytes = ws.nbytes();
+    EPMOE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes)));
+    cublasLtMatmulHeuristicResult_t heur{};
+    int found = 0;
+    EPMOE_CUBLAS_CHECK(
+        cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, ld, ld, pref, 1, &heur, &found));
+    if (found > 0) {
+      const float alpha = 1.f, beta = 0.f;
+      const double us = median_us([&] {
+        EPMOE_CUBLAS_CHECK(cublasLtMatmul(lt, op, &alpha, a.view().data, la, b.view().data, lb,
+                                          &beta, d.view().data, ld, d.view().data, ld, &heur.algo,
+                                          ws.view().data, ws_bytes, stream));
+      });
+      c.dense_fp8_tflops = flops / (us * 1e6);
+    }
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(ld);
+    cublasLtMatrixLayoutDestroy(lb);
+    cublasLtMatrixLayoutDestroy(la);
+    cublasLtMatmulDescDestroy(op);
+    cublasLtDestroy(lt);
+  }
+  {
+    const int64_t bytes = int64_t(1) << 30;
+    DeviceTensor src(DType::kI32, {bytes / 4}), dst(DType::kI32, {bytes / 4});
+    src.fill_bytes(1);
+    const double us = median_us([&] {
+      EPMOE_CUDA_CHECK(cudaMemcpyAsync(dst.view().data, src.view().data, size_t(bytes),
+                                       cudaMemcpyDeviceToDevice, stream));
+    });
+    c.copy_gbps = 2.0 * double(bytes) / (us * 1e3);
+  }
+  return c;
+}
+
 struct Row {
   std::string gemm, layout;
   int e_loc = 0;
   int64_t tokens = 0, rows = 0, n_out = 0, k = 0;
-  double ours_us = 0, grouped_us = 0, per_expert_us = 0, dense_us = 0;
-  double weight_bytes = 0, check = 0;
+  double det_us = 0, sm90_bf16_us = 0, sm90_fp8_us = 0, grouped_us = 0;
+  double bytes_bf16 = 0, bytes_fp8 = 0;  // weights of experts with rows + activations + output
+  double check = 0;
   double flops() const { return 2.0 * double(rows) * double(n_out) * double(k); }
   double tflops(double us) const { return us > 0 ? flops() / (us * 1e6) : 0.0; }
 };
 
-nlohmann::json row_json(const Row& r) {
-  const double ours = r.tflops(r.ours_us), dense = r.tflops(r.dense_us);
+nlohmann::json row_json(const Row& r, const Ceilings& c) {
+  const double rb = r.bytes_bf16 / (c.copy_gbps * 1e3), rf = r.bytes_fp8 / (c.copy_gbps * 1e3);
+  auto pct = [](double part, double whole) { return whole > 0 && part > 0 ? 100.0 * part / whole : 0.0; };
   return {{"gemm", r.gemm},
           {"layout", r.layout},
           {"e_loc", r.e_loc},
@@ -79,16 +200,21 @@ nlohmann::json row_json(const Row& r) {
           {"rows", r.rows},
           {"n_out", r.n_out},
           {"k", r.k},
-          {"ours_us", r.ours_us},
-          {"ours_tflops", ours},
+          {"det_us", r.det_us},
+          {"det_tflops", r.tflops(r.det_us)},
+          {"sm90_bf16_us", r.sm90_bf16_us},
+          {"sm90_bf16_tflops", r.tflops(r.sm90_bf16_us)},
+          {"sm90_fp8_us", r.sm90_fp8_us},
+          {"sm90_fp8_tflops", r.tflops(r.sm90_fp8_us)},
           {"cublas_grouped_us", r.grouped_us},
-          {"cublas_per_expert_us", r.per_expert_us},
-          {"dense_us", r.dense_us},
-          {"dense_tflops", dense},
-          {"ratio_to_dense", dense > 0 ? ours / dense : 0.0},
-          {"speedup_vs_cublas_grouped", r.ours_us > 0 ? r.grouped_us / r.ours_us : 0.0},
-          {"speedup_vs_cublas_per_expert", r.ours_us > 0 ? r.per_expert_us / r.ours_us : 0.0},
-          {"weight_gbps", r.ours_us > 0 ? r.weight_bytes / (r.ours_us * 1e3) : 0.0},
+          {"cublas_grouped_tflops", r.tflops(r.grouped_us)},
+          {"sm90_bf16_pct_dense", pct(r.tflops(r.sm90_bf16_us), c.dense_bf16_tflops)},
+          {"sm90_fp8_pct_dense", pct(r.tflops(r.sm90_fp8_us), c.dense_fp8_tflops)},
+          {"roofline_bf16_us", rb},
+          {"roofline_fp8_us", rf},
+          {"sm90_bf16_pct_roofline", r.sm90_bf16_us > 0 ? 100.0 * rb / r.sm90_bf16_us : 0.0},
+          {"sm90_fp8_pct_roofline", r.sm90_fp8_us > 0 ? 100.0 * rf / r.sm90_fp8_us : 0.0},
+          {"fp8_speedup_vs_bf16", r.sm90_fp8_us > 0 ? r.sm90_bf16_us / r.sm90_fp8_us : 0.0},
           {"check_rel_l2", r.check}};
 }
 
@@ -102,61 +228,80 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
     EPMOE_CHECK(t >= 1, kInvalidArgument, "grouped GEMM bench: token counts must be >= 1, got {}",
                 t);
   require_device();
-  int dev = 0;
+  int dev = 0, major = 0;
   EPMOE_CUDA_CHECK(cudaGetDevice(&dev));
+  EPMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  const bool sm90 = sm90_gemm_available() && major == 9;
   BenchStream bs(kFlushBytes);
   const cudaStream_t stream = bs.stream();
   auto median_us = [&](const std::function<void()>& fn) { return bs.median_us(fn, iters, warmup); };
   GroupedGemmRunner cublas;
   std::random_device rd;
   std::mt19937_64 rng((uint64_t(rd()) << 32) | rd());
+  const Ceilings ceil = measure_ceilings(bs, cublas.handle(), median_us, rng);
+  Sm90GemmWorkspace ws;
+  if (sm90) ws = Sm90GemmWorkspace(int(kExperts));
   std::vector<Row> rows;
 
-  for (const int e_loc : {256, 32}) {
+  for (const int e_loc : {256, 32, 8}) {
     const int64_t ranks = kExperts / e_loc;
     // Routing per T, shared by both GEMMs.
     std::vector<std::vector<int32_t>> counts;
     for (int64_t T : tokens) counts.push_back(route_counts(ranks * T, e_loc, rng));
     for (const Gemm g : {Gemm{"gate_up", 2 * kInter, kHidden}, Gemm{"down", kHidden, kInter}}) {
       DeviceTensor w = bs.random(DType::kBF16, {e_loc, g.n_out, g.k}, 0.05f);
-      const TensorView w0{w.view().data, {g.n_out, g.k}, DType::kBF16, Device::kCuda};
+      DeviceTensor w8, w8_scale;
+      if (sm90) {
+        w8 = random_fp8({e_loc, g.n_out, g.k}, rng);
+        w8_scale = random_scales({e_loc, g.n_out / kScaleBlock, g.k / kScaleBlock}, 0.01f, rng);
+      }
       for (size_t ti = 0; ti < tokens.size(); ++ti) {
         const int64_t T = tokens[ti];
         const std::vector<int32_t>& cnt = counts[ti];
         std::vector<int32_t> seg(size_t(e_loc) + 1, 0);
-        double wbytes = 0;
+        int64_t used_experts = 0;
         for (int e = 0; e < e_loc; ++e) {
           seg[size_t(e) + 1] = seg[size_t(e)] + cnt[size_t(e)];
-          if (cnt[size_t(e)] > 0) wbytes += 2.0 * double(g.n_out) * double(g.k);
+          used_experts += cnt[size_t(e)] > 0;
         }
         const int64_t N = seg.back();
+        const double wel = double(g.n_out) * double(g.k) * double(used_experts);
+        const double kb = double(g.k / kScaleBlock);
+        Row r{g.name, "contiguous", e_loc, T, N, g.n_out, g.k};
+        r.bytes_bf16 = 2.0 * wel + 2.0 * double(N) * double(g.k + g.n_out);
+        r.bytes_fp8 = wel * (1.0 + 4.0 / (kScaleBlock * kScaleBlock)) +
+                      double(N) * (double(g.k) + 4.0 * kb + 2.0 * double(g.n_out));
         Tensor seg_host(DType::kI32, {e_loc + 1});
         std::copy(seg.begin(), seg.end(), seg_host.as<int32_t>());
         DeviceTensor dseg = DeviceTensor::from_host(seg_host);
         DeviceTensor in = bs.random(DType::kBF16, {N, g.k}, 1.f);
         DeviceTensor out(DType::kBF16, {N, g.n_out}), out_ref(DType::kBF16, {N, g.n_out});
-
-        Row r{g.name, "contiguous", e_loc, T, N, g.n_out, g.k};
-        r.weight_bytes = wbytes;
-        r.ours_us = median_us([&] {
-          grouped_gemm_contiguous(out.view(), in.view(), w.view(), dseg.view(), 0, stream);
+        r.det_us = median_us([&] {
+          grouped_gemm_contiguous(out_ref.view(), in.view(), w.view(), dseg.view(), 0, stream);
         });
-        // NOTES: the cuBLAS runs get the counts already on the host: the host synchronisation
-        // they need in a real layer (GroupedGemmRunner::fetch_counts) is not timed.
+        // NOTES: the cuBLAS run gets the counts already on the host: the host synchronisation
+        // it needs in a real layer (GroupedGemmRunner::fetch_counts) is not timed.
         r.grouped_us = median_us([&] {
-          cublas.contiguous(out_ref.view(), in.view(), w.view(), seg.data(), e_loc, 0, stream,
+          cublas.contiguous(out.view(), in.view(), w.view(), seg.data(), e_loc, 0, stream,
                             GroupedGemmImpl::kGrouped);
         });
-        r.per_expert_us = median_us([&] {
-          cublas.contiguous(out_ref.view(), in.view(), w.view(), seg.data(), e_loc, 0, stream,
-                            GroupedGemmImpl::kPerExpert);
-        });
+        if (sm90) {
+          r.sm90_bf16_us = median_us([&] {
+            sm90_grouped_gemm_contiguous(out.view(), in.view(), w.view(), dseg.view(), 0, ws,
+                                         stream);
+          });
+          DeviceTensor in8 = random_fp8({N, g.k}, rng);
+          DeviceTensor in8_scale = random_scales({N, g.k / kScaleBlock}, 0.01f, rng);
+          DeviceTensor out8(DType::kBF16, {N, g.n_out});
+          r.sm90_fp8_us = median_us([&] {
+            sm90_grouped_gemm_fp8_contiguous(out8.view(), in8.view(), in8_scale.view(), w8.view(),
+                                             w8_scale.view(), dseg.view(), 0, ws, stream);
+          });
+        }
         EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+        // sm90 bf16 (or cuBLAS without it) against the deterministic kernel.
         r.check = sample_rel_l2(out.view().data, out_ref.view().data, std::min<int64_t>(N, 512),
                                 g.n_out);
-        // Same FLOPs as one dense GEMM: all N rows through one expert's weight.
-        r.dense_us = median_us(
-            [&] { dense_gemm(out_ref.view(), in.view(), w0, 0.f, cublas.handle(), stream); });
         rows.push_back(r);
 
         if (T > 512) continue;
@@ -172,17 +317,26 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
         }());
         Row m = r;
         m.layout = "masked";
-        m.ours_us = median_us([&] {
-          grouped_gemm_masked(mout.view(), m_in.view(), w.view(), dcount.view(), 0, stream);
+        m.det_us = median_us([&] {
+          grouped_gemm_masked(mout_ref.view(), m_in.view(), w.view(), dcount.view(), 0, stream);
         });
         m.grouped_us = median_us([&] {
-          cublas.masked(mout_ref.view(), m_in.view(), w.view(), cnt.data(), 0, stream,
+          cublas.masked(mout.view(), m_in.view(), w.view(), cnt.data(), 0, stream,
                         GroupedGemmImpl::kGrouped);
         });
-        m.per_expert_us = median_us([&] {
-          cublas.masked(mout_ref.view(), m_in.view(), w.view(), cnt.data(), 0, stream,
-                        GroupedGemmImpl::kPerExpert);
-        });
+        if (sm90) {
+          m.sm90_bf16_us = median_us([&] {
+            sm90_grouped_gemm_masked(mout.view(), m_in.view(), w.view(), dcount.view(), 0, ws,
+                                     stream);
+          });
+          DeviceTensor m_in8 = random_fp8({e_loc, m_max, g.k}, rng);
+          DeviceTensor m_in8_scale = random_scales({e_loc, m_max, g.k / kScaleBlock}, 0.01f, rng);
+          DeviceTensor mout8(DType::kBF16, {e_loc, m_max, g.n_out});
+          m.sm90_fp8_us = median_us([&] {
+            sm90_grouped_gemm_fp8_masked(mout8.view(), m_in8.view(), m_in8_scale.view(),
+                                         w8.view(), w8_scale.view(), dcount.view(), 0, ws, stream);
+          });
+        }
         EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
         // Expert 0's valid rows (rows past count hold stale data in both buffers).
         m.check = sample_rel_l2(mout.view().data, mout_ref.view().data,
@@ -194,26 +348,39 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
 
   const std::string dev_name = device_description(dev);
   fmt::print("device: {}\ngrouped GEMM, DeepSeek-V3 experts (H={}, I={}), top-{} random routing; "
-             "median of {} runs after {} warm-up, 256 MB L2 flush\n",
-             dev_name, kHidden, kInter, kTopK, iters, warmup);
-  fmt::print("{:<8} {:<10} {:>5} {:>6} {:>7} {:>10} {:>8} {:>11} {:>11} {:>8} {:>7} {:>8} "
-             "{:>9}\n",
-             "gemm", "layout", "E_loc", "T", "rows", "ours_us", "TFLOP/s", "cublas_grp",
-             "cublas_per", "dense%", "xgrp", "xper", "wGB/s");
+             "median of {} runs after {} warm-up, 256 MB L2 flush\n"
+             "ceilings (same run): dense bf16 {:.0f} TFLOP/s, dense FP8 {:.0f} TFLOP/s ({}^3), "
+             "copy {:.0f} GB/s{}\n",
+             dev_name, kHidden, kInter, kTopK, iters, warmup, ceil.dense_bf16_tflops,
+             ceil.dense_fp8_tflops, kDense, ceil.copy_gbps,
+             sm90 ? "" : "; no sm90 kernels in this build/device");
+  fmt::print("{:<8} {:<10} {:>5} {:>6} {:>7} | {:>8} {:>6} | {:>8} {:>6} {:>5} {:>5} | {:>8} {:>6} "
+             "{:>5} {:>5} | {:>8} {:>6} | {:>7}\n",
+             "gemm", "layout", "E_loc", "T", "rows", "det_us", "TF/s", "bf16_us", "TF/s", "%dns",
+             "%roof", "fp8_us", "TF/s", "%dns", "%roof", "cublas", "TF/s", "rel_l2");
   nlohmann::json j{{"device", dev_name},
                    {"iters", iters},
                    {"warmup", warmup},
-                   {"notes", "cuBLAS times exclude the host fetch of the counts; dense = one "
-                             "cuBLAS bf16 GEMM [rows, K] x [Nout, K]^T of the same FLOPs"}};
+                   {"notes", "det = deterministic mma.sync kernel; bf16/fp8 = sm90 kernels; cuBLAS "
+                             "grouped times exclude the host fetch of the counts; %dns = share of "
+                             "the dense ceiling of the same dtype; %roof = (bytes moved / copy "
+                             "bandwidth) / time; rel_l2 = sm90 bf16 vs det on sampled rows"},
+                   {"ceilings",
+                    {{"dense_bf16_tflops", ceil.dense_bf16_tflops},
+                     {"dense_fp8_tflops", ceil.dense_fp8_tflops},
+                     {"copy_gbps", ceil.copy_gbps},
+                     {"dense_size", kDense}}}};
   j["rows"] = nlohmann::json::array();
   for (const Row& r : rows) {
-    const nlohmann::json rj = row_json(r);
-    fmt::print("{:<8} {:<10} {:>5} {:>6} {:>7} {:>10.1f} {:>8.1f} {:>11.1f} {:>11.1f} {:>7.0f}% "
-               "{:>6.2f}x {:>7.2f}x {:>9.0f}\n",
-               r.gemm, r.layout, r.e_loc, r.tokens, r.rows, r.ours_us, r.tflops(r.ours_us),
-               r.grouped_us, r.per_expert_us, 100.0 * rj["ratio_to_dense"].get<double>(),
-               rj["speedup_vs_cublas_grouped"].get<double>(),
-               rj["speedup_vs_cublas_per_expert"].get<double>(), rj["weight_gbps"].get<double>());
+    const nlohmann::json rj = row_json(r, ceil);
+    fmt::print("{:<8} {:<10} {:>5} {:>6} {:>7} | {:>8.1f} {:>6.0f} | {:>8.1f} {:>6.0f} {:>5.0f} "
+               "{:>5.0f} | {:>8.1f} {:>6.0f} {:>5.0f} {:>5.0f} | {:>8.1f} {:>6.0f} | {:>7.1e}\n",
+               r.gemm, r.layout, r.e_loc, r.tokens, r.rows, r.det_us, r.tflops(r.det_us),
+               r.sm90_bf16_us, r.tflops(r.sm90_bf16_us), rj["sm90_bf16_pct_dense"].get<double>(),
+               rj["sm90_bf16_pct_roofline"].get<double>(), r.sm90_fp8_us,
+               r.tflops(r.sm90_fp8_us), rj["sm90_fp8_pct_dense"].get<double>(),
+               rj["sm90_fp8_pct_roofline"].get<double>(), r.grouped_us, r.tflops(r.grouped_us),
+               r.check);
     j["rows"].push_back(rj);
   }
   return j;
