@@ -6,6 +6,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "epmoe/core/checked.h"
 #include "epmoe/core/config.h"
 #include "epmoe/core/error.h"
 #include "tools/run_command.h"
@@ -95,7 +96,16 @@ int main(int argc, char** argv) {
                     "with --fuse-shared: routed weights exclude rsf, output scaled by rsf");
   run_cmd->add_option("--threads", run.threads, "CPU threads in all (default: every core)");
   run_cmd->add_option("--seed", run.seed, "seed of the random weights and inputs")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Validator(
+          [](std::string& v) {  // CLI11 would saturate a 24-digit seed; refuse it instead
+            try {
+              epmoe::parse_int_in_range(v, 0, INT64_MAX, "--seed");
+              return std::string();
+            } catch (const epmoe::Error& e) {
+              return std::string(e.what());
+            }
+          },
+          "SEED"));
   run_cmd->add_option("--json", run.json, "write machine-readable results to this file");
 
   epmoe::cli::BenchOptions bench;
