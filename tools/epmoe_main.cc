@@ -88,6 +88,9 @@ int main(int argc, char** argv) {
                       "cuda ranks, low-latency: auto (load/store when every peer is reachable, "
                       "else host API) | device | host")
       ->check(CLI::IsMember({"auto", "device", "host"}));
+  run_cmd->add_option("--overlap", run.overlap,
+                      "none | tbo (two-batch overlap) | sbo (single-batch overlap) | auto")
+      ->check(CLI::IsMember({"none", "tbo", "sbo", "auto"}));
   run_cmd->add_option("--iters", run.iters, "timed iterations (median reported)");
   run_cmd->add_flag("--check,!--no-check", run.check,
                     "compare with the single-rank reference (and the golden output)");
@@ -123,6 +126,20 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--ll-transfer", bench.ll_transfer,
                         "dispatch/combine, low-latency: auto | device | host")
       ->check(CLI::IsMember({"auto", "device", "host"}));
+  bench_cmd->add_option("--overlap", bench.overlap,
+                        "layer: strategies to compare with none (none,tbo,sbo | all)");
+  bench_cmd->add_option("--attn-us", bench.attn_us,
+                        "layer: attention stand-in (us per layer at the full batch)")
+      ->check(CLI::Range(0.0, 1e7));
+  bench_cmd->add_option("--experts-per-rank", bench.experts_per_rank,
+                        "layer: the large-EP slice (ranks x N routed experts of the preset's size)")
+      ->check(CLI::Range(0, 4096));
+  bench_cmd->add_flag("--graph", bench.graph, "layer: capture each strategy in a CUDA graph");
+  bench_cmd->add_option("--comm-blocks", bench.comm_blocks,
+                        "layer: blocks per communication kernel (0 = unbounded)")
+      ->check(CLI::Range(0, 4096));
+  bench_cmd->add_option("--trace", bench.trace,
+                        "layer: write a Chrome/Perfetto trace of the first overlapped strategy");
   bench_cmd->add_option("--json", bench.json, "write the results to this file");
 
   try {

@@ -19,21 +19,23 @@
 #include "epmoe/core/checked.h"
 #include "epmoe/core/parallel.h"
 #include "epmoe/core/stats.h"
-#include "epmoe/ep/ep_runner.h"
+#include "epmoe/ep/ep_cpu.h"
+#include "epmoe/layer/layer_runner_cpu.h"
 #include "epmoe/layer/moe_layer_cpu.h"
 #include "epmoe/weights/golden.h"
 #include "epmoe/weights/moe_weights.h"
 #include "epmoe/weights/safetensors.h"
-#if defined(EPMOE_WITH_CUDA) && __has_include("epmoe/layer/moe_layer_cuda.h")
-#include "epmoe/cuda/device.h"
-#include "epmoe/layer/moe_layer_cuda.h"
+#include "epmoe/overlap/executor.h"
+#if defined(EPMOE_WITH_CUDA)
 #include "epmoe/bench/ep_bench.h"
 #include "epmoe/bench/gemm_bench.cuh"
 #include "epmoe/bench/kernel_bench.h"
+#include "epmoe/bench/layer_bench.h"
+#include "epmoe/cuda/device.h"
+#include "epmoe/layer/run_layer_cuda.h"
 #ifdef EPMOE_WITH_NCCL
 #include "epmoe/comm/nccl_transport.h"
 #endif
-#include "tools/run_cuda_ep.h"
 #define EPMOE_CLI_CUDA 1
 #endif
 
@@ -42,16 +44,6 @@ namespace epmoe::cli {
 namespace {
 
 using json = nlohmann::json;
-
-#ifdef EPMOE_CLI_CUDA
-bool launched_by_mpi_launcher() {
-#ifdef EPMOE_WITH_NCCL
-  return cuda::launched_by_mpi();
-#else
-  return false;
-#endif
-}
-#endif
 
 // "a,b,c" -> non-negative integers; names the first bad item.
 std::vector<int64_t> parse_count_list(const std::string& spec) {
@@ -146,26 +138,41 @@ RoutingDiff compare_routing(const TensorView& ids_a, const TensorView& w_a, cons
   return d;
 }
 
-void print_stage_table(const std::vector<EpStageTimes>& times) {
-  const int R = int(times.size());
-  std::string head = fmt::format("{:<10}", "stage (ms)");
-  for (int r = 0; r < R; ++r) head += fmt::format(" {:>9}", fmt::format("rank {}", r));
-  fmt::print("{} {:>9}\n", head, "max");
-  const std::pair<const char*, double EpStageTimes::*> rows[] = {
-      {"gate", &EpStageTimes::gate},       {"dispatch", &EpStageTimes::dispatch},
-      {"experts", &EpStageTimes::experts}, {"combine", &EpStageTimes::combine},
-      {"shared", &EpStageTimes::shared},   {"total", &EpStageTimes::total}};
-  for (const auto& row : rows) {
-    std::string line = fmt::format("{:<10}", row.first);
-    double mx = 0;
-    for (int r = 0; r < R; ++r) {
-      const double v = times[size_t(r)].*(row.second);
-      mx = std::max(mx, v);
-      line += fmt::format(" {:>9.3f}", v);
-    }
-    fmt::print("{} {:>9.3f}\n", line, mx);
-  }
+// `auto` resolves by the busiest rank's tokens (OverlapConfig thresholds); else the name.
+OverlapKind resolve_overlap(const std::string& name, EpMode mode,
+                            const std::vector<int64_t>& tokens) {
+  if (name != "auto") return parse_overlap(name);
+  int64_t busiest = 0;
+  for (int64_t t : tokens) busiest = std::max(busiest, t);
+  return choose_overlap(OverlapConfig{}, mode, busiest);
 }
+
+// Median µs per operation (rows) and rank (columns), then the whole layer per rank.
+void print_op_table(const std::vector<std::vector<std::pair<std::string, double>>>& op_us,
+                    const std::vector<double>& layer_us) {
+  const size_t R = op_us.size();
+  std::vector<std::string> names;
+  for (const auto& rank_ops : op_us)
+    for (const auto& kv : rank_ops)
+      if (std::find(names.begin(), names.end(), kv.first) == names.end()) names.push_back(kv.first);
+  std::string head = fmt::format("{:<20}", "op (median us)");
+  for (size_t r = 0; r < R; ++r) head += fmt::format(" {:>9}", fmt::format("rank {}", r));
+  fmt::print("{}\n", head);
+  for (const std::string& n : names) {
+    std::string line = fmt::format("{:<20}", n);
+    for (size_t r = 0; r < R; ++r) {
+      double v = 0;
+      for (const auto& kv : op_us[r])
+        if (kv.first == n) v = kv.second;
+      line += fmt::format(" {:>9.1f}", v);
+    }
+    fmt::print("{}\n", line);
+  }
+  std::string line = fmt::format("{:<20}", "layer");
+  for (double v : layer_us) line += fmt::format(" {:>9.1f}", v);
+  fmt::print("{}\n", line);
+}
+
 
 }  // namespace
 
@@ -262,44 +269,59 @@ int run_command(const RunOptions& o) {
   Tensor y_all(DType::kF32, {total, cfg.hidden});
   Tensor run_ids, run_w;  // routing of the run (cuda backend reports its own)
   int64_t check_begin = 0, check_end = total;  // rows this process computed (mpirun: its own)
+  bool overlap_mismatch = false;                // an overlap run not bitwise equal to `none`
   if (o.backend == "cuda") {
 #ifdef EPMOE_CLI_CUDA
     cuda::require_device();
     fmt::print("device: {}\n", cuda::device_description(0));
-    if (o.ranks == 1 && o.transport == "auto" && !launched_by_mpi_launcher()) {
-      cuda::CudaMoeLayer layer(weights, 0);
-      LayerResult r = layer.forward(x_all);
-      std::memcpy(y_all.view().data, r.y.view().data, y_all.nbytes());
-      run_ids = std::move(r.topk_ids);
-      run_w = std::move(r.topk_weights);
-      const cuda::CudaStageTimes t = layer.time_forward(x_all, o.iters);
-      EpStageTimes st{t.gate_us / 1e3, t.dispatch_us / 1e3, t.experts_us / 1e3,
-                      t.combine_us / 1e3, t.shared_us / 1e3, t.total_us / 1e3};
-      print_stage_table({st});
-      out["stages_ms"] = {{{"gate", st.gate}, {"dispatch", st.dispatch}, {"experts", st.experts},
-                           {"combine", st.combine}, {"shared", st.shared}, {"total", st.total}}};
-    } else {
-      CudaEpResult r = run_cuda_ep(weights, ep, tokens, x_all, o.transport, o.fp8_dispatch,
-                                   o.ll_transfer, o.iters);
-      std::string how;
-      if (ep.mode == EpMode::kLowLatency)
-        how = r.ll_host_ranks ? ", low-latency transfers over the host API"
-                              : ", low-latency transfers by load/store into peer windows";
-      fmt::print("transport: {}{}{}\n", r.transport, o.fp8_dispatch ? ", FP8 dispatch" : "", how);
-      y_all = std::move(r.y);
-      run_ids = std::move(r.ids);
-      run_w = std::move(r.w);
-      check_begin = r.row_begin;
-      check_end = r.row_end;
-      print_stage_table(r.times);
-      fmt::print("{:<6} {:>8} {:>13} {:>15} {:>15}\n", "rank", "tokens", "copies sent",
-                 "dispatch bytes", "combine bytes");
-      for (int rk = 0; rk < o.ranks; ++rk)
-        fmt::print("{:<6} {:>8} {:>13} {:>15} {:>15}\n", rk, tokens[size_t(rk)],
-                   r.traffic[size_t(rk)].dispatch_tokens, r.traffic[size_t(rk)].dispatch_bytes,
-                   r.traffic[size_t(rk)].combine_bytes);
-      out["transport"] = r.transport;
+    const OverlapKind kind = resolve_overlap(o.overlap, mode, tokens);
+    cuda::CudaRunSpec sp;
+    sp.weights = &weights;
+    sp.ep = ep;
+    sp.tokens = tokens;
+    sp.x_all = &x_all;
+    sp.transport = o.transport;
+    sp.options = cuda::EpCudaOptions{.fp8_dispatch = o.fp8_dispatch,
+                                     .ll_transfer = cuda::parse_ll_transfer(o.ll_transfer)};
+    sp.strategies = {kind};
+    if (kind != OverlapKind::kNone && o.check) sp.strategies.push_back(OverlapKind::kNone);
+    sp.iters = o.iters;
+    sp.trace_iters = o.iters;
+    cuda::CudaRunResult r = cuda::run_layer_cuda(sp);
+    std::string how;
+    if (ep.mode == EpMode::kLowLatency)
+      how = r.ll_host_ranks ? ", low-latency transfers over the host API"
+                            : ", low-latency transfers by load/store into peer windows";
+    fmt::print("transport: {}{}{}\n", r.transport, o.fp8_dispatch ? ", FP8 dispatch" : "", how);
+    cuda::StrategyResult& main_run = r.strategies[0];
+    fmt::print("overlap {}\n", main_run.describe);
+    check_begin = r.row_begin;
+    check_end = r.row_end;
+    print_op_table(main_run.op_us, main_run.layer_us);
+    fmt::print("{:<6} {:>8} {:>13} {:>15} {:>15}\n", "rank", "tokens", "copies sent",
+               "dispatch bytes", "combine bytes");
+    for (int rk = 0; rk < o.ranks; ++rk)
+      fmt::print("{:<6} {:>8} {:>13} {:>15} {:>15}\n", rk, tokens[size_t(rk)],
+                 r.traffic[size_t(rk)].dispatch_tokens, r.traffic[size_t(rk)].dispatch_bytes,
+                 r.traffic[size_t(rk)].combine_bytes);
+    out["transport"] = r.transport;
+    out["overlap"] = overlap_name(kind);
+    out["layer_us"] = main_run.layer_us;
+    if (r.strategies.size() > 1) {
+      const cuda::StrategyResult& base = r.strategies[1];
+      const int64_t n = (check_end - check_begin) * cfg.hidden, off = check_begin * cfg.hidden;
+      int64_t diff = 0;
+      for (int64_t i = 0; i < n; ++i)
+        diff += std::memcmp(main_run.y.as<float>() + off + i, base.y.as<float>() + off + i, 4) != 0;
+      fmt::print("check {} vs none (same tokens, same run): {} of {} values differ (bitwise "
+                 "required) -> {}\n",
+                 overlap_name(kind), diff, n, diff == 0 ? "ok" : "MISMATCH");
+      out["overlap_vs_none_mismatches"] = diff;
+      overlap_mismatch = diff != 0;
     }
+    y_all = std::move(main_run.y);
+    run_ids = std::move(main_run.ids);
+    run_w = std::move(main_run.w);
 #else
     EPMOE_FAIL(kUnsupported, "this epmoe was built without CUDA (--backend cuda needs nvcc at "
                              "build time and a GPU at run time)");
@@ -311,28 +333,64 @@ int run_command(const RunOptions& o) {
       fmt::print("note: {} ranks do not split the {} experts along the reduction tree; results "
                  "match the single-rank layer to rounding, not bitwise\n",
                  o.ranks, cfg.n_routed_experts);
-    EpRunResult res = run_ep_cpu(weights, ep, xs, o.iters, per_rank);
+    const OverlapKind kind = resolve_overlap(o.overlap, mode, tokens);
+    std::vector<RankInput> inputs;
+    for (const TensorView& xr : xs) inputs.push_back(RankInput{.x = xr});
+    LayerRunOptions lo{.overlap = kind, .iters = o.iters, .threads_per_rank = per_rank};
+    const LayerRunResult res = run_layer_cpu(weights, ep, inputs, lo);
+    fmt::print("overlap {}\n", res.strategy);
+    const int kp = cfg.num_slots();
+    run_ids = Tensor(DType::kI32, {total, kp});
+    run_w = Tensor(DType::kF32, {total, kp});
+    std::vector<std::vector<std::pair<std::string, double>>> op_us(size_t(o.ranks));
     for (int r = 0, row = 0; r < o.ranks; ++r) {
-      std::memcpy(y_all.as<float>() + int64_t(row) * cfg.hidden, res.y[size_t(r)].view().data,
-                  res.y[size_t(r)].nbytes());
-      row += int(tokens[size_t(r)]);
+      const size_t rk = size_t(r);
+      std::memcpy(y_all.as<float>() + int64_t(row) * cfg.hidden, res.y[rk].view().data,
+                  res.y[rk].nbytes());
+      std::memcpy(run_ids.as<int32_t>() + int64_t(row) * kp, res.topk_ids[rk].view().data,
+                  res.topk_ids[rk].nbytes());
+      std::memcpy(run_w.as<float>() + int64_t(row) * kp, res.topk_weights[rk].view().data,
+                  res.topk_weights[rk].nbytes());
+      for (size_t i = 0; i < res.op_names.size(); ++i)
+        op_us[rk].emplace_back(res.op_names[i], res.op_us[rk][i]);
+      row += int(tokens[rk]);
     }
-    print_stage_table(res.median_times);
+    print_op_table(op_us, res.total_us);
     fmt::print("{:<6} {:>8} {:>13} {:>15} {:>15}\n", "rank", "tokens", "copies sent",
                "dispatch bytes", "combine bytes");
     json per_rank_json = json::array();
     for (int r = 0; r < o.ranks; ++r) {
       const EpTraffic& tr = res.traffic[size_t(r)];
-      const EpStageTimes& st = res.median_times[size_t(r)];
       fmt::print("{:<6} {:>8} {:>13} {:>15} {:>15}\n", r, tokens[size_t(r)], tr.dispatch_tokens,
                  tr.dispatch_bytes, tr.combine_bytes);
+      json us;
+      for (const auto& [name, v] : op_us[size_t(r)]) us[name] = v;
       per_rank_json.push_back({{"rank", r}, {"tokens", tokens[size_t(r)]},
                                {"dispatch_token_copies", tr.dispatch_tokens},
                                {"dispatch_bytes", tr.dispatch_bytes},
                                {"combine_bytes", tr.combine_bytes},
-                               {"ms", {{"gate", st.gate}, {"dispatch", st.dispatch},
-                                       {"experts", st.experts}, {"combine", st.combine},
-                                       {"shared", st.shared}, {"total", st.total}}}});
+                               {"op_us", us}, {"layer_us", res.total_us[size_t(r)]}});
+    }
+    out["overlap"] = overlap_name(kind);
+    out["strategy"] = res.strategy;
+    // With --check an overlapped run is compared bitwise with `none` on the same tokens.
+    if (kind != OverlapKind::kNone && o.check) {
+      lo.overlap = OverlapKind::kNone;
+      lo.iters = 1;
+      const LayerRunResult base = run_layer_cpu(weights, ep, inputs, lo);
+      int64_t diff = 0, n = 0;
+      for (int r = 0; r < o.ranks; ++r) {
+        const int64_t m = res.y[size_t(r)].numel();
+        for (int64_t i = 0; i < m; ++i)
+          diff += std::memcmp(res.y[size_t(r)].as<float>() + i, base.y[size_t(r)].as<float>() + i,
+                              4) != 0;
+        n += m;
+      }
+      fmt::print("check {} vs none (same tokens, same run): {} of {} values differ (bitwise "
+                 "required) -> {}\n",
+                 overlap_name(kind), diff, n, diff == 0 ? "ok" : "MISMATCH");
+      out["overlap_vs_none_mismatches"] = diff;
+      overlap_mismatch = diff != 0;
     }
     out["per_rank"] = per_rank_json;
   }
@@ -354,7 +412,7 @@ int run_command(const RunOptions& o) {
       mismatches += std::memcmp(y_all.as<float>() + off + i, ref.y.as<float>() + off + i, 4) != 0;
     const double err = rel_l2(y_all.as<float>() + off, ref.y.as<float>() + off, n);
     const double tol_ref = o.backend == "cpu" ? (bitwise_expected ? 0.0 : 1e-6) : 2e-2;
-    bool pass = bitwise_expected ? mismatches == 0 : err <= tol_ref;
+    bool pass = (bitwise_expected ? mismatches == 0 : err <= tol_ref) && !overlap_mismatch;
     if (rows < total) fmt::print("checking rows [{}, {}) of this process\n", check_begin, check_end);
     fmt::print("check vs single-rank CPU reference: rel L2 {:.3e}, {} of {} values differ{} -> {}\n",
                err, mismatches, n, bitwise_expected ? " (bitwise required)" : "",
@@ -423,6 +481,25 @@ int bench_command(const BenchOptions& o) {
       eo.tokens = t;
       result.push_back(cuda::run_ep_bench(eo));
     }
+  } else if (o.kernel == "layer") {
+    cuda::LayerBenchOptions lo;
+    lo.preset = o.preset;
+    lo.experts_per_rank = o.experts_per_rank;
+    lo.ranks = o.ranks;
+    lo.transport = o.transport;
+    lo.mode = o.mode;
+    if (!tokens.empty()) lo.tokens = tokens;
+    lo.overlap.clear();
+    std::stringstream ss(o.overlap == "all" ? std::string("none,tbo,sbo") : o.overlap);
+    for (std::string item; std::getline(ss, item, ',');) lo.overlap.push_back(item);
+    if (lo.overlap.empty() || lo.overlap[0] != "none") lo.overlap.insert(lo.overlap.begin(), "none");
+    lo.attn_us = o.attn_us;
+    lo.graph = o.graph;
+    lo.comm_blocks = o.comm_blocks;
+    lo.fp8 = o.fp8;
+    lo.iters = o.iters;
+    lo.trace_file = o.trace;
+    result = cuda::run_layer_bench(lo);
   } else if (o.kernel == "gemm") {
     if (tokens.empty()) tokens = {128, 4096, 16384};
     result = cuda::run_grouped_gemm_bench(tokens, o.iters, o.warmup);

@@ -17,6 +17,7 @@ struct RunOptions {
   std::string transport = "auto"; // cuda EP: auto | nccl | loopback
   bool fp8_dispatch = false;      // cuda EP: FP8 dispatch payload
   std::string ll_transfer = "auto"; // cuda EP, low-latency: auto | device | host
+  std::string overlap = "none";   // none | tbo | sbo | auto (overlap/executor.h)
   int iters = 3;
   bool check = true;
   bool fuse_shared = false;
@@ -49,6 +50,13 @@ struct BenchOptions {
   std::string mode = "low-latency";
   bool fp8 = false;
   std::string ll_transfer = "auto";
+  // --kernel layer
+  std::string overlap = "all";    // none | tbo | sbo | all (comma list allowed)
+  double attn_us = 0;             // attention stand-in per layer at the full batch
+  int experts_per_rank = 0;       // > 0: the large-EP slice
+  bool graph = false;
+  int comm_blocks = 24;
+  std::string trace;              // Chrome trace file
   std::string json;
 };
 int bench_command(const BenchOptions& opts);

@@ -12,12 +12,10 @@
 #include "epmoe/core/stats.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
+#include "epmoe/comm/launch.h"
 #include "epmoe/ep/ep_cuda.h"
+#include "epmoe/layer/run_layer_cuda.h"
 #include "epmoe/weights/moe_weights.h"
-#ifdef EPMOE_WITH_NCCL
-#include "epmoe/comm/nccl_transport.h"
-#define EPMOE_BENCH_NCCL 1
-#endif
 
 namespace epmoe::cuda {
 
@@ -56,20 +54,6 @@ double copy_gbps(int dst_dev, int src_dev) {
   return double(bytes) / (median(ms) * 1e-3) / 1e9;
 }
 
-void run_group(const std::string& transport, int ranks,
-               const std::function<void(GpuTransport&)>& fn) {
-  if (transport == "loopback") return run_loopback(ranks, 0, fn);
-#ifdef EPMOE_BENCH_NCCL
-  if (transport == "nccl") {
-    EPMOE_CHECK(device_count() >= ranks, kUnsupported,
-                "--transport nccl needs one GPU per rank: {} ranks, {} GPU(s)", ranks,
-                device_count());
-    return run_nccl_threads(ranks, fn);
-  }
-#endif
-  EPMOE_FAIL(kInvalidArgument, "--transport must be loopback or nccl, got '{}'", transport);
-}
-
 }  // namespace
 
 nlohmann::json run_ep_bench(const EpBenchOptions& o) {
@@ -88,101 +72,73 @@ nlohmann::json run_ep_bench(const EpBenchOptions& o) {
   // GPU 0 -> GPU 1 over NVLink/PCIe: the ceiling of the nccl transport.
   const double peer_gbps = o.transport == "nccl" && device_count() >= 2 ? copy_gbps(1, 0) : 0;
 
-  // Per rank and iteration: dispatch µs, combine µs; per rank: pairs and wire bytes.
-  std::vector<std::vector<double>> disp(static_cast<size_t>(R)), comb(static_cast<size_t>(R)), a2a(static_cast<size_t>(R));
-  std::vector<int64_t> pairs(static_cast<size_t>(R)), wire_d(static_cast<size_t>(R)), wire_c(static_cast<size_t>(R));
-  std::mutex mu;
-  std::atomic<bool> ll_host{false};
-  run_group(o.transport, R, [&](GpuTransport& t) {
-    const int me = t.rank();
-    std::mt19937_64 rng(o.seed * 131 + uint64_t(me));
-    EpRankCuda rank(t, wts, ep, EpCudaOptions{.fp8_dispatch = o.fp8,
-                                              .ll_transfer = parse_ll_transfer(o.ll_transfer)});
-    if (rank.ll_over_host_api()) ll_host = true;
-    Tensor x(DType::kBF16, {T, H});
-    std::normal_distribution<float> nd(0.f, 1.f);
-    for (int64_t i = 0; i < T * H; ++i) x.as<bf16>()[i] = f32_to_bf16(nd(rng));
-    rank.upload(x);
-    rank.route();  // real DeepSeek-V3 routing of random tokens
-    cudaStream_t s = t.stream();
-    cudaEvent_t ev[4];
-    for (auto& e : ev) EPMOE_CUDA_CHECK(cudaEventCreate(&e));
-    auto elapsed_us = [&](cudaEvent_t a, cudaEvent_t b) {
-      float ms;
-      EPMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-      return double(ms) * 1e3;
-    };
-    for (int it = 0; it < o.warmup + o.iters; ++it) {
-      t.barrier();
-      EPMOE_CUDA_CHECK(cudaEventRecord(ev[0], s));
-      if (mode == EpMode::kLowLatency) {
-        rank.ll_dispatch_send();
-        rank.ll_dispatch_recv();
-      } else {
-        rank.normal_dispatch();
-      }
-      EPMOE_CUDA_CHECK(cudaEventRecord(ev[1], s));
-      if (mode == EpMode::kLowLatency) rank.ll_experts();
-      else rank.normal_experts();
-      rank.check();
-      t.barrier();
-      EPMOE_CUDA_CHECK(cudaEventRecord(ev[2], s));
-      if (mode == EpMode::kLowLatency) {
-        rank.ll_combine_send();
-        rank.ll_combine_recv();
-      } else {
-        rank.normal_combine();
-      }
-      EPMOE_CUDA_CHECK(cudaEventRecord(ev[3], s));
-      rank.check();
-      if (it >= o.warmup) {
-        disp[size_t(me)].push_back(elapsed_us(ev[0], ev[1]));
-        comb[size_t(me)].push_back(elapsed_us(ev[2], ev[3]));
-      }
+  // The layer through the executor (`none`: dispatch, experts and combine one after the other),
+  // traced: dispatch = dispatch_send + dispatch_recv, combine = combine_send + combine_recv.
+  std::mt19937_64 rng(o.seed * 131);
+  Tensor x(DType::kBF16, {T * R, H});
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t i = 0; i < x.numel(); ++i) x.as<bf16>()[i] = f32_to_bf16(nd(rng));
+  CudaRunSpec sp;
+  sp.weights = &wts;
+  sp.ep = ep;
+  sp.tokens.assign(size_t(R), T);
+  sp.x_all = &x;
+  sp.transport = o.transport;
+  sp.options = EpCudaOptions{.fp8_dispatch = o.fp8,
+                             .ll_transfer = parse_ll_transfer(o.ll_transfer)};
+  sp.iters = std::max(1, o.warmup);
+  sp.trace_iters = o.iters;
+  const CudaRunResult run = run_layer_cuda(sp);
+  const bool ll_host = run.ll_host_ranks > 0;
+  std::vector<double> disp_r(static_cast<size_t>(R)), comb_r(static_cast<size_t>(R));
+  for (int r = 0; r < R; ++r)
+    for (const auto& kv : run.strategies[0].op_us[size_t(r)]) {
+      if (kv.first.rfind("dispatch", 0) == 0) disp_r[size_t(r)] += kv.second;
+      if (kv.first.rfind("combine", 0) == 0) comb_r[size_t(r)] += kv.second;
     }
-    const EpCudaTraffic tr = rank.last_traffic();
-    // (token, expert) pairs of this rank's tokens: DESIGN §7 / DeepEP accounting.
-    Tensor ids(DType::kI32, {T, Kp});
-    EPMOE_CUDA_CHECK(cudaMemcpy(ids.view().data, rank.topk_ids().data, ids.nbytes(), cudaMemcpyDeviceToHost));
-    int64_t p = 0;
-    for (int64_t i = 0; i < T * Kp; ++i) p += ids.as<int32_t>()[i] >= 0 && ids.as<int32_t>()[i] < cfg.n_routed_experts;
-    // Baseline: a plain all-to-all of this rank's dispatch payload, split evenly over peers.
-    // Every rank sends the same number of bytes to each peer: the mean of the dispatch payloads.
-    std::vector<int64_t> all_bytes(static_cast<size_t>(R));
-    t.all_gather_host(&tr.dispatch_bytes, all_bytes.data(), 1);
-    int64_t sum_bytes = 0;
-    for (int64_t b : all_bytes) sum_bytes += b;
-    const size_t per_peer = size_t(std::max<int64_t>(16, sum_bytes / std::max(1, R * (R - 1))) / 16 * 16);
+  // (token, expert) pairs of every rank's tokens: DESIGN §7 / DeepEP accounting.
+  int64_t total_pairs = 0, total_wd = 0, total_wc = 0;
+  const Tensor& ids = run.strategies[0].ids;
+  for (int64_t i = 0; i < ids.numel(); ++i)
+    total_pairs += ids.as<int32_t>()[i] >= 0 && ids.as<int32_t>()[i] < cfg.n_routed_experts;
+  for (const EpCudaTraffic& tr : run.traffic) total_wd += tr.dispatch_bytes, total_wc += tr.combine_bytes;
+
+  // Baseline: a plain all-to-all through the transport's host API of the same dispatch bytes,
+  // split evenly over the peers.
+  std::vector<double> a2a_r(static_cast<size_t>(R));
+  std::mutex mu;
+  launch_ranks(o.transport, R, [&](GpuTransport& t) {
+    const int me = t.rank();
+    const size_t per_peer =
+        size_t(std::max<int64_t>(16, total_wd / std::max(1, R * (R - 1))) / 16 * 16);
     DeviceTensor sbuf(DType::kI32, {int64_t(per_peer * size_t(R) / 4 + 1)}), rbuf(sbuf.dtype(), sbuf.shape());
     sbuf.fill_bytes(0x11);
     std::vector<size_t> bytes(static_cast<size_t>(R), per_peer), offs(static_cast<size_t>(R));
     for (int q = 0; q < R; ++q) offs[size_t(q)] = size_t(q) * per_peer;
     bytes[size_t(me)] = 0;
+    cudaStream_t s = t.stream();
+    cudaEvent_t ev[2];
+    for (auto& e : ev) EPMOE_CUDA_CHECK(cudaEventCreate(&e));
+    std::vector<double> us;
     for (int it = 0; it < o.warmup + o.iters; ++it) {
       t.barrier();
       EPMOE_CUDA_CHECK(cudaEventRecord(ev[0], s));
       t.all_to_all_v(sbuf.view().data, bytes.data(), offs.data(), rbuf.view().data, bytes.data(), offs.data());
       EPMOE_CUDA_CHECK(cudaEventRecord(ev[1], s));
-      EPMOE_CUDA_CHECK(cudaStreamSynchronize(s));
-      if (it >= o.warmup) a2a[size_t(me)].push_back(elapsed_us(ev[0], ev[1]));
+      t.synchronize("all-to-all baseline");
+      float ms;
+      EPMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+      if (it >= o.warmup) us.push_back(double(ms) * 1e3);
     }
     for (auto& e : ev) cudaEventDestroy(e);
     std::lock_guard<std::mutex> lock(mu);
-    pairs[size_t(me)] = p;
-    wire_d[size_t(me)] = tr.dispatch_bytes;
-    wire_c[size_t(me)] = tr.combine_bytes;
+    a2a_r[size_t(me)] = median(us);
   });
 
-  // Per iteration the slowest rank sets the time; then the median over iterations.
-  auto slowest = [&](const std::vector<std::vector<double>>& v) {
-    std::vector<double> per_iter(v[0].size(), 0.0);
-    for (const auto& r : v)
-      for (size_t i = 0; i < per_iter.size() && i < r.size(); ++i) per_iter[i] = std::max(per_iter[i], r[i]);
-    return median(per_iter);
-  };
-  const double disp_us = slowest(disp), comb_us = slowest(comb), a2a_us = slowest(a2a);
-  int64_t total_pairs = 0, total_wd = 0, total_wc = 0;
-  for (int r = 0; r < R; ++r) total_pairs += pairs[size_t(r)], total_wd += wire_d[size_t(r)], total_wc += wire_c[size_t(r)];
+  // The slowest rank's median sets each time.
+  const double disp_us = *std::max_element(disp_r.begin(), disp_r.end());
+  const double comb_us = *std::max_element(comb_r.begin(), comb_r.end());
+  const double a2a_us = *std::max_element(a2a_r.begin(), a2a_r.end());
   const double disp_bytes_per_pair = o.fp8 ? double(H) + double((H + 127) / 128) * 4 : double(H) * 2;
   const double disp_bytes = double(total_pairs) * disp_bytes_per_pair;
   const double comb_bytes = double(total_pairs) * double(H) * 2;

@@ -1,9 +1,16 @@
-// Expert parallelism on GPUs (DESIGN §5): one EpRankCuda per rank, over a GpuTransport (nccl or
-// loopback). Low-latency mode: fixed shapes, send and receive halves as separate calls; between
-// load/store-reachable peers no host synchronisation, CUDA-graph capturable, bounded device
-// waits; between nodes the host-API fallback (LlTransfer below). Normal mode: deduplicated
-// dispatch through the transport's host API (it synchronises to learn receive sizes), local
-// permutation + grouped GEMM, partial sums back, reduced at the source in the canonical order.
+// Expert parallelism on GPUs (DESIGN §5), one micro-batch: dispatch and combine of one rank's
+// micro-batch over a GpuTransport (nccl or loopback), as the send and receive halves the overlap
+// schedules call separately. A micro-batch owns its receive buffers, its low-latency window and
+// its sequence number, so micro-batch A of every rank meets micro-batch A of the others.
+//
+// Low-latency mode: fixed shapes; between load/store-reachable peers no host synchronisation,
+// CUDA-graph capturable, bounded device waits; between nodes the host-API fallback (LlTransfer).
+// Normal mode: dispatch_send lays out and packs without waiting for peers; dispatch_recv learns
+// the receive sizes (one host synchronisation) and exchanges through the transport's host API;
+// combine returns f32 partial sums reduced at the source in the canonical order.
+//
+// Every call takes the stream it runs on (the rank's communication stream). The kernels launch
+// at most `comm_blocks` blocks each, so the other micro-batch's GEMMs keep the rest of the GPU.
 #pragma once
 
 #include <cstdint>
@@ -13,7 +20,6 @@
 #include "epmoe/comm/gpu_transport.h"
 #include "epmoe/core/config.h"
 #include "epmoe/core/tensor.h"
-#include "epmoe/weights/moe_weights.h"
 
 namespace epmoe::cuda {
 
@@ -34,72 +40,71 @@ struct EpCudaOptions {
   bool fp8_dispatch = false;   // FP8 e4m3 payload with one f32 scale per 128 values
   int64_t timeout_ms = -1;     // device waits; -1 = EPMOE_TIMEOUT_MS
   LlTransfer ll_transfer = LlTransfer::kAuto;
+  // Blocks each communication kernel may use (DeepEP's num_sms); 0 = as many as the work has.
+  int comm_blocks = 24;
 };
 
-// Traffic of the last layer call to other ranks (self excluded), bytes as they crossed.
+// Traffic of the last dispatch/combine to other ranks (self excluded), bytes as they crossed.
 struct EpCudaTraffic {
   int64_t dispatch_tokens = 0, dispatch_bytes = 0, combine_bytes = 0;
 };
 
-class EpRankCuda {
+// What dispatch_send reads: this micro-batch's tokens and routing (device, fixed shapes).
+struct EpTokens {
+  const void* x = nullptr;              // [T_max, H] bf16
+  const int32_t* topk_ids = nullptr;    // [T_max, K'] i32, -1 = unrouted
+  const float* topk_weights = nullptr;  // [T_max, K'] f32
+  const int32_t* num_tokens = nullptr;  // device i32, T <= T_max
+};
+
+class EpMicroBatchCuda {
  public:
-  // weights: host weights of the whole layer; this rank uploads its experts and the shared ones.
-  EpRankCuda(GpuTransport& transport, const MoeWeights& weights, const EpConfig& ep,
-             const EpCudaOptions& options = {});
-  ~EpRankCuda();
+  // name: "A" / "B" in messages. cfg/ep validated by the caller (the layer).
+  EpMicroBatchCuda(GpuTransport& transport, const MoeConfig& cfg, const EpConfig& ep,
+                   const EpCudaOptions& options, std::string name);
+  ~EpMicroBatchCuda();
+  EpMicroBatchCuda(const EpMicroBatchCuda&) = delete;
+  EpMicroBatchCuda& operator=(const EpMicroBatchCuda&) = delete;
 
-  // ---- inputs (device buffers of fixed shape; rows < num_tokens are live) ----
-  TensorView x() const;             // [T_max, H] bf16
-  TensorView topk_ids() const;      // [T_max, K'] i32
-  TensorView topk_weights() const;  // [T_max, K'] f32
-  int32_t* num_tokens() const;      // device i32
-  // Copies host tokens (and a routing, when given) into the buffers, on the rank's stream.
-  void upload(const TensorView& x_host, const TensorView& ids_host = {},
-              const TensorView& weights_host = {});
-  // Runs the gate (cuBLAS GEMM + fused gate kernel) on the live tokens into topk_ids/weights.
-  void route();
+  const std::string& name() const;
+  // Low-latency mode over the host API (LlTransfer::kHostApi, or kAuto with unreachable peers).
+  bool ll_over_host_api() const;
 
-  // ---- low-latency halves (enqueue only; capturable) ----
-  void ll_dispatch_send();
-  void ll_dispatch_recv();
-  void ll_experts();
-  void ll_combine_send();
-  void ll_combine_recv();
-  // ---- normal mode (synchronises once to size the receive buffers) ----
-  void normal_dispatch();
-  void normal_experts();
-  void normal_combine();
-  // Shared expert(s) on this rank's tokens; the layer calls it between the dispatch halves.
-  void shared_experts();
-  // The layer after the gate on the current buffers: y = routed (+ shared) (· rsf if asked).
-  void forward_routed();
-  // The last step of forward_routed, for callers that run the stages one by one: adds the
-  // unfused shared expert and applies the scale on output.
-  void finish_layer();
+  // ---- the four halves (enqueue on `s`; normal-mode and host-API receive halves sync once) ----
+  void dispatch_send(const EpTokens& in, cudaStream_t s);
+  void dispatch_recv(cudaStream_t s);
+  // Expert side. Low-latency: expert_out = the masked [E_loc, R·T_max, H] bf16 down-GEMM output.
+  // Normal: expert_out = partial sums [N_recv, H] f32 per received token (normal_partials()).
+  void combine_send(cudaStream_t s);
+  // y_routed: [T_max, H] f32 (rows < T), the routed (and fused shared) part in the canonical
+  // order; fused_shared: [T_max, n_shared, H] f32 or nullptr.
+  void combine_recv(float* y_routed, const float* fused_shared, cudaStream_t s);
 
-  // Output: [T_max, H] f32 (rows < num_tokens).
-  TensorView y() const;
-  // Receive side of the last dispatch. Low-latency: recv_x [E_loc, R·T_max, H] bf16,
-  // recv_count [E_loc] i32, recv_src [E_loc, R·T_max, 3] i32. Normal: recv_x [N_recv, H] bf16.
+  // ---- receive side of the last dispatch ----
+  // Low-latency: recv_x [E_loc, R·T_max, H] bf16, recv_count [E_loc] i32 (device),
+  // recv_src [E_loc, R·T_max, 3] i32 (source rank, source token, slot); expert_out has recv_x's
+  // shape and is what combine_send returns.
   TensorView recv_x() const;
   TensorView recv_count() const;
   TensorView recv_src() const;
+  TensorView ll_expert_out() const;
+  // Normal: N_recv (host), recv_x [N_recv, H] bf16, recv_ids [N_recv, K'] i32 local ids or -1,
+  // recv_w [N_recv, K'] f32; the experts write normal_partials() [N_recv, H] f32.
+  int64_t normal_num_recv() const;
+  TensorView normal_recv_x() const;
+  TensorView normal_recv_ids() const;
+  TensorView normal_recv_weights() const;
+  TensorView normal_partials();
 
-  // Synchronises the stream; throws Error(kTimeout) with rank, peer, expected and observed
-  // values if a device wait ran out, Error(kCuda) for other failures.
-  void check();
-  // Reads the last call's traffic (synchronises).
-  EpCudaTraffic last_traffic();
-
-  GpuTransport& transport() { return t_; }
-  // Low-latency mode: whether this rank moves tokens through the host API (LlTransfer::kHostApi,
-  // or kAuto with unreachable peers). False in normal mode.
-  bool ll_over_host_api() const;
-  const EpConfig& ep() const;
+  // Throws Error(kTimeout) naming the micro-batch, rank, peer, expected and observed values if a
+  // device wait ran out, Error(kInvalidArgument) if an expert overflowed its receive rows.
+  // Reads the device error record (synchronises `s`).
+  void check(cudaStream_t s);
+  // The last call's traffic (synchronises `s`).
+  EpCudaTraffic last_traffic(cudaStream_t s);
 
  private:
   struct Impl;
-  GpuTransport& t_;
   std::unique_ptr<Impl> impl_;
 };
 

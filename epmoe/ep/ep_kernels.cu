@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
+#include <algorithm>
 #include <cstdio>
 
 #include "epmoe/cuda/cuda_check.h"
@@ -400,8 +401,11 @@ ll_recv_index_kernel(int32_t* recv_count, int32_t* recv_src, int32_t* recv_recor
                      EpDims d) {
   __shared__ int s_count[kMaxRanks];
   __shared__ int s_fail, s_running;
-  const int e = blockIdx.x, R = d.num_ranks;
+  const int R = d.num_ranks;
   const int64_t m_max = int64_t(R) * d.t_max;
+  // Blocks stride over the local experts (a bounded grid on the communication stream).
+  for (int e = blockIdx.x; e < d.local_experts; e += gridDim.x) {
+  __syncthreads();
   if (threadIdx.x == 0) {
     s_fail = err->failed;
     s_running = 0;
@@ -411,7 +415,7 @@ ll_recv_index_kernel(int32_t* recv_count, int32_t* recv_src, int32_t* recv_recor
   if (s_fail) {
     if (threadIdx.x == 0) recv_count[e] = 0;
     if (int(threadIdx.x) <= R) recv_seg[e * (R + 1) + threadIdx.x] = 0;
-    return;
+    continue;
   }
   // Ordered compaction of the (source, token, slot) triples that hit expert e.
   for (int s = 0; s < R; ++s) {
@@ -459,33 +463,42 @@ ll_recv_index_kernel(int32_t* recv_count, int32_t* recv_src, int32_t* recv_recor
       __threadfence();
     }
   }
+  }
 }
 
 __global__ void __launch_bounds__(kWarps * 32)
 ll_expand_kernel(__nv_bfloat16* recv_x, const int32_t* recv_count, const int32_t* recv_record,
                  const char* window, LowLatencyLayout ll, RecordLayout rec, EpDims d) {
-  const int e = blockIdx.x, lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31;
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
-  const int64_t row = int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5);
-  if (row >= recv_count[e]) return;
-  const int32_t r = recv_record[int64_t(e) * m_max + row];
-  payload_to_row(recv_x + (int64_t(e) * m_max + row) * d.hidden,
-                 window + ll.staging + size_t(r) * rec.bytes, rec, lane);
+  for (int e = blockIdx.x; e < d.local_experts; e += gridDim.x) {
+    const int64_t n = recv_count[e];
+    for (int64_t row = int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5); row < n;
+         row += int64_t(gridDim.y) * kWarps) {
+      const int32_t r = recv_record[int64_t(e) * m_max + row];
+      payload_to_row(recv_x + (int64_t(e) * m_max + row) * d.hidden,
+                     window + ll.staging + size_t(r) * rec.bytes, rec, lane);
+    }
+  }
 }
 
 __global__ void __launch_bounds__(kWarps * 32)
 ll_combine_send_kernel(void* const* peers, LowLatencyLayout ll, const __nv_bfloat16* expert_out,
                        const int32_t* recv_count, const int32_t* recv_src, EpDims d) {
-  const int e = blockIdx.x, lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31;
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
-  const int64_t row = int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5);
-  if (row < recv_count[e]) {
-    const int32_t* src = recv_src + (int64_t(e) * m_max + row) * 3;
-    const int s = src[0], t = src[1], k = src[2];
-    uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(peers[s]) + ll.combine +
-                                          (size_t(t) * d.num_slots + size_t(k)) * d.hidden * 2);
-    const uint4* in = reinterpret_cast<const uint4*>(expert_out + (int64_t(e) * m_max + row) * d.hidden);
-    for (int64_t v = lane; v < d.hidden / 8; v += 32) dst[v] = in[v];
+  for (int e = blockIdx.x; e < d.local_experts; e += gridDim.x) {
+    const int64_t n = recv_count[e];
+    for (int64_t row = int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5); row < n;
+         row += int64_t(gridDim.y) * kWarps) {
+      const int32_t* src = recv_src + (int64_t(e) * m_max + row) * 3;
+      const int s = src[0], t = src[1], k = src[2];
+      uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(peers[s]) + ll.combine +
+                                            (size_t(t) * d.num_slots + size_t(k)) * d.hidden * 2);
+      const uint4* in =
+          reinterpret_cast<const uint4*>(expert_out + (int64_t(e) * m_max + row) * d.hidden);
+      for (int64_t v = lane; v < d.hidden / 8; v += 32) dst[v] = in[v];
+    }
   }
   __threadfence_system();
 }
@@ -499,24 +512,31 @@ ll_return_pack_kernel(char* out, size_t ret_bytes, const int32_t* src_base,
                       const __nv_bfloat16* expert_out, const int32_t* recv_count,
                       const int32_t* recv_src, const int32_t* recv_seg, EpDims d) {
   __shared__ int s_first[kMaxRanks];  // first return row of (source s, expert e)
-  const int e = blockIdx.x, lane = threadIdx.x & 31, R = d.num_ranks;
+  const int lane = threadIdx.x & 31, R = d.num_ranks;
   const int64_t m_max = int64_t(R) * d.t_max;
-  if (int(threadIdx.x) < R) {
-    const int s = threadIdx.x;
-    int before = 0;
-    for (int e2 = 0; e2 < e; ++e2)
-      before += recv_seg[e2 * (R + 1) + s + 1] - recv_seg[e2 * (R + 1) + s];
-    s_first[s] = src_base[s] + before - recv_seg[e * (R + 1) + s];
+  for (int e = blockIdx.x; e < d.local_experts; e += gridDim.x) {
+    __syncthreads();
+    if (int(threadIdx.x) < R) {
+      const int s = threadIdx.x;
+      int before = 0;
+      for (int e2 = 0; e2 < e; ++e2)
+        before += recv_seg[e2 * (R + 1) + s + 1] - recv_seg[e2 * (R + 1) + s];
+      s_first[s] = src_base[s] + before - recv_seg[e * (R + 1) + s];
+    }
+    __syncthreads();
+    const int64_t n = recv_count[e];
+    for (int64_t row = int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5); row < n;
+         row += int64_t(gridDim.y) * kWarps) {
+      const int32_t* src = recv_src + (int64_t(e) * m_max + row) * 3;
+      char* rp = out + size_t(s_first[src[0]] + row) * ret_bytes;
+      if (lane < 4)
+        reinterpret_cast<int32_t*>(rp)[lane] = lane == 0 ? src[1] : lane == 1 ? src[2] : 0;
+      const uint4* in =
+          reinterpret_cast<const uint4*>(expert_out + (int64_t(e) * m_max + row) * d.hidden);
+      uint4* o = reinterpret_cast<uint4*>(rp + 16);
+      for (int64_t v = lane; v < d.hidden / 8; v += 32) o[v] = in[v];
+    }
   }
-  __syncthreads();
-  const int64_t row = int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5);
-  if (row >= recv_count[e]) return;
-  const int32_t* src = recv_src + (int64_t(e) * m_max + row) * 3;
-  char* rp = out + size_t(s_first[src[0]] + row) * ret_bytes;
-  if (lane < 4) reinterpret_cast<int32_t*>(rp)[lane] = lane == 0 ? src[1] : lane == 1 ? src[2] : 0;
-  const uint4* in = reinterpret_cast<const uint4*>(expert_out + (int64_t(e) * m_max + row) * d.hidden);
-  uint4* o = reinterpret_cast<uint4*>(rp + 16);
-  for (int64_t v = lane; v < d.hidden / 8; v += 32) o[v] = in[v];
 }
 
 // Host-API path, source side: n return records → the window's combine rows [T_max][K'] (the
@@ -525,15 +545,17 @@ __global__ void __launch_bounds__(kWarps * 32)
 ll_return_unpack_kernel(char* window, LowLatencyLayout ll, const char* in, size_t ret_bytes,
                         int64_t n, EpDims d) {
   const int lane = threadIdx.x & 31;
-  const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (i >= n) return;
-  const char* rp = in + size_t(i) * ret_bytes;
-  const int t = reinterpret_cast<const int32_t*>(rp)[0], k = reinterpret_cast<const int32_t*>(rp)[1];
-  if (t < 0 || t >= d.t_max || k < 0 || k >= d.num_slots) return;  // never out of the window
-  uint4* dst = reinterpret_cast<uint4*>(window + ll.combine +
-                                        (size_t(t) * d.num_slots + size_t(k)) * d.hidden * 2);
-  const uint4* src = reinterpret_cast<const uint4*>(rp + 16);
-  for (int64_t v = lane; v < d.hidden / 8; v += 32) dst[v] = src[v];
+  for (int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); i < n;
+       i += int64_t(gridDim.x) * kWarps) {
+    const char* rp = in + size_t(i) * ret_bytes;
+    const int t = reinterpret_cast<const int32_t*>(rp)[0];
+    const int k = reinterpret_cast<const int32_t*>(rp)[1];
+    if (t < 0 || t >= d.t_max || k < 0 || k >= d.num_slots) continue;  // never out of the window
+    uint4* dst = reinterpret_cast<uint4*>(window + ll.combine +
+                                          (size_t(t) * d.num_slots + size_t(k)) * d.hidden * 2);
+    const uint4* src = reinterpret_cast<const uint4*>(rp + 16);
+    for (int64_t v = lane; v < d.hidden / 8; v += 32) dst[v] = src[v];
+  }
 }
 
 __global__ void __launch_bounds__(kWarps * 32)
@@ -551,9 +573,8 @@ ll_combine_recv_kernel(float* y, const char* window, LowLatencyLayout ll, const 
   ReducePlan* plan = reinterpret_cast<ReducePlan*>(s_plan_raw) + warp;
   float* acc = s_acc + size_t(warp) * kMaxDeviceSlots * 8 * 32;
   const int64_t T = min(int64_t(*num_tokens), d.t_max);
-  const int64_t t = int64_t(blockIdx.x) * kWarps + warp;
-  if (t >= T) return;
   Item* items = s_items[warp];
+  for (int64_t t = int64_t(blockIdx.x) * kWarps + warp; t < T; t += int64_t(gridDim.x) * kWarps) {
   if (lane < d.num_slots) {
     const int id = ids[t * d.num_slots + lane];
     Item it{nullptr, w[t * d.num_slots + lane], 0, 0, id};
@@ -569,6 +590,7 @@ ll_combine_recv_kernel(float* y, const char* window, LowLatencyLayout ll, const 
   const int64_t c0 = int64_t(blockIdx.y) * kCombineCols;
   plan_and_reduce(y + t * d.hidden, items, d.num_slots, plan, d.num_routed, c0,
                   min(d.hidden, c0 + kCombineCols), acc, lane);
+  }
 }
 
 // ---- normal mode ----
@@ -576,13 +598,14 @@ __global__ void __launch_bounds__(kWarps * 32)
 normal_unpack_kernel(__nv_bfloat16* recv_x, int32_t* recv_ids, float* recv_w, const char* recv,
                      RecordLayout rec, int64_t n) {
   const int lane = threadIdx.x & 31;
-  const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (i >= n) return;
-  const char* rp = recv + size_t(i) * rec.bytes;
-  payload_to_row(recv_x + i * rec.hidden, rp, rec, lane);
-  if (lane < rec.num_slots) {
-    recv_ids[i * rec.num_slots + lane] = reinterpret_cast<const int32_t*>(rp + rec.ids_off)[lane];
-    recv_w[i * rec.num_slots + lane] = reinterpret_cast<const float*>(rp + rec.w_off)[lane];
+  for (int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); i < n;
+       i += int64_t(gridDim.x) * kWarps) {
+    const char* rp = recv + size_t(i) * rec.bytes;
+    payload_to_row(recv_x + i * rec.hidden, rp, rec, lane);
+    if (lane < rec.num_slots) {
+      recv_ids[i * rec.num_slots + lane] = reinterpret_cast<const int32_t*>(rp + rec.ids_off)[lane];
+      recv_w[i * rec.num_slots + lane] = reinterpret_cast<const float*>(rp + rec.w_off)[lane];
+    }
   }
 }
 
@@ -595,9 +618,8 @@ normal_combine_kernel(float* y, const float* partials, const int32_t* dest_slot,
   __shared__ alignas(ReducePlan) unsigned char s_plan_raw[kWarps * sizeof(ReducePlan)];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t T = min(int64_t(*num_tokens), d.t_max);
-  const int64_t t = int64_t(blockIdx.x) * kWarps + warp;
-  if (t >= T) return;
   Item* items = s_items[warp];
+  for (int64_t t = int64_t(blockIdx.x) * kWarps + warp; t < T; t += int64_t(gridDim.x) * kWarps) {
   for (int r = lane; r < d.num_ranks; r += 32) {
     const int slot = dest_slot[t * d.num_ranks + r];
     Item it{nullptr, 1.f, 1, 1, r * d.local_experts};
@@ -617,6 +639,7 @@ normal_combine_kernel(float* y, const float* partials, const int32_t* dest_slot,
   const int64_t c0 = int64_t(blockIdx.y) * kCombineCols;
   plan_and_reduce(y + t * d.hidden, items, d.num_ranks + d.num_slots, plan, d.num_routed, c0,
                   min(d.hidden, c0 + kCombineCols), acc, lane);
+  }
 }
 
 __global__ void add_rows_kernel(float* y, const float* add, float scale, const int32_t* num_tokens,
@@ -646,9 +669,31 @@ __global__ void scatter_shared_kernel(float* out, const float* in, int j, int n,
   }
 }
 
+__global__ void dest_offsets_kernel(int32_t* offsets, const int32_t* counts, int R) {
+  if (threadIdx.x == 0) {
+    int acc = 0;
+    for (int r = 0; r < R; ++r) {
+      offsets[r] = acc;
+      acc += counts[r];
+    }
+  }
+}
+
 unsigned blocks_for(int64_t items, int per_block) {
   const int64_t b = (items + per_block - 1) / per_block;
   return unsigned(b < 1 ? 1 : (b > 65535 ? 65535 : b));
+}
+
+// Grid of a communication kernel: enough blocks for the work, at most d.max_blocks in all.
+unsigned capped(int64_t blocks, const EpDims& d) {
+  const int64_t b = blocks < 1 ? 1 : blocks;
+  return unsigned(d.max_blocks > 0 && b > d.max_blocks ? d.max_blocks : b);
+}
+dim3 capped2(int64_t x, int64_t y, const EpDims& d) {
+  if (d.max_blocks <= 0) return dim3(unsigned(x < 1 ? 1 : x), unsigned(y < 1 ? 1 : y));
+  const int64_t gx = x < 1 ? 1 : (x > d.max_blocks ? d.max_blocks : x);
+  const int64_t gy = std::max<int64_t>(1, std::min<int64_t>(y, d.max_blocks / gx));
+  return dim3(unsigned(gx), unsigned(gy));
 }
 
 constexpr size_t kCombineSmem = size_t(kWarps) * kMaxDeviceSlots * 8 * 32 * sizeof(float);
@@ -678,6 +723,7 @@ void prepare_kernels() {
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, add_rows_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, single_segment_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, scatter_shared_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, dest_offsets_kernel));
   allow_big_smem(ll_combine_recv_kernel, kCombineSmem);
   allow_big_smem(normal_combine_kernel, kCombineSmem);
 }
@@ -697,7 +743,7 @@ void launch_pack(void* const* peers, size_t peer_off, void* send, const int32_t*
                  const RecordLayout& rec, const void* x, const int32_t* topk_ids,
                  const float* topk_weights, const int32_t* num_tokens, const int32_t* dest_slot,
                  const EpDims& d, cudaStream_t stream) {
-  pack_records_kernel<<<blocks_for(d.t_max * d.num_ranks, kWarps), kWarps * 32, 0, stream>>>(
+  pack_records_kernel<<<capped(blocks_for(d.t_max * d.num_ranks, kWarps), d), kWarps * 32, 0, stream>>>(
       peers, peer_off, static_cast<char*>(send), dest_offset, rec,
       static_cast<const __nv_bfloat16*>(x), topk_ids, topk_weights, num_tokens, dest_slot, d);
   EPMOE_CUDA_CHECK_LAUNCH("pack_records_kernel");
@@ -731,12 +777,12 @@ void ll_expand_received(void* recv_x, int32_t* recv_count, int32_t* recv_src,
                         const RecordLayout& rec, DeviceWaitError* err, const EpDims& d,
                         cudaStream_t stream) {
   const char* win = static_cast<const char*>(local_window);
-  ll_recv_index_kernel<<<d.local_experts, 256, 0, stream>>>(recv_count, recv_src, recv_record,
+  ll_recv_index_kernel<<<capped(d.local_experts, d), 256, 0, stream>>>(recv_count, recv_src, recv_record,
                                                             recv_seg, win, ll, rec, src_count,
                                                             err, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_recv_index_kernel");
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
-  ll_expand_kernel<<<dim3(d.local_experts, blocks_for(m_max, kWarps)), kWarps * 32, 0, stream>>>(
+  ll_expand_kernel<<<capped2(d.local_experts, blocks_for(m_max, kWarps), d), kWarps * 32, 0, stream>>>(
       static_cast<__nv_bfloat16*>(recv_x), recv_count, recv_record, win, ll, rec, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_expand_kernel");
 }
@@ -745,7 +791,7 @@ void ll_combine_send(void* const* peers, const LowLatencyLayout& ll, const void*
                      const int32_t* recv_count, const int32_t* recv_src, const uint64_t* seq,
                      const EpDims& d, cudaStream_t stream) {
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
-  ll_combine_send_kernel<<<dim3(d.local_experts, blocks_for(m_max, kWarps)), kWarps * 32, 0,
+  ll_combine_send_kernel<<<capped2(d.local_experts, blocks_for(m_max, kWarps), d), kWarps * 32, 0,
                            stream>>>(peers, ll, static_cast<const __nv_bfloat16*>(expert_out),
                                      recv_count, recv_src, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_combine_send_kernel");
@@ -768,7 +814,8 @@ void ll_combine_reduce(float* y, const void* local_window, const LowLatencyLayou
                        const int32_t* topk_ids, const float* topk_weights,
                        const float* shared_out, const int32_t* num_tokens,
                        const DeviceWaitError* err, const EpDims& d, cudaStream_t stream) {
-  const dim3 grid(blocks_for(d.t_max, kWarps), unsigned((d.hidden + kCombineCols - 1) / kCombineCols));
+  const int64_t col_blocks = (d.hidden + kCombineCols - 1) / kCombineCols;
+  const dim3 grid(capped(blocks_for(d.t_max, kWarps), EpDims{.max_blocks = d.max_blocks > 0 ? std::max<int>(1, d.max_blocks / int(col_blocks)) : 0}), unsigned(col_blocks));
   ll_combine_recv_kernel<<<grid, kWarps * 32, kCombineSmem, stream>>>(
       y, static_cast<const char*>(local_window), ll, topk_ids, topk_weights, shared_out,
       num_tokens, err, d);
@@ -781,7 +828,7 @@ void ll_return_pack(void* out, const int32_t* src_base, const void* expert_out,
                     const int32_t* recv_count, const int32_t* recv_src, const int32_t* recv_seg,
                     const EpDims& d, cudaStream_t stream) {
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
-  ll_return_pack_kernel<<<dim3(d.local_experts, blocks_for(m_max, kWarps)), kWarps * 32, 0,
+  ll_return_pack_kernel<<<capped2(d.local_experts, blocks_for(m_max, kWarps), d), kWarps * 32, 0,
                           stream>>>(static_cast<char*>(out), return_record_bytes(d.hidden),
                                     src_base, static_cast<const __nv_bfloat16*>(expert_out),
                                     recv_count, recv_src, recv_seg, d);
@@ -791,7 +838,7 @@ void ll_return_pack(void* out, const int32_t* src_base, const void* expert_out,
 void ll_return_unpack(void* local_window, const LowLatencyLayout& ll, const void* in, int64_t n,
                       const EpDims& d, cudaStream_t stream) {
   if (n == 0) return;
-  ll_return_unpack_kernel<<<unsigned((n + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(
+  ll_return_unpack_kernel<<<capped((n + kWarps - 1) / kWarps, d), kWarps * 32, 0, stream>>>(
       static_cast<char*>(local_window), ll, static_cast<const char*>(in),
       return_record_bytes(d.hidden), n, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_return_unpack_kernel");
@@ -805,9 +852,9 @@ void normal_pack(void* send, const RecordLayout& rec, const void* x, const int32
 }
 
 void normal_unpack(void* recv_x, int32_t* recv_ids, float* recv_w, const void* recv,
-                   const RecordLayout& rec, int64_t n, cudaStream_t stream) {
+                   const RecordLayout& rec, int64_t n, const EpDims& d, cudaStream_t stream) {
   if (n == 0) return;
-  normal_unpack_kernel<<<unsigned((n + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(
+  normal_unpack_kernel<<<capped((n + kWarps - 1) / kWarps, d), kWarps * 32, 0, stream>>>(
       static_cast<__nv_bfloat16*>(recv_x), recv_ids, recv_w, static_cast<const char*>(recv), rec,
       n);
   EPMOE_CUDA_CHECK_LAUNCH("normal_unpack_kernel");
@@ -819,7 +866,8 @@ void normal_combine(float* y, const float* partials, const int32_t* dest_slot,
                     const int32_t* num_tokens, const EpDims& d, cudaStream_t stream) {
   EPMOE_CHECK(d.num_ranks + d.num_slots <= kMaxItems && d.num_ranks <= 32, kUnsupported,
               "normal-mode combine supports up to 32 ranks, got {}", d.num_ranks);
-  const dim3 grid(blocks_for(d.t_max, kWarps), unsigned((d.hidden + kCombineCols - 1) / kCombineCols));
+  const int64_t col_blocks = (d.hidden + kCombineCols - 1) / kCombineCols;
+  const dim3 grid(capped(blocks_for(d.t_max, kWarps), EpDims{.max_blocks = d.max_blocks > 0 ? std::max<int>(1, d.max_blocks / int(col_blocks)) : 0}), unsigned(col_blocks));
   normal_combine_kernel<<<grid, kWarps * 32, kCombineSmem, stream>>>(
       y, partials, dest_slot, dest_offset, topk_ids, topk_weights, shared_out, num_tokens, d);
   EPMOE_CUDA_CHECK_LAUNCH("normal_combine_kernel");
@@ -830,6 +878,12 @@ void add_rows(float* y, const float* add, float scale, const int32_t* num_tokens
   add_rows_kernel<<<blocks_for(t_max * hidden, 256 * 8), 256, 0, stream>>>(y, add, scale,
                                                                           num_tokens, t_max, hidden);
   EPMOE_CUDA_CHECK_LAUNCH("add_rows_kernel");
+}
+
+void dest_offsets(int32_t* dest_offset, const int32_t* dest_count, int num_ranks,
+                  cudaStream_t stream) {
+  dest_offsets_kernel<<<1, 32, 0, stream>>>(dest_offset, dest_count, num_ranks);
+  EPMOE_CUDA_CHECK_LAUNCH("dest_offsets_kernel");
 }
 
 void make_single_segment(int32_t* seg, const int32_t* num_tokens, cudaStream_t stream) {

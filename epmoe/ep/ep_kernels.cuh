@@ -48,6 +48,9 @@ struct EpDims {
   int num_routed = 0, local_experts = 0, num_slots = 0;
   int n_shared_fused = 0;
   int64_t hidden = 0, t_max = 0;
+  // Most blocks one communication kernel launches (0 = no bound): the rest of the GPU stays
+  // free for the other micro-batch's GEMMs. The kernels stride over their work.
+  int max_blocks = 0;
 };
 
 // Loads this module's kernels and sets their shared-memory limits; call once per device before
@@ -61,6 +64,11 @@ void prepare_kernels();
 // topk_ids: [T_max, K'] i32; num_tokens: device i32 (T <= T_max).
 void route_layout(int32_t* dest_slot, int32_t* dest_count, int32_t* dest_pairs,
                   const int32_t* topk_ids, const int32_t* num_tokens, const EpDims& d,
+                  cudaStream_t stream);
+
+// dest_offset[r] = sum of dest_count[0..r): the first packed record of each destination.
+// dest_offset, dest_count: [R] i32 device.
+void dest_offsets(int32_t* dest_offset, const int32_t* dest_count, int num_ranks,
                   cudaStream_t stream);
 
 // ---- low-latency ----
@@ -130,7 +138,7 @@ void normal_pack(void* send, const RecordLayout& rec, const void* x, const int32
                  const int32_t* dest_offset, const EpDims& d, cudaStream_t stream);
 // Received records → recv_x [N, H] bf16, recv_ids [N, K'] i32 (local ids), recv_w [N, K'] f32.
 void normal_unpack(void* recv_x, int32_t* recv_ids, float* recv_w, const void* recv,
-                   const RecordLayout& rec, int64_t n, cudaStream_t stream);
+                   const RecordLayout& rec, int64_t n, const EpDims& d, cudaStream_t stream);
 // Source side: y[t] from the partial sums returned by each visited rank, in the canonical order.
 // partials: [Σ dest_count, H] f32 in destination-major token order; shared_out as above.
 void normal_combine(float* y, const float* partials, const int32_t* dest_slot,

@@ -1,7 +1,9 @@
-// Expert parallelism on GPUs over the loopback transport (R virtual ranks on one GPU, the same
-// kernels as over NCCL): EP output bitwise equal to the 1-rank output over >= 100 random
-// routings (skew, empty ranks, -1 ids), both modes, bf16 and FP8 dispatch; layouts; only real
-// tokens on the wire; CUDA-graph capture and replay; a silent peer times out; golden files split
+// The GPU layer (MoeLayerRankCuda) driven by the executor over the loopback transport (R virtual
+// ranks on one GPU, the same kernels as over NCCL): output bitwise equal to the 1-rank output
+// over >= 100 random routings (skew, empty ranks, -1 ids), both modes, bf16 and FP8 dispatch;
+// every overlap strategy bitwise equal to `none`; the three transfer paths bitwise the same;
+// layouts; only real tokens on the wire; the TBO decode layer captured in one CUDA graph and
+// replayed; silent peers (also on micro-batch B only) time out naming them; golden files split
 // across ranks. Multi-GPU variants over NCCL skip with fewer than 2 GPUs.
 #include <algorithm>
 #include <atomic>
@@ -16,6 +18,8 @@
 #include "epmoe/core/env.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/ep/ep_cuda.h"
+#include "epmoe/layer/layer_rank_cuda.h"
+#include "epmoe/overlap/executor.h"
 #include "epmoe/layer/moe_layer_cpu.h"
 #include "epmoe/weights/moe_weights.h"
 #include "epmoe/weights/safetensors.h"
@@ -84,10 +88,16 @@ TensorView rows(const Tensor& t, int64_t first, int64_t n) {
                     {n, w}, t.dtype(), Device::kCpu};
 }
 
-// Runs the routed layer on R loopback ranks; returns y gathered [total, H] f32.
+// One forward of the layer under a strategy: the executor owns the order.
+void forward(MoeLayerRank& layer, OverlapKind kind = OverlapKind::kNone) {
+  execute(layer, make_strategy(kind, layer.ep().mode));
+}
+
+// Runs the layer on R loopback ranks; returns y gathered [total, H] f32.
 // one_rank: run all of r's tokens on a single rank instead of r.tokens' split.
 Tensor run_loopback_ep(const MoeWeights& wts, int R, EpMode mode, int64_t t_max, const Routing& r,
-                       const EpCudaOptions& opt = {}, bool one_rank = false) {
+                       const EpCudaOptions& opt = {}, bool one_rank = false,
+                       OverlapKind kind = OverlapKind::kNone) {
   const int64_t H = wts.config.hidden;
   Tensor y(DType::kF32, {r.total, H});
   const std::vector<int64_t> tokens = one_rank ? std::vector<int64_t>{r.total} : r.tokens;
@@ -99,11 +109,11 @@ Tensor run_loopback_ep(const MoeWeights& wts, int R, EpMode mode, int64_t t_max,
   for (size_t i = 1; i < tokens.size(); ++i) first[i] = first[i - 1] + tokens[i - 1];
   run_loopback(R, 0, [&](GpuTransport& t) {
     const size_t me = size_t(t.rank());
-    EpRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = t_max},
-                    opt);
+    MoeLayerRankCuda rank(t, wts,
+                          EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = t_max}, opt);
     const int64_t n = tokens[me];
     rank.upload(rows(r.x, first[me], n), rows(r.ids, first[me], n), rows(r.w, first[me], n));
-    for (int iter = 0; iter < 2; ++iter) rank.forward_routed();  // buffers and flags reused
+    for (int iter = 0; iter < 2; ++iter) forward(rank, kind);  // buffers and flags reused
     rank.check();
     if (n) {
       EPMOE_CUDA_CHECK(cudaMemcpy(y.as<float>() + first[me] * H, rank.y().data,
@@ -176,19 +186,20 @@ TEST(GpuExpertParallel, LowLatencyLayoutAndOnlyRealTokens) {
     int64_t first = 0;
     for (int i = 0; i < me; ++i) first += r.tokens[size_t(i)];
     const int64_t n = r.tokens[size_t(me)];
-    EpRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = EpMode::kLowLatency,
+    MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = EpMode::kLowLatency,
                                      .max_tokens_per_rank = t_max},
                     EpCudaOptions{.ll_transfer = how});
     EXPECT_EQ(rank.ll_over_host_api(), how == LlTransfer::kHostApi);
     rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
-    rank.ll_dispatch_send();
-    rank.ll_dispatch_recv();
+    forward(rank);
     rank.check();
+    // The receive side of the forward's (only) micro-batch.
+    const EpMicroBatchCuda& mb = rank.ep_micro_batch(0);
     Tensor cnt(DType::kI32, {E_loc}), src(DType::kI32, {E_loc, m_max, 3});
     Tensor rx(DType::kBF16, {E_loc, m_max, cfg.hidden});
-    EPMOE_CUDA_CHECK(cudaMemcpy(cnt.view().data, rank.recv_count().data, cnt.nbytes(), cudaMemcpyDeviceToHost));
-    EPMOE_CUDA_CHECK(cudaMemcpy(src.view().data, rank.recv_src().data, src.nbytes(), cudaMemcpyDeviceToHost));
-    EPMOE_CUDA_CHECK(cudaMemcpy(rx.view().data, rank.recv_x().data, rx.nbytes(), cudaMemcpyDeviceToHost));
+    EPMOE_CUDA_CHECK(cudaMemcpy(cnt.view().data, mb.recv_count().data, cnt.nbytes(), cudaMemcpyDeviceToHost));
+    EPMOE_CUDA_CHECK(cudaMemcpy(src.view().data, mb.recv_src().data, src.nbytes(), cudaMemcpyDeviceToHost));
+    EPMOE_CUDA_CHECK(cudaMemcpy(rx.view().data, mb.recv_x().data, rx.nbytes(), cudaMemcpyDeviceToHost));
     std::vector<int32_t> expect(size_t(E_loc), 0);
     int64_t copies = 0, g = 0, returned = 0;  // returned: rows this rank sends back to others
     for (int s = 0; s < R; ++s)
@@ -216,9 +227,6 @@ TEST(GpuExpertParallel, LowLatencyLayoutAndOnlyRealTokens) {
       std::lock_guard<std::mutex> lock(mu);
       EXPECT_EQ(cnt.as<int32_t>()[e], expect[size_t(e)]) << "rank " << me << " expert " << e;
     }
-    rank.ll_experts();
-    rank.ll_combine_send();
-    rank.ll_combine_recv();
     const EpCudaTraffic tr = rank.last_traffic();
     std::lock_guard<std::mutex> lock(mu);
     EXPECT_EQ(tr.dispatch_tokens, copies) << "rank " << me;
@@ -271,26 +279,26 @@ TEST(GpuExpertParallel, LowLatencyOverHostApiRefusesGraphCapture) {
   run_loopback(2, 0, [&](GpuTransport& t) {
     const int me = t.rank();
     const int64_t first = me ? r.tokens[0] : 0, n = r.tokens[size_t(me)];
-    EpRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
+    MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
                                      .max_tokens_per_rank = 8},
                     EpCudaOptions{.ll_transfer = LlTransfer::kHostApi});
     rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
-    EPMOE_CUDA_CHECK(cudaStreamBeginCapture(t.stream(), cudaStreamCaptureModeThreadLocal));
+    EPMOE_CUDA_CHECK(cudaStreamBeginCapture(rank.compute_stream(), cudaStreamCaptureModeThreadLocal));
     std::string what;
     try {
-      rank.ll_dispatch_send();
+      forward(rank);
     } catch (const Error& e) {
       EXPECT_EQ(e.kind(), ErrorKind::kUnsupported);
       what = e.what();
     }
     cudaGraph_t graph = nullptr;
-    EPMOE_CUDA_CHECK(cudaStreamEndCapture(t.stream(), &graph));
+    EPMOE_CUDA_CHECK(cudaStreamEndCapture(rank.compute_stream(), &graph));
     if (graph) cudaGraphDestroy(graph);
     {
       std::lock_guard<std::mutex> lock(mu);
       EXPECT_NE(what.find("CUDA graph"), std::string::npos) << "rank " << me << ": " << what;
     }
-    rank.forward_routed();
+    forward(rank);
     rank.check();
     if (n)
       EPMOE_CUDA_CHECK(cudaMemcpy(y.as<float>() + first * cfg.hidden, rank.y().data,
@@ -310,7 +318,7 @@ TEST(GpuExpertParallel, LowLatencyRefusesTheSameExpertTwiceInAToken) {
   r.ids.as<int32_t>()[2 * cfg.num_slots() + 0] = 5;
   r.ids.as<int32_t>()[2 * cfg.num_slots() + 3] = 5;
   run_loopback(1, 0, [&](GpuTransport& t) {
-    EpRankCuda rank(t, wts, EpConfig{.num_ranks = 1, .mode = EpMode::kLowLatency,
+    MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 1, .mode = EpMode::kLowLatency,
                                      .max_tokens_per_rank = 4});
     try {
       rank.upload(r.x, r.ids, r.w);
@@ -332,7 +340,10 @@ TEST(GpuExpertParallel, LowLatencyRefusesTheSameExpertTwiceInAToken) {
       GTEST_SKIP() << "EPMOE_SERIAL_HALVES=1: needs concurrent kernels across ranks";    \
   } while (0)
 
-TEST(GpuExpertParallel, LowLatencyGraphCaptureReplaysNewRoutings) {
+// The whole TBO decode layer (both micro-batches, every operation, three streams) captured in
+// ONE CUDA graph and replayed with new tokens, routings and token counts: bitwise the eager
+// `none` output.
+TEST(GpuExpertParallel, TboDecodeLayerInOneGraphReplaysNewRoutings) {
   EPMOE_REQUIRE_GPU();
   EPMOE_SKIP_IF_SERIAL_HALVES();
   std::mt19937_64 rng(fresh_seed());
@@ -348,14 +359,15 @@ TEST(GpuExpertParallel, LowLatencyGraphCaptureReplaysNewRoutings) {
   for (size_t i = 0; i < cases.size(); ++i) out[i] = Tensor(DType::kF32, {cases[i].total, cfg.hidden});
   run_loopback(R, 0, [&](GpuTransport& t) {
     const int me = t.rank();
-    EpRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = EpMode::kLowLatency,
+    MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = EpMode::kLowLatency,
                                      .max_tokens_per_rank = t_max});
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     rank.upload(rows(cases[0].x, 0, 0), rows(cases[0].ids, 0, 0), rows(cases[0].w, 0, 0));
-    EPMOE_CUDA_CHECK(cudaStreamBeginCapture(t.stream(), cudaStreamCaptureModeThreadLocal));
-    rank.forward_routed();
-    EPMOE_CUDA_CHECK(cudaStreamEndCapture(t.stream(), &graph));
+    cudaStream_t cs = rank.compute_stream();
+    EPMOE_CUDA_CHECK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
+    forward(rank, OverlapKind::kTbo);
+    EPMOE_CUDA_CHECK(cudaStreamEndCapture(cs, &graph));
     EPMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
     t.barrier();
     for (size_t i = 0; i < cases.size(); ++i) {
@@ -364,7 +376,7 @@ TEST(GpuExpertParallel, LowLatencyGraphCaptureReplaysNewRoutings) {
       for (int j = 0; j < me; ++j) first += c.tokens[size_t(j)];
       const int64_t n = c.tokens[size_t(me)];
       rank.upload(rows(c.x, first, n), rows(c.ids, first, n), rows(c.w, first, n));
-      EPMOE_CUDA_CHECK(cudaGraphLaunch(exec, t.stream()));
+      EPMOE_CUDA_CHECK(cudaGraphLaunch(exec, cs));
       rank.check();
       if (n)
         EPMOE_CUDA_CHECK(cudaMemcpy(out[i].as<float>() + first * cfg.hidden, rank.y().data,
@@ -387,13 +399,13 @@ TEST(GpuExpertParallel, SilentPeerTimesOutNamingIt) {
   const auto start = std::chrono::steady_clock::now();
   try {
     run_loopback(2, 0, [&](GpuTransport& t) {
-      EpRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
+      MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
                                        .max_tokens_per_rank = 8},
                       EpCudaOptions{.timeout_ms = 500});
       t.barrier();
       if (t.rank() == 1) return;  // never sends
       rank.upload(r.x, r.ids, r.w);
-      rank.forward_routed();
+      forward(rank);
       rank.check();
     });
     FAIL() << "a silent peer went unnoticed";
@@ -434,7 +446,7 @@ TEST(GpuExpertParallel, SilentPeerOverHostApiTimesOutNamingIt) {
   std::atomic<bool> done{false};
   try {
     run_loopback(2, 0, [&](GpuTransport& t) {
-      EpRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
+      MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
                                        .max_tokens_per_rank = 8},
                       EpCudaOptions{.ll_transfer = LlTransfer::kHostApi});
       if (t.rank() == 1) {  // set up, then silent until rank 0 gave up
@@ -444,7 +456,7 @@ TEST(GpuExpertParallel, SilentPeerOverHostApiTimesOutNamingIt) {
       }
       try {
         rank.upload(r.x, r.ids, r.w);
-        rank.forward_routed();
+        forward(rank);
         rank.check();
       } catch (...) {
         done = true;
@@ -489,10 +501,9 @@ TEST(GpuExpertParallel, GoldenFilesSplitAcrossRanks) {
           int64_t first = 0;
           for (size_t j = 0; j < me; ++j) first += tokens[j];
           const int64_t n = tokens[me];
-          EpRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = t_max});
+          MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = t_max});
           rank.upload(rows(x, first, n));
-          rank.route();
-          rank.forward_routed();
+          forward(rank);
           rank.check();
           if (n) {
             EPMOE_CUDA_CHECK(cudaMemcpy(y.as<float>() + first * cfg.hidden, rank.y().data,
@@ -519,13 +530,246 @@ TEST(GpuExpertParallel, GoldenFilesSplitAcrossRanks) {
   }
 }
 
+
+// Every overlap strategy gives bitwise the sequential output and the 1-rank output: none, tbo
+// and sbo x both modes x R in {1, 2, 4, 8} x uneven tokens with empty and 1-token ranks, -1 ids
+// and a hot expert.
+TEST(GpuOverlap, StrategiesBitwiseEqualToNoneAndOneRank) {
+  EPMOE_REQUIRE_GPU();
+  EPMOE_SKIP_IF_SERIAL_HALVES();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (bool fuse : {false, true}) {
+    const MoeConfig cfg = small_config(1, fuse);
+    const MoeWeights wts = random_moe_weights(cfg, rng());
+    for (EpMode mode : {EpMode::kNormal, EpMode::kLowLatency})
+      for (int R : {1, 2, 4, 8}) {
+        std::vector<int64_t> tokens(static_cast<size_t>(R));
+        for (auto& t : tokens) t = int64_t(rng() % 13);
+        if (R > 1) tokens[1] = 0, tokens[size_t(R - 1)] = 1;  // an empty and a 1-token rank
+        const Routing r = make_routing(cfg, R, 12, rng, false, tokens);
+        const Tensor one = run_loopback_ep(wts, 1, mode, 1, r, {}, true);
+        const Tensor none = run_loopback_ep(wts, R, mode, 12, r);
+        ASSERT_TRUE(testing::bitwise_equal(none, one, "none vs 1 rank"));
+        for (OverlapKind k : {OverlapKind::kTbo, OverlapKind::kSbo}) {
+          SCOPED_TRACE(fmt::format("{} {} R {} fuse {}", overlap_name(k), ep_mode_name(mode), R,
+                                   fuse));
+          const Tensor y = run_loopback_ep(wts, R, mode, 12, r, {}, false, k);
+          ASSERT_TRUE(testing::bitwise_equal(y, none, "overlap vs none"));
+        }
+      }
+  }
+}
+
+// Normal mode, low-latency by load/store and low-latency over the host API: bitwise the same
+// output for the same tokens (and the gate run on the GPU, no routing given).
+TEST(GpuOverlap, ThreeTransferPathsGiveTheSameOutput) {
+  EPMOE_REQUIRE_GPU();
+  std::mt19937_64 rng(fresh_seed());
+  const MoeConfig cfg = small_config(1, false);
+  const MoeWeights wts = random_moe_weights(cfg, rng());
+  const int R = 4;
+  const Routing r = make_routing(cfg, R, 16, rng, false, {16, 0, 7, 1});
+  const Tensor normal = run_loopback_ep(wts, R, EpMode::kNormal, 16, r);
+  const Tensor device = run_loopback_ep(wts, R, EpMode::kLowLatency, 16, r,
+                                        EpCudaOptions{.ll_transfer = LlTransfer::kDevice});
+  const Tensor host = run_loopback_ep(wts, R, EpMode::kLowLatency, 16, r,
+                                      EpCudaOptions{.ll_transfer = LlTransfer::kHostApi}, false,
+                                      OverlapKind::kTbo);
+  EXPECT_TRUE(testing::bitwise_equal(device, normal, "low-latency load/store vs normal"));
+  EXPECT_TRUE(testing::bitwise_equal(host, normal, "low-latency host API (tbo) vs normal"));
+}
+
+// --ranks 1 is the same class whatever the transport: loopback and NCCL with one rank give
+// bitwise the same output (the gate included).
+TEST(GpuOverlap, OneRankSameOutputOverLoopbackAndNccl) {
+  EPMOE_REQUIRE_GPU();
+#ifndef EPMOE_TEST_NCCL
+  GTEST_SKIP() << "built without NCCL";
+#else
+  std::mt19937_64 rng(fresh_seed());
+  const MoeConfig cfg = small_config(1, false);
+  const MoeWeights wts = random_moe_weights(cfg, rng());
+  const Tensor x = testing::random_tensor(DType::kBF16, {37, cfg.hidden}, rng);
+  Tensor y[2] = {Tensor(DType::kF32, {37, cfg.hidden}), Tensor(DType::kF32, {37, cfg.hidden})};
+  for (int way = 0; way < 2; ++way) {
+    auto body = [&](GpuTransport& t) {
+      MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 1, .mode = EpMode::kLowLatency,
+                                             .max_tokens_per_rank = 40});
+      rank.upload(x);
+      forward(rank);
+      rank.check();
+      EPMOE_CUDA_CHECK(cudaMemcpy(y[way].view().data, rank.y().data, y[way].nbytes(),
+                                  cudaMemcpyDeviceToHost));
+    };
+    if (way == 0) run_loopback(1, 0, body);
+    else run_nccl_threads(1, body);
+  }
+  EXPECT_TRUE(testing::bitwise_equal(y[0], y[1], "loopback vs nccl, one rank"));
+#endif
+}
+
+// A layer that drops one operation of one micro-batch on one rank: a peer that never sends
+// micro-batch B's dispatch.
+class DropOne final : public MoeLayerRank {
+ public:
+  DropOne(MoeLayerRank& inner, LayerOp op, int mb) : in_(inner), op_(op), mb_(mb) {}
+  int rank() const override { return in_.rank(); }
+  int num_ranks() const override { return in_.num_ranks(); }
+  const MoeConfig& config() const override { return in_.config(); }
+  const EpConfig& ep() const override { return in_.ep(); }
+  int max_micro_batches() const override { return in_.max_micro_batches(); }
+  void begin_forward(const ForwardPlan& p) override { in_.begin_forward(p); }
+  void run(LayerOp op, int mb) override {
+    if (op == op_ && mb == mb_) return;
+    in_.run(op, mb);
+  }
+  void run_user(const std::string& n, int mb, const std::function<void(int)>& fn) override {
+    in_.run_user(n, mb, fn);
+  }
+  void end_forward() override { in_.end_forward(); }
+  void set_tracing(bool on) override { in_.set_tracing(on); }
+  std::vector<OpTiming> last_trace() override { return in_.last_trace(); }
+
+ private:
+  MoeLayerRank& in_;
+  LayerOp op_;
+  int mb_;
+};
+
+TEST(GpuOverlap, PeerSilentOnMicroBatchBTimesOutNamingIt) {
+  EPMOE_REQUIRE_GPU();
+  EPMOE_SKIP_IF_SERIAL_HALVES();
+  std::mt19937_64 rng(fresh_seed());
+  const MoeConfig cfg = small_config(0, false);
+  const MoeWeights wts = random_moe_weights(cfg, rng());
+  const Routing r = make_routing(cfg, 2, 8, rng, false, {8, 8});
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    run_loopback(2, 0, [&](GpuTransport& t) {
+      MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
+                                             .max_tokens_per_rank = 8},
+                            EpCudaOptions{.timeout_ms = 500});
+      const int64_t first = t.rank() ? 8 : 0;
+      rank.upload(rows(r.x, first, 8), rows(r.ids, first, 8), rows(r.w, first, 8));
+      if (t.rank() == 1) {
+        // Rank 1 itself waits for its own missing send and fails too; rank 0's error is the one
+        // checked below, so rank 1 keeps its errors to itself (run_loopback rethrows the first).
+        try {
+          DropOne silent(rank, LayerOp::kDispatchSend, 1);
+          forward(silent, OverlapKind::kTbo);
+          rank.check();
+        } catch (const Error&) {
+        }
+        return;
+      }
+      forward(rank, OverlapKind::kTbo);
+      rank.check();
+    });
+    FAIL() << "a peer silent on micro-batch B went unnoticed";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kTimeout) << e.what();
+    const std::string w = e.what();
+    EXPECT_NE(w.find("micro-batch B"), std::string::npos) << w;
+    EXPECT_NE(w.find("rank 0"), std::string::npos) << w;
+    EXPECT_NE(w.find("peer 1"), std::string::npos) << w;
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
+
+// A layer whose rank fails (throws) at one operation of micro-batch A: the rest of its forward
+// never happens.
+class FailAt final : public MoeLayerRank {
+ public:
+  FailAt(MoeLayerRank& inner, LayerOp op) : in_(inner), op_(op) {}
+  int rank() const override { return in_.rank(); }
+  int num_ranks() const override { return in_.num_ranks(); }
+  const MoeConfig& config() const override { return in_.config(); }
+  const EpConfig& ep() const override { return in_.ep(); }
+  int max_micro_batches() const override { return in_.max_micro_batches(); }
+  void begin_forward(const ForwardPlan& p) override { in_.begin_forward(p); }
+  void run(LayerOp op, int mb) override {
+    EPMOE_CHECK(!(op == op_ && mb == 0), kInvalidArgument, "rank {}: injected failure at {}",
+                in_.rank(), layer_op_name(op));
+    in_.run(op, mb);
+  }
+  void run_user(const std::string& n, int mb, const std::function<void(int)>& fn) override {
+    in_.run_user(n, mb, fn);
+  }
+  void end_forward() override { in_.end_forward(); }
+  void set_tracing(bool on) override { in_.set_tracing(on); }
+  std::vector<OpTiming> last_trace() override { return in_.last_trace(); }
+
+ private:
+  MoeLayerRank& in_;
+  LayerOp op_;
+};
+
+// Issue 10: one rank fails in the middle of a layer (after its dispatch, before its combine), in
+// each mode and transfer path; the other rank reports a bounded error naming it, and nothing is
+// freed under a peer (compute-sanitizer memcheck runs this test).
+TEST(GpuFaults, RankFailingMidLayerIsNamedByItsPeer) {
+  EPMOE_REQUIRE_GPU();
+  EPMOE_SKIP_IF_SERIAL_HALVES();
+  std::mt19937_64 rng(fresh_seed());
+  const MoeConfig cfg = small_config(1, false);
+  const MoeWeights wts = random_moe_weights(cfg, rng());
+  const Routing r = make_routing(cfg, 2, 8, rng, false, {8, 6});
+  ScopedEnv budget("EPMOE_TIMEOUT_MS", "1500");
+  struct Case { EpMode mode; LlTransfer how; };
+  for (Case c : {Case{EpMode::kNormal, LlTransfer::kAuto},
+                 Case{EpMode::kLowLatency, LlTransfer::kDevice},
+                 Case{EpMode::kLowLatency, LlTransfer::kHostApi}}) {
+    SCOPED_TRACE(fmt::format("{} {}", ep_mode_name(c.mode), ll_transfer_name(c.how)));
+    const auto start = std::chrono::steady_clock::now();
+    std::string rank0_error;
+    std::mutex mu;
+    try {
+      run_loopback(2, 0, [&](GpuTransport& t) {
+        MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = c.mode,
+                                               .max_tokens_per_rank = 8},
+                              EpCudaOptions{.timeout_ms = 1000, .ll_transfer = c.how});
+        const int64_t first = t.rank() ? 8 : 0, n = r.tokens[size_t(t.rank())];
+        rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
+        t.barrier();
+        if (t.rank() == 1) {
+          FailAt failing(rank, LayerOp::kCombineSend);
+          forward(failing);
+          return;
+        }
+        try {
+          forward(rank);
+          rank.check();
+        } catch (const Error& e) {
+          std::lock_guard<std::mutex> lock(mu);
+          rank0_error = e.what();
+          throw;
+        }
+      });
+      FAIL() << "the failure of rank 1 went unnoticed";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("injected failure"), std::string::npos) << e.what();
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_NE(rank0_error.find("1"), std::string::npos) << "rank 0 said: " << rank0_error;
+    EXPECT_TRUE(rank0_error.find("peer 1") != std::string::npos ||
+                rank0_error.find("rank 1") != std::string::npos ||
+                rank0_error.find("ranks 1") != std::string::npos ||
+                rank0_error.find("[1]") != std::string::npos)
+        << "rank 0 said: " << rank0_error;
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+  }
+}
+
 #ifdef EPMOE_TEST_NCCL
 // Two GPUs over NCCL, a thread per GPU: bitwise equal to the 1-rank output, normal mode and
 // low-latency mode both ways (auto: load/store where NCCL maps the peer, else the host API; and
 // the host API forced). Under NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 (NCCL's network path) the
 // same test checks the fallback that runs between nodes. EPMOE_TEST_NCCL_RANKS (default 2) runs
 // it on more GPUs.
-TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRank) {
+TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRankEveryStrategy) {
   EPMOE_REQUIRE_GPU();
   const int R = int(env_int("TEST_NCCL_RANKS", 2));
   if (device_count() < R) GTEST_SKIP() << "needs " << R << " GPUs, found " << device_count();
@@ -536,6 +780,7 @@ TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRank) {
   for (int trial = 0; trial < (testing::quick() ? 6 : 100); ++trial) {
     const EpMode mode = trial % 2 ? EpMode::kLowLatency : EpMode::kNormal;
     const LlTransfer how = trial % 4 == 3 ? LlTransfer::kHostApi : LlTransfer::kAuto;
+    const OverlapKind kind = OverlapKind(trial % 3);  // none, tbo, sbo
     const Routing r = make_routing(cfg, R, 24, rng, trial % 10 == 9);
     Tensor y(DType::kF32, {r.total, cfg.hidden});
     std::atomic<int> host_ranks{0};
@@ -546,11 +791,11 @@ TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRank) {
       int64_t first = 0;
       for (size_t j = 0; j < me; ++j) first += r.tokens[j];
       const int64_t n = r.tokens[me];
-      EpRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = 24},
+      MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = 24},
                       EpCudaOptions{.ll_transfer = how});
       host_ranks += rank.ll_over_host_api();
       rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
-      rank.forward_routed();
+      forward(rank, kind);
       rank.check();
       if (n)
         EPMOE_CUDA_CHECK(cudaMemcpy(y.as<float>() + first * cfg.hidden, rank.y().data,
@@ -563,8 +808,8 @@ TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRank) {
     }
     const Tensor one = run_loopback_ep(wts, 1, mode, 1, r, {}, true);
     ASSERT_TRUE(testing::bitwise_equal(
-        y, one, fmt::format("trial {} {} ({} transfers)", trial, ep_mode_name(mode),
-                            ll_transfer_name(how))));
+        y, one, fmt::format("trial {} {} ({} transfers, overlap {})", trial, ep_mode_name(mode),
+                            ll_transfer_name(how), overlap_name(kind))));
   }
   std::printf("%d ranks, low-latency runs: %d over the host API, %d by load/store\n", R,
               host_api_runs, load_store_runs);
@@ -585,7 +830,7 @@ TEST(GpuExpertParallelNccl, SilentPeerTimesOutNamingIt) {
   std::atomic<bool> done{false}, over_host_api{false};
   try {
     run_nccl_threads(2, [&](GpuTransport& t) {
-      EpRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
+      MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
                                        .max_tokens_per_rank = 8},
                       EpCudaOptions{.timeout_ms = 1000});
       if (rank.ll_over_host_api()) over_host_api = true;
@@ -596,7 +841,7 @@ TEST(GpuExpertParallelNccl, SilentPeerTimesOutNamingIt) {
       }
       try {  // load/store: check() reports the device wait; host API: the size exchange throws
         rank.upload(r.x, r.ids, r.w);
-        rank.forward_routed();
+        forward(rank);
         rank.check();
       } catch (...) {
         done = true;
@@ -613,6 +858,53 @@ TEST(GpuExpertParallelNccl, SilentPeerTimesOutNamingIt) {
     EXPECT_NE(std::string(e.what()).find(naming), std::string::npos) << e.what();
   }
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+}
+// Issue 10 over NCCL: rank 1 fails mid-layer (it throws before its combine); rank 0 gets a
+// bounded error naming it instead of a hang (the failing rank aborts its communicator).
+TEST(GpuFaultsNccl, RankFailingMidLayerIsNamedByItsPeer) {
+  EPMOE_REQUIRE_GPU();
+  if (device_count() < 2) GTEST_SKIP() << "needs 2 GPUs, found " << device_count();
+  std::mt19937_64 rng(fresh_seed());
+  const MoeConfig cfg = small_config(1, false);
+  const MoeWeights wts = random_moe_weights(cfg, rng());
+  const Routing r = make_routing(cfg, 2, 8, rng, false, {8, 6});
+  ScopedEnv budget("EPMOE_TIMEOUT_MS", "1500");
+  for (EpMode mode : {EpMode::kNormal, EpMode::kLowLatency}) {
+    SCOPED_TRACE(ep_mode_name(mode));
+    const auto start = std::chrono::steady_clock::now();
+    std::string rank0_error;
+    std::mutex mu;
+    try {
+      run_nccl_threads(2, [&](GpuTransport& t) {
+        MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = mode,
+                                               .max_tokens_per_rank = 8},
+                              EpCudaOptions{.timeout_ms = 1000});
+        const int64_t first = t.rank() ? 8 : 0, n = r.tokens[size_t(t.rank())];
+        rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
+        t.barrier();
+        if (t.rank() == 1) {
+          FailAt failing(rank, LayerOp::kCombineSend);
+          forward(failing);
+          return;
+        }
+        try {
+          forward(rank);
+          rank.check();
+        } catch (const Error& e) {
+          std::lock_guard<std::mutex> lock(mu);
+          rank0_error = e.what();
+          throw;
+        }
+      });
+      FAIL() << "the failure of rank 1 went unnoticed";
+    } catch (const Error& e) {
+      SUCCEED() << e.what();
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_FALSE(rank0_error.empty()) << "rank 0 finished without noticing rank 1's failure";
+    EXPECT_NE(rank0_error.find("1"), std::string::npos) << "rank 0 said: " << rank0_error;
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+  }
 }
 #endif
 

@@ -8,7 +8,12 @@
 #include <nlohmann/json.hpp>
 
 #include "epmoe/layer/moe_layer_cpu.h"
-#include "epmoe/layer/moe_layer_cuda.h"
+#include "epmoe/comm/gpu_transport.h"
+#include "epmoe/comm/launch.h"
+#include "epmoe/cuda/cuda_check.h"
+#include "epmoe/layer/layer_rank_cuda.h"
+#include "epmoe/layer/run_layer_cuda.h"
+#include "epmoe/overlap/executor.h"
 #include "tests/gpu/test_common.h"
 
 namespace epmoe::cuda {
@@ -121,6 +126,29 @@ std::string golden_dir() {
   return ::testing::AssertionSuccess();
 }
 
+// The single-GPU layer: R = 1 of the per-rank layer over a one-rank transport, the gate on the
+// GPU, through the executor. Returns host y [T, H] f32 and the routing.
+LayerResult gpu_forward(const MoeWeights& w, const Tensor& x,
+                        OverlapKind kind = OverlapKind::kNone,
+                        EpMode mode = EpMode::kLowLatency) {
+  const int64_t T = x.shape()[0], H = w.config.hidden, Kp = w.config.num_slots();
+  LayerResult r{Tensor::zeros(DType::kF32, {T, H}), Tensor::zeros(DType::kI32, {T, Kp}),
+                Tensor::zeros(DType::kF32, {T, Kp})};
+  launch_ranks("loopback", 1, [&](GpuTransport& t) {
+    MoeLayerRankCuda layer(t, w, EpConfig{.num_ranks = 1, .mode = mode,
+                                          .max_tokens_per_rank = std::max<int64_t>(1, T)});
+    layer.upload(x);
+    execute(layer, make_strategy(kind, mode));
+    layer.check();
+    if (T) {
+      EPMOE_CUDA_CHECK(cudaMemcpy(r.y.view().data, layer.y().data, r.y.nbytes(), cudaMemcpyDeviceToHost));
+      EPMOE_CUDA_CHECK(cudaMemcpy(r.topk_ids.view().data, layer.topk_ids().data, r.topk_ids.nbytes(), cudaMemcpyDeviceToHost));
+      EPMOE_CUDA_CHECK(cudaMemcpy(r.topk_weights.view().data, layer.topk_weights().data, r.topk_weights.nbytes(), cudaMemcpyDeviceToHost));
+    }
+  });
+  return r;
+}
+
 TEST(GpuLayer, GoldenFiles) {
   EPMOE_REQUIRE_GPU();
   const std::string dir = golden_dir();
@@ -134,8 +162,7 @@ TEST(GpuLayer, GoldenFiles) {
     for (int mode = 0; mode < 3; ++mode) {  // unfused, fused, fused + scale on output
       SCOPED_TRACE(entry.path().filename().string() + " mode " + std::to_string(mode));
       const MoeWeights w = golden_weights(g, mode >= 1, mode == 2);
-      CudaMoeLayer layer(w);
-      const LayerResult r = layer.forward(x);
+      const LayerResult r = gpu_forward(w, to_dtype(x, DType::kBF16));
       const double err = testing::rel_l2(r.y, y_ref);
       EXPECT_LE(err, 2e-2);
       EXPECT_TRUE(same_id_sets(r.topk_ids, ids_ref, w.config.top_k));
@@ -180,17 +207,17 @@ TEST(GpuLayer, MatchesCpuReference) {
   cfgs.push_back(soft);
   for (const MoeConfig& cfg : cfgs) {
     const MoeWeights w = random_weights(cfg, rng);
-    CudaMoeLayer layer(w);
     for (int64_t T : {int64_t(0), int64_t(1), int64_t(7), int64_t(128), int64_t(1000)}) {
       SCOPED_TRACE(cfg.summary() + " T=" + std::to_string(T));
       const Tensor x = random_tensor(DType::kBF16, {T, cfg.hidden}, rng);
       const LayerResult ref = moe_forward_cpu(w, x);
-      const LayerResult got = layer.forward(x);
+      const LayerResult got = gpu_forward(w, x, T % 2 ? OverlapKind::kTbo : OverlapKind::kNone,
+                                          T % 3 ? EpMode::kLowLatency : EpMode::kNormal);
       ASSERT_EQ(got.y.shape(), ref.y.shape());
       if (T > 0) {
         EXPECT_LE(testing::rel_l2(got.y, ref.y), 2e-2);
       }
-      // Logits come from cuBLAS vs the CPU's own sum order: a near-tie may flip an id, rarely.
+      // Logits come from the GPU GEMM vs the CPU's own sum order: a near-tie may flip an id, rarely.
       int64_t differ = 0;
       for (int64_t t = 0; t < T; ++t) {
         const int kp = cfg.num_slots();
@@ -203,24 +230,39 @@ TEST(GpuLayer, MatchesCpuReference) {
   }
 }
 
-TEST(GpuLayer, TimeForwardReportsStages) {
+TEST(GpuLayer, RunnerReportsLayerAndPerOpTimes) {
   EPMOE_REQUIRE_GPU();
   std::mt19937_64 rng(fresh_seed());
   const MoeWeights w = random_weights(find_preset("deepseek-v3-tiny").config, rng);
-  CudaMoeLayer layer(w);
   const Tensor x = random_tensor(DType::kBF16, {64, w.config.hidden}, rng);
-  const CudaStageTimes t = layer.time_forward(x, 5);
-  EXPECT_GT(t.total_us, 0.0);
-  EXPECT_GE(t.total_us + 1.0, t.gate_us + t.dispatch_us + t.experts_us + t.combine_us);
+  CudaRunSpec sp;
+  sp.weights = &w;
+  sp.ep = EpConfig{.num_ranks = 1, .mode = EpMode::kLowLatency, .max_tokens_per_rank = 64};
+  sp.tokens = {64};
+  sp.x_all = &x;
+  sp.transport = "loopback";
+  sp.strategies = {OverlapKind::kNone, OverlapKind::kSbo};
+  sp.iters = 3;
+  sp.trace_iters = 2;
+  const CudaRunResult r = run_layer_cuda(sp);
+  ASSERT_EQ(r.strategies.size(), 2u);
+  for (const StrategyResult& s : r.strategies) {
+    EXPECT_GT(s.layer_us[0], 0.0);
+    EXPECT_FALSE(s.op_us[0].empty());
+    EXPECT_FALSE(s.trace[0].empty());
+  }
+  EXPECT_TRUE(testing::bitwise_equal(r.strategies[0].y, r.strategies[1].y, "sbo vs none"));
+  const std::string trace = chrome_trace_json(r.strategies[1].trace, "sbo");
+  EXPECT_NE(trace.find("dispatch_send"), std::string::npos);
+  EXPECT_NE(trace.find("traceEvents"), std::string::npos);
 }
 
 TEST(GpuLayer, RejectsBadInput) {
   EPMOE_REQUIRE_GPU();
   std::mt19937_64 rng(fresh_seed());
   const MoeWeights w = random_weights(find_preset("deepseek-v3-tiny").config, rng);
-  CudaMoeLayer layer(w);
   const Tensor x = random_tensor(DType::kBF16, {4, w.config.hidden + 8}, rng);
-  EXPECT_THROW(layer.forward(x), Error);
+  EXPECT_THROW(gpu_forward(w, x), Error);
 }
 
 // Runs where there is NO GPU: the layer says so with kUnsupported.
@@ -229,7 +271,7 @@ TEST(GpuLayer, WithoutGpuThrowsUnsupported) {
   MoeWeights w;
   w.config = find_preset("deepseek-v3-tiny").config;
   try {
-    CudaMoeLayer layer(w);
+    gpu_forward(w, Tensor(DType::kBF16, {1, w.config.hidden}));
     FAIL() << "no exception";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::kUnsupported);

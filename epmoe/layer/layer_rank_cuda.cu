@@ -1,0 +1,650 @@
+#include "epmoe/layer/layer_rank_cuda.h"
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <nvtx3/nvToolsExt.h>
+
+#include "epmoe/core/env.h"
+#include "epmoe/cuda/cuda_check.h"
+#include "epmoe/cuda/device.h"
+#include "epmoe/ep/ep_kernels.cuh"
+#include "epmoe/experts/experts.cuh"
+#include "epmoe/experts/grouped_gemm.cuh"
+#include "epmoe/permute/permute.cuh"
+#include "epmoe/routing/gate.cuh"
+
+namespace epmoe::cuda {
+
+namespace {
+
+// Host bank slice [first, first + n) of a [E_bank, a, b] tensor, rounded to bf16 (the GPU
+// computes in bf16; an f32 bank is rounded once here).
+DeviceTensor upload_bank(const Tensor& bank, int64_t first, int64_t n) {
+  const Shape& s = bank.shape();
+  const size_t per = size_t(s[1] * s[2]) * dtype_size(bank.dtype());
+  const TensorView v{static_cast<char*>(bank.view().data) + per * size_t(first), {n, s[1], s[2]},
+                     bank.dtype(), Device::kCpu};
+  return DeviceTensor::from_host(to_dtype(v, DType::kBF16).view());
+}
+
+struct NvtxRange {
+  explicit NvtxRange(const char* name) { nvtxRangePushA(name); }
+  ~NvtxRange() { nvtxRangePop(); }
+};
+
+// ---- micro-batch split and merge (device-side counts: capturable) ----
+// Range of micro-batch mb of a rank with *rank_tokens tokens, as micro_batch_range() computes it.
+__device__ void mb_range(int64_t tokens, int nmb, int mb, bool a_takes_odd, int64_t* begin,
+                         int64_t* end) {
+  if (nmb == 1) {
+    *begin = 0;
+    *end = tokens;
+    return;
+  }
+  const int64_t a = a_takes_odd ? (tokens + 1) / 2 : tokens / 2;
+  *begin = mb == 0 ? 0 : a;
+  *end = mb == 0 ? a : tokens;
+}
+
+// mb_x [T_max, H] bf16 <- rows [begin, end) of x; with a routing, mb_ids/mb_w too.
+// mb_tokens <- end - begin.
+__global__ void split_kernel(__nv_bfloat16* mb_x, int32_t* mb_ids, float* mb_w,
+                             int32_t* mb_tokens, const __nv_bfloat16* x, const int32_t* ids,
+                             const float* w, const int32_t* rank_tokens, int64_t t_max,
+                             int64_t hidden, int kp, int nmb, int mb, bool a_takes_odd) {
+  int64_t b, e;
+  mb_range(min(int64_t(*rank_tokens), t_max), nmb, mb, a_takes_odd, &b, &e);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *mb_tokens = int32_t(e - b);
+  const int64_t n8 = (e - b) * hidden / 8;
+  const uint4* src = reinterpret_cast<const uint4*>(x + b * hidden);
+  uint4* dst = reinterpret_cast<uint4*>(mb_x);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n8; i += stride)
+    dst[i] = src[i];
+  if (ids)
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (e - b) * kp;
+         i += stride) {
+      mb_ids[i] = ids[b * kp + i];
+      mb_w[i] = w[b * kp + i];
+    }
+}
+
+// Rows [begin, end) of y (and of the routing) <- micro-batch mb's rows.
+__global__ void merge_kernel(float* y, int32_t* ids, float* w, const float* mb_y,
+                             const int32_t* mb_ids, const float* mb_w,
+                             const int32_t* rank_tokens, int64_t t_max, int64_t hidden, int kp,
+                             int nmb, int mb, bool a_takes_odd) {
+  int64_t b, e;
+  mb_range(min(int64_t(*rank_tokens), t_max), nmb, mb, a_takes_odd, &b, &e);
+  const int64_t n4 = (e - b) * hidden / 4;
+  const float4* src = reinterpret_cast<const float4*>(mb_y);
+  float4* dst = reinterpret_cast<float4*>(y + b * hidden);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4; i += stride)
+    dst[i] = src[i];
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (e - b) * kp; i += stride) {
+    ids[b * kp + i] = mb_ids[i];
+    w[b * kp + i] = mb_w[i];
+  }
+}
+
+unsigned grid_for(int64_t items, int threads) {
+  const int64_t b = (items + threads - 1) / threads;
+  return unsigned(b < 1 ? 1 : (b > 1024 ? 1024 : b));
+}
+
+// Polls `s` until it drains; Error(kTimeout) naming `what` after the budget.
+void drain_bounded(cudaStream_t s, const std::string& what, int rank) {
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_timeout_ms());
+  while (true) {
+    const cudaError_t q = cudaStreamQuery(s);
+    if (q == cudaSuccess) return;
+    if (q != cudaErrorNotReady) EPMOE_CUDA_CHECK(q);
+    EPMOE_CHECK(std::chrono::steady_clock::now() < deadline, kTimeout,
+                "rank {}: the {} stream did not drain within {} ms", rank, what,
+                wait_timeout_ms());
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+constexpr int kLanes = 3;
+
+}  // namespace
+
+struct MoeLayerRankCuda::Impl {
+  // One micro-batch: its tokens, routing, expert and shared-expert buffers, EP state, events.
+  struct MicroBatch {
+    DeviceTensor x, ids, wts, ntok, logits, y, seg1, seg_shared, shared_gu, shared_act, shared_tmp, shared_out;
+    // low-latency experts: [E_loc, R·T_max, ·]; normal: grow-only contiguous buffers
+    DeviceTensor gu, act;
+    DeviceTensor n_seg, n_s2d, n_sorted, n_gu, n_act, n_down, workspace;
+    std::unique_ptr<EpMicroBatchCuda> ep;
+    cudaEvent_t done[kNumLayerOps] = {};
+    bool ran[kNumLayerOps] = {};
+    cudaEvent_t split_done = nullptr;
+  };
+
+  Impl(GpuTransport& tr, const MoeWeights& w, const EpConfig& e, const EpCudaOptions& o)
+      : t(tr), cfg(w.config), ep(e), opt(o) {
+    cfg.validate();
+    ep.validate(cfg);
+    EPMOE_CHECK(tr.size() == ep.num_ranks, kInvalidConfig,
+                "the transport has {} ranks, the EP config {}", tr.size(), ep.num_ranks);
+    EPMOE_CHECK(ep.max_tokens_per_rank >= 1, kInvalidConfig,
+                "max_tokens_per_rank must be >= 1 on the GPU, got {}", ep.max_tokens_per_rank);
+    EPMOE_CHECK(cfg.hidden % 8 == 0 && cfg.moe_intermediate % 8 == 0 &&
+                    cfg.n_routed_experts % 8 == 0,
+                kUnsupported,
+                "the GPU layer needs H, I and E to be multiples of 8 (got H {}, I {}, E {})",
+                cfg.hidden, cfg.moe_intermediate, cfg.n_routed_experts);
+    EPMOE_CUDA_CHECK(cudaSetDevice(tr.device()));
+    rank = tr.rank();
+    E_loc = cfg.n_routed_experts / ep.num_ranks;
+    const int64_t T = ep.max_tokens_per_rank, H = cfg.hidden, I = cfg.moe_intermediate;
+    const int64_t Kp = cfg.num_slots(), R = ep.num_ranks;
+
+    // The model: this rank's experts, the shared expert(s), the router.
+    w13 = upload_bank(w.w13, rank * E_loc, E_loc);
+    w2 = upload_bank(w.w2, rank * E_loc, E_loc);
+    if (cfg.fuse_shared) {
+      sw13 = upload_bank(w.w13, cfg.n_routed_experts, cfg.n_shared_experts);
+      sw2 = upload_bank(w.w2, cfg.n_routed_experts, cfg.n_shared_experts);
+    } else if (cfg.n_shared_experts > 0) {
+      const int64_t si = int64_t(cfg.n_shared_experts) * I;
+      Tensor a = to_dtype(w.shared_w13, DType::kBF16), b = to_dtype(w.shared_w2, DType::kBF16);
+      sw13 = DeviceTensor::from_host(TensorView{a.view().data, {1, 2 * si, H}, DType::kBF16,
+                                                Device::kCpu});
+      sw2 = DeviceTensor::from_host(TensorView{b.view().data, {1, H, si}, DType::kBF16,
+                                               Device::kCpu});
+    }
+    Tensor g = to_dtype(w.gate, DType::kBF16);
+    gate_w = DeviceTensor::from_host(
+        TensorView{g.view().data, {1, cfg.n_routed_experts, H}, DType::kBF16, Device::kCpu});
+    if (w.has_bias()) gate_bias = DeviceTensor::from_host(to_f32(w.gate_bias).view());
+
+    // The rank's tokens and results.
+    x = DeviceTensor(DType::kBF16, {T, H});
+    x.fill_bytes(0);
+    ids = DeviceTensor(DType::kI32, {T, Kp});
+    wts = DeviceTensor(DType::kF32, {T, Kp});
+    ntok = DeviceTensor(DType::kI32, {1});
+    ntok.fill_bytes(0);
+    y = DeviceTensor(DType::kF32, {T, H});
+    // Pinned staging for upload(): copies from pageable memory go through the driver's own
+    // staging and may wait on other work of the device, which a spinning peer never finishes.
+    staging_bytes = size_t(T) * size_t(H) * 2 + 2 * size_t(T) * size_t(Kp) * 4 + 64;
+    EPMOE_CUDA_CHECK(cudaMallocHost(&staging, staging_bytes));
+
+    EPMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&lane[int(OpLane::kCompute)], cudaStreamNonBlocking));
+    EPMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&lane[int(OpLane::kShared)], cudaStreamNonBlocking));
+    lane[int(OpLane::kComm)] = tr.stream();
+    for (auto& e2 : lane_join) EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&e2, cudaEventDisableTiming));
+    EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&user_done, cudaEventDisableTiming));
+    ep::prepare_kernels();
+
+    const char* names[2] = {"A", "B"};
+    for (int m = 0; m < 2; ++m) {
+      MicroBatch& b = mbs[m];
+      b.x = DeviceTensor(DType::kBF16, {T, H});
+      b.x.fill_bytes(0);
+      b.ids = DeviceTensor(DType::kI32, {T, Kp});
+      b.ids.fill_bytes(0xff);  // -1: rows past the count never route anywhere
+      b.wts = DeviceTensor(DType::kF32, {T, Kp});
+      b.wts.fill_bytes(0);
+      b.ntok = DeviceTensor(DType::kI32, {1});
+      b.ntok.fill_bytes(0);
+      b.logits = DeviceTensor(DType::kF32, {T, cfg.n_routed_experts});
+      b.logits.fill_bytes(0);
+      b.y = DeviceTensor(DType::kF32, {T, H});
+      b.seg1 = DeviceTensor(DType::kI32, {2});
+      b.seg_shared = DeviceTensor(DType::kI32, {2});
+      if (cfg.n_shared_experts > 0) {
+        const int64_t si = cfg.fuse_shared ? I : int64_t(cfg.n_shared_experts) * I;
+        b.shared_gu = DeviceTensor(DType::kBF16, {T, 2 * si});
+        b.shared_act = DeviceTensor(DType::kBF16, {T, si});
+        b.shared_tmp = DeviceTensor(DType::kF32, {T, H});
+        if (cfg.fuse_shared) b.shared_out = DeviceTensor(DType::kF32, {T, cfg.n_shared_experts, H});
+      }
+      if (ep.mode == EpMode::kLowLatency) {
+        const int64_t m_max = R * T;
+        b.gu = DeviceTensor(DType::kBF16, {E_loc, m_max, 2 * I});
+        b.act = DeviceTensor(DType::kBF16, {E_loc, m_max, I});
+      } else {
+        b.n_seg = DeviceTensor(DType::kI32, {E_loc + 1});
+      }
+      b.ep = std::make_unique<EpMicroBatchCuda>(tr, cfg, ep, opt, names[m]);
+      for (auto& ev : b.done) EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+      EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&b.split_done, cudaEventDisableTiming));
+    }
+    EPMOE_CUDA_CHECK(cudaDeviceSynchronize());
+    // Every rank is fully set up before any starts waiting on flags: setup allocates, and an
+    // allocation may wait for the device while a peer's kernel spins.
+    t.barrier();
+  }
+
+  ~Impl() {
+    for (MicroBatch& b : mbs) {
+      for (auto ev : b.done) if (ev) cudaEventDestroy(ev);
+      if (b.split_done) cudaEventDestroy(b.split_done);
+    }
+    for (auto e2 : lane_join) if (e2) cudaEventDestroy(e2);
+    if (fork) cudaEventDestroy(fork);
+    if (user_done) cudaEventDestroy(user_done);
+    clear_trace_events();
+    if (lane[int(OpLane::kCompute)]) cudaStreamDestroy(lane[int(OpLane::kCompute)]);
+    if (lane[int(OpLane::kShared)]) cudaStreamDestroy(lane[int(OpLane::kShared)]);
+    if (staging) cudaFreeHost(staging);
+  }
+
+  GpuTransport& t;
+  MoeConfig cfg;
+  EpConfig ep;
+  EpCudaOptions opt;
+  int rank = 0;
+  int64_t E_loc = 0;
+  DeviceTensor w13, w2, sw13, sw2, gate_w, gate_bias;
+  DeviceTensor x, ids, wts, ntok, y;
+  bool external_routing = false;
+  char* staging = nullptr;
+  size_t staging_bytes = 0;
+  cudaStream_t lane[kLanes] = {};
+  cudaEvent_t lane_join[kLanes] = {};
+  cudaEvent_t fork = nullptr;
+  MicroBatch mbs[2];
+  ForwardPlan plan;
+  bool in_forward = false;
+  cudaEvent_t last_done = nullptr;  // the previous op's event (sequential plans)
+  // tracing
+  bool tracing = false;
+  cudaEvent_t trace_origin = nullptr;
+  struct TraceEntry {
+    std::string name;
+    int mb;
+    OpLane lane;
+    cudaEvent_t start, end;
+  };
+  std::vector<TraceEntry> trace;
+
+  cudaStream_t compute() const { return lane[int(OpLane::kCompute)]; }
+  cudaStream_t comm() const { return lane[int(OpLane::kComm)]; }
+  bool a_takes_odd() const { return plan.split == SplitRule::kHalves || rank % 2 == 0; }
+
+  void clear_trace_events() {
+    for (auto& e2 : trace) {
+      cudaEventDestroy(e2.start);
+      cudaEventDestroy(e2.end);
+    }
+    trace.clear();
+    if (trace_origin) cudaEventDestroy(trace_origin);
+    trace_origin = nullptr;
+  }
+
+  OpLane lane_of(LayerOp op) const {
+    if (layer_op_is_comm(op)) return OpLane::kComm;
+    if (op == LayerOp::kSharedExperts && plan.concurrent && plan.shared_lane) return OpLane::kShared;
+    return OpLane::kCompute;
+  }
+
+  // ---- forward bracket ----
+  void begin_forward(const ForwardPlan& p) {
+    EPMOE_CHECK(!in_forward, kInvalidArgument, "rank {}: begin_forward twice without end_forward",
+                rank);
+    EPMOE_CHECK(p.num_micro_batches == 1 || p.num_micro_batches == 2, kInvalidArgument,
+                "rank {}: {} micro-batches (1 or 2)", rank, p.num_micro_batches);
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    EPMOE_CUDA_CHECK(cudaStreamIsCapturing(compute(), &cap));
+    EPMOE_CHECK(cap == cudaStreamCaptureStatusNone ||
+                    (ep.mode == EpMode::kLowLatency && !mbs[0].ep->ll_over_host_api()),
+                kUnsupported,
+                "rank {}: this forward learns transfer sizes on the host ({}) and cannot be "
+                "captured in a CUDA graph; low-latency mode by load/store can",
+                rank, ep.mode == EpMode::kNormal ? "normal mode" : "low-latency over the host API");
+    plan = p;
+    in_forward = true;
+    last_done = nullptr;
+    if (tracing) {
+      clear_trace_events();
+      EPMOE_CUDA_CHECK(cudaEventCreate(&trace_origin));
+      EPMOE_CUDA_CHECK(cudaEventRecord(trace_origin, compute()));
+    }
+    // Fork: every lane starts after what the compute stream holds (the inputs, the last forward).
+    EPMOE_CUDA_CHECK(cudaEventRecord(fork, compute()));
+    for (int l = 1; l < kLanes; ++l) EPMOE_CUDA_CHECK(cudaStreamWaitEvent(lane[l], fork, 0));
+    const int64_t T = ep.max_tokens_per_rank, H = cfg.hidden;
+    const int Kp = cfg.num_slots();
+    for (int m = 0; m < plan.num_micro_batches; ++m) {
+      MicroBatch& b = mbs[m];
+      for (bool& r : b.ran) r = false;
+      split_kernel<<<grid_for(T * H / 8, 256), 256, 0, compute()>>>(
+          reinterpret_cast<__nv_bfloat16*>(b.x.view().data), b.ids.as<int32_t>(),
+          b.wts.as<float>(), b.ntok.as<int32_t>(),
+          reinterpret_cast<const __nv_bfloat16*>(x.view().data),
+          external_routing ? ids.as<int32_t>() : nullptr, wts.as<float>(), ntok.as<int32_t>(),
+          T, H, Kp, plan.num_micro_batches, m, a_takes_odd());
+      EPMOE_CUDA_CHECK_LAUNCH("split_kernel");
+      EPMOE_CUDA_CHECK(cudaEventRecord(b.split_done, compute()));
+    }
+  }
+
+  void end_forward() {
+    EPMOE_CHECK(in_forward, kInvalidArgument, "rank {}: end_forward without begin_forward", rank);
+    for (int l = 1; l < kLanes; ++l) {
+      EPMOE_CUDA_CHECK(cudaEventRecord(lane_join[l], lane[l]));
+      EPMOE_CUDA_CHECK(cudaStreamWaitEvent(compute(), lane_join[l], 0));
+    }
+    in_forward = false;
+  }
+
+  // ---- one operation ----
+  void run(LayerOp op, int m) {
+    EPMOE_CHECK(in_forward, kInvalidArgument, "rank {}: {} outside begin/end_forward", rank,
+                layer_op_name(op));
+    EPMOE_CHECK(m >= 0 && m < plan.num_micro_batches, kInvalidArgument,
+                "rank {}: micro-batch {} of a {}-micro-batch forward", rank, m,
+                plan.num_micro_batches);
+    MicroBatch& b = mbs[m];
+    const OpLane l = lane_of(op);
+    cudaStream_t s = lane[int(l)];
+    NvtxRange range(layer_op_name(op));
+    wait_dependencies(op, b, s);
+    TraceEntry* te = trace_begin(layer_op_name(op), m, l, s);
+    switch (op) {
+      case LayerOp::kGate: gate(b, s); break;
+      case LayerOp::kSelectExperts: select(b, s); break;
+      case LayerOp::kDispatchSend:
+        b.ep->dispatch_send(EpTokens{b.x.view().data, b.ids.as<int32_t>(), b.wts.as<float>(),
+                                     b.ntok.as<int32_t>()},
+                            s);
+        break;
+      case LayerOp::kDispatchRecv: b.ep->dispatch_recv(s); break;
+      case LayerOp::kExperts: experts(b, s); break;
+      case LayerOp::kCombineSend: b.ep->combine_send(s); break;
+      case LayerOp::kCombineRecv:
+        b.ep->combine_recv(b.y.as<float>(), cfg.fuse_shared ? b.shared_out.as<float>() : nullptr,
+                           s);
+        break;
+      case LayerOp::kSharedExperts: shared_experts(b, s); break;
+      case LayerOp::kOutput: output(b, m, s); break;
+    }
+    trace_end(te, s);
+    EPMOE_CUDA_CHECK(cudaEventRecord(b.done[int(op)], s));
+    b.ran[int(op)] = true;
+    last_done = b.done[int(op)];
+  }
+
+  void run_user(const std::string& name, int m, const std::function<void(int)>& fn) {
+    EPMOE_CHECK(in_forward, kInvalidArgument, "rank {}: user operation {} outside a forward",
+                rank, name);
+    NvtxRange range(name.c_str());
+    cudaStream_t s = compute();
+    if (!plan.concurrent && last_done) EPMOE_CUDA_CHECK(cudaStreamWaitEvent(s, last_done, 0));
+    TraceEntry* te = trace_begin(name, m, OpLane::kCompute, s);
+    if (fn) fn(m);
+    trace_end(te, s);
+    // The user's work is on the compute stream: later compute ops follow it in stream order.
+    EPMOE_CUDA_CHECK(cudaEventRecord(user_done, s));
+    last_done = user_done;
+  }
+  cudaEvent_t user_done = nullptr;
+
+  // The data an operation reads, as events of this forward; a sequential plan also waits for
+  // the previous operation, whatever its lane.
+  void wait_dependencies(LayerOp op, MicroBatch& b, cudaStream_t s) {
+    auto after = [&](LayerOp dep) {
+      if (b.ran[int(dep)]) EPMOE_CUDA_CHECK(cudaStreamWaitEvent(s, b.done[int(dep)], 0));
+    };
+    EPMOE_CUDA_CHECK(cudaStreamWaitEvent(s, b.split_done, 0));
+    switch (op) {
+      case LayerOp::kGate: break;
+      case LayerOp::kSelectExperts: after(LayerOp::kGate); break;
+      case LayerOp::kDispatchSend: after(LayerOp::kSelectExperts); break;
+      case LayerOp::kDispatchRecv: after(LayerOp::kDispatchSend); break;
+      case LayerOp::kExperts: after(LayerOp::kDispatchRecv); break;
+      case LayerOp::kCombineSend: after(LayerOp::kExperts); break;
+      case LayerOp::kCombineRecv:
+        after(LayerOp::kCombineSend);
+        after(LayerOp::kSelectExperts);
+        if (cfg.fuse_shared) {
+          EPMOE_CHECK(b.ran[int(LayerOp::kSharedExperts)], kInvalidArgument,
+                      "rank {}: with fused shared experts, shared_experts must run before "
+                      "combine_recv (it adds their rows)",
+                      rank);
+          after(LayerOp::kSharedExperts);
+        }
+        break;
+      case LayerOp::kSharedExperts: break;
+      case LayerOp::kOutput:
+        after(LayerOp::kCombineRecv);
+        after(LayerOp::kSharedExperts);
+        break;
+    }
+    if (!plan.concurrent && last_done) EPMOE_CUDA_CHECK(cudaStreamWaitEvent(s, last_done, 0));
+  }
+
+  TraceEntry* trace_begin(const std::string& name, int m, OpLane l, cudaStream_t s) {
+    if (!tracing) return nullptr;
+    TraceEntry e2{name, m, l, nullptr, nullptr};
+    EPMOE_CUDA_CHECK(cudaEventCreate(&e2.start));
+    EPMOE_CUDA_CHECK(cudaEventCreate(&e2.end));
+    EPMOE_CUDA_CHECK(cudaEventRecord(e2.start, s));
+    trace.push_back(e2);
+    return &trace.back();
+  }
+  void trace_end(TraceEntry* te, cudaStream_t s) {
+    if (te) EPMOE_CUDA_CHECK(cudaEventRecord(trace.back().end, s));
+  }
+
+  // ---- the compute operations ----
+  void gate(MicroBatch& b, cudaStream_t s) {
+    if (external_routing) return;  // the uploaded routing stands
+    // One segment of all live rows through the router: [T_mb, E] f32 logits. epmoe's own GEMM,
+    // whose rows do not depend on the batch (cuBLAS may change algorithm with M).
+    ep::make_single_segment(b.seg1.as<int32_t>(), b.ntok.as<int32_t>(), s);
+    grouped_gemm_contiguous(b.logits.view(), b.x.view(), gate_w.view(), b.seg1.view(), 0, s);
+  }
+  void select(MicroBatch& b, cudaStream_t s) {
+    if (external_routing) return;
+    select_experts(b.ids.view(), b.wts.view(), b.logits.view(),
+                   gate_bias.view().data ? gate_bias.view() : TensorView{}, cfg, s);
+  }
+
+  void experts(MicroBatch& b, cudaStream_t s) {
+    if (ep.mode == EpMode::kLowLatency) {
+      const TensorView cnt = b.ep->recv_count();
+      grouped_gemm_masked(b.gu.view(), b.ep->recv_x(), w13.view(), cnt, 0, s);
+      silu_and_mul_masked(b.act.view(), b.gu.view(), cnt, s);
+      grouped_gemm_masked(b.ep->ll_expert_out(), b.act.view(), w2.view(), cnt, 0, s);
+      return;
+    }
+    const int64_t H = cfg.hidden, I = cfg.moe_intermediate, Kp = cfg.num_slots();
+    const int64_t n = b.ep->normal_num_recv(), rows = std::max<int64_t>(1, n * Kp);
+    ensure(b.n_s2d, DType::kI32, {std::max<int64_t>(1, n), Kp});
+    ensure(b.n_sorted, DType::kBF16, {rows, H});
+    ensure(b.n_gu, DType::kBF16, {rows, 2 * I});
+    ensure(b.n_act, DType::kBF16, {rows, I});
+    ensure(b.n_down, DType::kBF16, {rows, H});
+    const size_t ws = preprocess_workspace_bytes(n * Kp, int(E_loc));
+    ensure(b.workspace, DType::kI32, {int64_t(ws / 4 + 1)});
+    const TensorView ids_v = b.ep->normal_recv_ids(), w_v = b.ep->normal_recv_weights();
+    const TensorView s2d_v{b.n_s2d.view().data, {n, Kp}, DType::kI32, Device::kCuda};
+    const TensorView x_v = b.ep->normal_recv_x();
+    preprocess(b.n_seg.view(), s2d_v, ids_v, 0, int(E_loc), b.workspace.view().data, s);
+    if (n > 0) pre_reorder(b.n_sorted.view(), x_v, s2d_v, s);
+    grouped_gemm_contiguous(b.n_gu.view(), b.n_sorted.view(), w13.view(), b.n_seg.view(), 0, s);
+    silu_and_mul(b.n_act.view(), b.n_gu.view(), b.n_seg.as<int32_t>() + E_loc, s);
+    grouped_gemm_contiguous(b.n_down.view(), b.n_act.view(), w2.view(), b.n_seg.view(), 0, s);
+    if (n > 0)
+      post_reorder(b.ep->normal_partials(), b.n_down.view(), s2d_v, ids_v, w_v,
+                   cfg.n_routed_experts, int(rank * E_loc), s);
+  }
+
+  // Grow-only (normal mode): rows vary per call; consumers get exact counts separately.
+  static void ensure(DeviceTensor& t_, DType dt, const Shape& s) {
+    bool fits = t_.view().data && t_.dtype() == dt && t_.shape().rank == s.rank &&
+                t_.shape()[0] >= s[0];
+    for (int i = 1; fits && i < s.rank; ++i) fits = t_.shape()[i] == s[i];
+    if (fits) return;
+    Shape grown = s;
+    grown.dims[0] = s[0] + s[0] / 4;
+    t_ = DeviceTensor(dt, grown);
+  }
+
+  // One MLP (bank expert e of w13b/w2b) on the micro-batch's live rows; f32 out [T_max, H].
+  void mlp_rows(MicroBatch& b, const DeviceTensor& out_f32, const DeviceTensor& w13b,
+                const DeviceTensor& w2b, int e, cudaStream_t s) {
+    grouped_gemm_contiguous(b.shared_gu.view(), b.x.view(), w13b.view(), b.seg_shared.view(), e,
+                            s);
+    silu_and_mul(b.shared_act.view(), b.shared_gu.view(), b.seg_shared.as<int32_t>() + 1, s);
+    grouped_gemm_contiguous(out_f32.view(), b.shared_act.view(), w2b.view(), b.seg_shared.view(),
+                            e, s);
+  }
+
+  void shared_experts(MicroBatch& b, cudaStream_t s) {
+    if (cfg.n_shared_experts == 0) return;
+    // Its own segment array: the gate's may be in use on another lane.
+    ep::make_single_segment(b.seg_shared.as<int32_t>(), b.ntok.as<int32_t>(), s);
+    if (cfg.fuse_shared) {
+      for (int j = 0; j < cfg.n_shared_experts; ++j) {
+        mlp_rows(b, b.shared_tmp, sw13, sw2, j, s);
+        ep::scatter_shared(b.shared_out.as<float>(), b.shared_tmp.as<float>(), j,
+                           cfg.n_shared_experts, b.ntok.as<int32_t>(), ep.max_tokens_per_rank,
+                           cfg.hidden, s);
+      }
+    } else {
+      mlp_rows(b, b.shared_tmp, sw13, sw2, 0, s);
+    }
+  }
+
+  void output(MicroBatch& b, int m, cudaStream_t s) {
+    const bool unfused = cfg.n_shared_experts > 0 && !cfg.fuse_shared;
+    const float scale = cfg.fuse_shared && cfg.scale_on_output ? cfg.routed_scaling_factor : 1.f;
+    if (unfused || scale != 1.f)
+      ep::add_rows(b.y.as<float>(), unfused ? b.shared_tmp.as<float>() : nullptr, scale,
+                   b.ntok.as<int32_t>(), ep.max_tokens_per_rank, cfg.hidden, s);
+    const int64_t T = ep.max_tokens_per_rank, H = cfg.hidden;
+    merge_kernel<<<grid_for(T * H / 4, 256), 256, 0, s>>>(
+        y.as<float>(), ids.as<int32_t>(), wts.as<float>(), b.y.as<float>(),
+        b.ids.as<int32_t>(), b.wts.as<float>(), ntok.as<int32_t>(), T, H, cfg.num_slots(),
+        plan.num_micro_batches, m, a_takes_odd());
+    EPMOE_CUDA_CHECK_LAUNCH("merge_kernel");
+  }
+
+  void check() {
+    for (int m = 0; m < 2; ++m) mbs[m].ep->check(comm());
+    drain_bounded(compute(), "compute", rank);
+    drain_bounded(lane[int(OpLane::kShared)], "shared-expert", rank);
+  }
+};
+
+MoeLayerRankCuda::MoeLayerRankCuda(GpuTransport& transport, const MoeWeights& weights,
+                                   const EpConfig& ep, const EpCudaOptions& options)
+    : impl_(std::make_unique<Impl>(transport, weights, ep, options)) {}
+MoeLayerRankCuda::~MoeLayerRankCuda() = default;
+
+int MoeLayerRankCuda::rank() const { return impl_->rank; }
+int MoeLayerRankCuda::num_ranks() const { return impl_->ep.num_ranks; }
+const MoeConfig& MoeLayerRankCuda::config() const { return impl_->cfg; }
+const EpConfig& MoeLayerRankCuda::ep() const { return impl_->ep; }
+void MoeLayerRankCuda::begin_forward(const ForwardPlan& plan) { impl_->begin_forward(plan); }
+void MoeLayerRankCuda::run(LayerOp op, int mb) { impl_->run(op, mb); }
+void MoeLayerRankCuda::run_user(const std::string& name, int mb,
+                                const std::function<void(int)>& fn) {
+  impl_->run_user(name, mb, fn);
+}
+void MoeLayerRankCuda::end_forward() { impl_->end_forward(); }
+void MoeLayerRankCuda::set_tracing(bool on) { impl_->tracing = on; }
+
+std::vector<OpTiming> MoeLayerRankCuda::last_trace() {
+  Impl& m = *impl_;
+  std::vector<OpTiming> out;
+  if (!m.trace_origin) return out;
+  m.check();
+  for (const auto& e : m.trace) {
+    float a = 0, b = 0;
+    EPMOE_CUDA_CHECK(cudaEventElapsedTime(&a, m.trace_origin, e.start));
+    EPMOE_CUDA_CHECK(cudaEventElapsedTime(&b, m.trace_origin, e.end));
+    out.push_back(OpTiming{e.name, e.mb, e.lane, double(a) * 1e3, double(b) * 1e3});
+  }
+  return out;
+}
+
+void MoeLayerRankCuda::upload(const TensorView& xh, const TensorView& idh, const TensorView& wh) {
+  Impl& m = *impl_;
+  const int64_t H = m.cfg.hidden;
+  const int Kp = m.cfg.num_slots();
+  EPMOE_CHECK(xh.shape.rank == 2 && xh.shape[1] == H && xh.dtype == DType::kBF16,
+              kInvalidArgument, "rank {}: tokens must be [T, {}] bf16, got {} {}", m.rank, H,
+              xh.shape.str(), dtype_name(xh.dtype));
+  const int64_t T = xh.shape[0];
+  EPMOE_CHECK(T <= m.ep.max_tokens_per_rank, kInvalidArgument,
+              "rank {} brings {} tokens, more than max_tokens_per_rank = {}", m.rank, T,
+              m.ep.max_tokens_per_rank);
+  cudaStream_t s = m.compute();
+  char* st = m.staging;
+  const size_t xb = xh.nbytes(), ib = size_t(T) * size_t(Kp) * 4;
+  if (T) {
+    std::memcpy(st, xh.data, xb);
+    EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.x.view().data, st, xb, cudaMemcpyHostToDevice, s));
+  }
+  m.external_routing = idh.data != nullptr;
+  if (m.external_routing) {
+    idh.expect("topk_ids", DType::kI32, {T, Kp});
+    wh.expect("topk_weights", DType::kF32, {T, Kp});
+    const int32_t* id = idh.as<int32_t>();
+    const int max_id = m.cfg.num_expert_ids();
+    for (int64_t i = 0; i < T * Kp; ++i) {
+      EPMOE_CHECK(id[i] >= -1 && id[i] < max_id, kInvalidArgument,
+                  "rank {}: topk_ids[{}, {}] = {} is outside [-1, {})", m.rank, i / Kp, i % Kp,
+                  id[i], max_id);
+      // Low-latency receive buffers hold each token at most once per expert.
+      for (int64_t j = i - i % Kp; m.ep.mode == EpMode::kLowLatency && id[i] >= 0 && j < i; ++j)
+        EPMOE_CHECK(id[j] != id[i], kInvalidArgument,
+                    "rank {}: token {} names expert {} twice (slots {} and {})", m.rank, i / Kp,
+                    id[i], j % Kp, i % Kp);
+    }
+    if (T) {
+      std::memcpy(st + xb, idh.data, ib);
+      std::memcpy(st + xb + ib, wh.data, ib);
+      EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.ids.view().data, st + xb, ib, cudaMemcpyHostToDevice, s));
+      EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.wts.view().data, st + xb + ib, ib, cudaMemcpyHostToDevice, s));
+    }
+  }
+  int32_t* tn = reinterpret_cast<int32_t*>(st + m.staging_bytes - 16);
+  *tn = int32_t(T);
+  EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.ntok.view().data, tn, 4, cudaMemcpyHostToDevice, s));
+  drain_bounded(s, "compute (upload of the tokens)", m.rank);
+}
+
+TensorView MoeLayerRankCuda::x() const { return impl_->x.view(); }
+int32_t* MoeLayerRankCuda::num_tokens() const { return impl_->ntok.as<int32_t>(); }
+TensorView MoeLayerRankCuda::y() const { return impl_->y.view(); }
+TensorView MoeLayerRankCuda::topk_ids() const { return impl_->ids.view(); }
+TensorView MoeLayerRankCuda::topk_weights() const { return impl_->wts.view(); }
+cudaStream_t MoeLayerRankCuda::compute_stream() const { return impl_->compute(); }
+void MoeLayerRankCuda::check() { impl_->check(); }
+bool MoeLayerRankCuda::ll_over_host_api() const { return impl_->mbs[0].ep->ll_over_host_api(); }
+EpMicroBatchCuda& MoeLayerRankCuda::ep_micro_batch(int mb) {
+  EPMOE_CHECK(mb == 0 || mb == 1, kInvalidArgument, "micro-batch {} (0 or 1)", mb);
+  return *impl_->mbs[mb].ep;
+}
+
+EpCudaTraffic MoeLayerRankCuda::last_traffic() {
+  Impl& m = *impl_;
+  m.check();
+  EpCudaTraffic sum;
+  for (int i = 0; i < m.plan.num_micro_batches; ++i) {
+    const EpCudaTraffic t = m.mbs[i].ep->last_traffic(m.comm());
+    sum.dispatch_tokens += t.dispatch_tokens;
+    sum.dispatch_bytes += t.dispatch_bytes;
+    sum.combine_bytes += t.combine_bytes;
+  }
+  return sum;
+}
+
+}  // namespace epmoe::cuda
