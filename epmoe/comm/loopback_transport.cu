@@ -4,7 +4,10 @@
 #include <chrono>
 #include <condition_variable>
 #include <exception>
+#include <map>
+#include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -20,6 +23,25 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The device memory of one collective alloc_symmetric: one buffer and one peer table per rank,
+// freed together when the last rank's handle goes. NOTES: a rank that fails (or returns early)
+// drops its handle while its peers' kernels may still store into its buffer; the buffer lives
+// until those peers have dropped theirs too (the GPU twin of the CPU ThreadGroup's window sets).
+struct LoopbackWindowSet {
+  LoopbackWindowSet(int n, int dev)
+      : device(dev), local(size_t(n), nullptr), peers(size_t(n), nullptr) {}
+  ~LoopbackWindowSet() {
+    cudaSetDevice(device);  // the last holder may be any thread
+    for (void* p : local) cudaFree(p);
+    for (void** p : peers) cudaFree(p);
+  }
+  LoopbackWindowSet(const LoopbackWindowSet&) = delete;
+  LoopbackWindowSet& operator=(const LoopbackWindowSet&) = delete;
+  int device;
+  std::vector<void*> local;    // [R]
+  std::vector<void**> peers;   // [R] device tables
+};
+
 struct LoopbackState {
   explicit LoopbackState(int n, int dev)
       : num_ranks(n), device(dev), slots(size_t(n)), entered(size_t(n), 0) {}
@@ -34,11 +56,19 @@ struct LoopbackState {
     const size_t* send_bytes = nullptr;
     const size_t* send_offsets = nullptr;
     cudaEvent_t ready = nullptr;  // the sender's data is complete on its stream
-    void* buffer = nullptr;       // alloc_symmetric exchange
     const int64_t* values = nullptr;
   };
   std::vector<Slot> slots;
   std::vector<uint64_t> entered;  // [R]: barriers each rank has entered
+  // The n-th alloc_symmetric of every rank registers into windows[n] (erased once every rank
+  // holds it; whatever is left is dropped after the rank threads joined).
+  std::map<uint64_t, std::shared_ptr<LoopbackWindowSet>> windows;
+
+  // The first failing rank: every barrier of its peers stops at once.
+  void mark_failed_locked(int rank) {
+    if (failed_rank < 0) failed_rank = rank;
+    cv.notify_all();
+  }
 
   void barrier(int rank) {
     std::unique_lock<std::mutex> lock(mutex);
@@ -52,29 +82,26 @@ struct LoopbackState {
     }
     const int64_t budget = wait_timeout_ms();
     const auto deadline = Clock::now() + std::chrono::milliseconds(budget);
+    // NOTES: a rank that gives up leaves the barrier (un-arrives) under the lock, so late peers
+    // cannot complete it and read buffers the leaving rank is about to free.
     while (generation == gen) {
-      if (failed_rank >= 0)
+      if (failed_rank >= 0) {
+        --arrived;
         EPMOE_FAIL(kTimeout, "rank {}: barrier abandoned, peer rank {} failed", rank, failed_rank);
+      }
       cv.wait_for(lock, std::chrono::milliseconds(20));
       if (generation == gen && Clock::now() > deadline) {
         std::vector<int> late;
         for (int r = 0; r < num_ranks; ++r)
           if (entered[size_t(r)] < entered[size_t(rank)]) late.push_back(r);
+        --arrived;
+        mark_failed_locked(rank);
         EPMOE_FAIL(kTimeout,
                    "rank {} waited {} ms (EPMOE_TIMEOUT_MS) at a loopback barrier: ranks {} "
                    "never arrived",
                    rank, budget, fmt::format("{}", fmt::join(late, ", ")));
       }
     }
-  }
-};
-
-struct SymmetricAlloc {
-  void* local = nullptr;
-  void** peers = nullptr;
-  ~SymmetricAlloc() {
-    cudaFree(local);
-    cudaFree(peers);
   }
 };
 
@@ -96,23 +123,47 @@ class LoopbackTransport final : public GpuTransport {
   cudaStream_t stream() const override { return stream_; }
 
   SymmetricBuffer alloc_symmetric(size_t bytes) override {
-    auto alloc = std::make_shared<SymmetricAlloc>();
-    EPMOE_CUDA_CHECK(cudaMalloc(&alloc->local, bytes ? bytes : 16));
-    EPMOE_CUDA_CHECK(cudaMemset(alloc->local, 0, bytes ? bytes : 16));
-    s_->slots[size_t(rank_)].buffer = alloc->local;
+    const uint64_t n = allocations_++;
+    std::shared_ptr<LoopbackWindowSet> set;
+    {
+      std::lock_guard<std::mutex> lock(s_->mutex);
+      auto& slot = s_->windows[n];
+      if (!slot) slot = std::make_shared<LoopbackWindowSet>(size(), s_->device);
+      set = slot;
+    }
+    // Registered in the set as soon as allocated: a failure below leaks nothing.
+    void* local = nullptr;
+    EPMOE_CUDA_CHECK(cudaMalloc(&local, bytes ? bytes : 16));
+    {
+      std::lock_guard<std::mutex> lock(s_->mutex);
+      set->local[size_t(rank_)] = local;
+    }
+    EPMOE_CUDA_CHECK(cudaMemset(local, 0, bytes ? bytes : 16));
     s_->barrier(rank_);
     std::vector<void*> table(static_cast<size_t>(size()));
-    for (int r = 0; r < size(); ++r) table[size_t(r)] = s_->slots[size_t(r)].buffer;
-    s_->barrier(rank_);
-    EPMOE_CUDA_CHECK(cudaMalloc(&alloc->peers, sizeof(void*) * table.size()));
-    EPMOE_CUDA_CHECK(cudaMemcpy(alloc->peers, table.data(), sizeof(void*) * table.size(),
+    {
+      std::lock_guard<std::mutex> lock(s_->mutex);
+      table = set->local;
+    }
+    void** peers = nullptr;
+    EPMOE_CUDA_CHECK(cudaMalloc(&peers, sizeof(void*) * table.size()));
+    {
+      std::lock_guard<std::mutex> lock(s_->mutex);
+      set->peers[size_t(rank_)] = peers;
+    }
+    EPMOE_CUDA_CHECK(cudaMemcpy(peers, table.data(), sizeof(void*) * table.size(),
                                 cudaMemcpyHostToDevice));
     EPMOE_CUDA_CHECK(cudaDeviceSynchronize());
+    s_->barrier(rank_);  // every rank holds the set: the table forgets it
+    {
+      std::lock_guard<std::mutex> lock(s_->mutex);
+      s_->windows.erase(n);
+    }
     SymmetricBuffer b;
-    b.local = alloc->local;
-    b.peers = alloc->peers;
+    b.local = local;
+    b.peers = peers;
     b.bytes = bytes;
-    b.owner = alloc;
+    b.owner = set;
     return b;
   }
 
@@ -125,11 +176,17 @@ class LoopbackTransport final : public GpuTransport {
     me.send_offsets = send_offsets;
     me.ready = event_;
     s_->barrier(rank_);
+    // NOTES: a size mismatch is reported after the closing barrier: this rank must not unwind
+    // (and free its send buffer) while a peer may still be copying from it.
+    std::string mismatch;
     for (int p = 0; p < size(); ++p) {
       const auto& peer = s_->slots[size_t(p)];
-      EPMOE_CHECK(peer.send_bytes[rank_] == recv_bytes[p], kInternal,
-                  "all_to_all_v: rank {} sends {} bytes to rank {}, which expects {}", p,
-                  peer.send_bytes[rank_], rank_, recv_bytes[p]);
+      if (peer.send_bytes[rank_] != recv_bytes[p]) {
+        if (mismatch.empty())
+          mismatch = fmt::format("all_to_all_v: rank {} sends {} bytes to rank {}, which expects {}",
+                                 p, peer.send_bytes[rank_], rank_, recv_bytes[p]);
+        continue;
+      }
       if (!recv_bytes[p]) continue;
       EPMOE_CUDA_CHECK(cudaStreamWaitEvent(stream_, peer.ready, 0));
       EPMOE_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(recv) + recv_offsets[p],
@@ -140,6 +197,7 @@ class LoopbackTransport final : public GpuTransport {
     // Senders may reuse their buffers once every receiver's copies are done.
     EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
     s_->barrier(rank_);
+    EPMOE_CHECK(mismatch.empty(), kInternal, "{}", mismatch);
   }
 
   void all_gather_host(const int64_t* in, int64_t* out, int n) override {
@@ -166,6 +224,7 @@ class LoopbackTransport final : public GpuTransport {
   int rank_;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t event_ = nullptr;
+  uint64_t allocations_ = 0;
 };
 
 }  // namespace
@@ -184,12 +243,12 @@ void run_loopback(int num_ranks, int device, const std::function<void(GpuTranspo
       } catch (...) {
         errors[size_t(r)] = std::current_exception();
         std::lock_guard<std::mutex> lock(state.mutex);
-        if (state.failed_rank < 0) state.failed_rank = r;
-        state.cv.notify_all();
+        state.mark_failed_locked(r);
       }
     });
   }
   for (auto& t : threads) t.join();
+  state.windows.clear();  // sets whose creation never completed (every rank has joined)
   if (state.failed_rank >= 0) std::rethrow_exception(errors[size_t(state.failed_rank)]);
 }
 

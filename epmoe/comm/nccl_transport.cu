@@ -13,9 +13,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -46,6 +50,10 @@ struct NcclThreadGroup {
   std::atomic<int> failed_rank{-1};
   std::unique_ptr<std::atomic<uint64_t>[]> arrivals;  // [R]: host collectives each rank entered
   int size;
+  // Window memory of failing ranks, freed by run_nccl_threads once every rank thread has joined
+  // (until then a peer's kernel may still store into it).
+  std::mutex deferred_mu;
+  std::vector<std::function<void()>> deferred_frees;
 };
 
 struct NcclCommState {
@@ -323,8 +331,41 @@ SymmetricBuffer NcclTransport::alloc_symmetric(size_t bytes) {
   }
 
   std::shared_ptr<NcclCommState> state = state_;
-  auto release = [state, win, peers](void* p) {
+  std::weak_ptr<NcclThreadGroup> weak_group = group_;
+  auto release = [state, win, peers, weak_group](void* p) {
     DeviceGuard g(state->device);
+    auto free_memory = [state, peers, p] {
+      DeviceGuard g2(state->device);
+      ncclResult_t r = ncclMemFree(p);
+      if (r != ncclSuccess) {
+        warn(fmt::format("rank {}: ncclMemFree failed: {}", state->rank,
+                         detail::nccl_error_text(r)));
+      }
+      cudaFree(peers);
+    };
+    // NOTES: released while an exception unwinds this rank: the rank is failing, and its peers'
+    // kernels may still be storing into this buffer. Tell the group and abort the communicator at
+    // once (peers inside NCCL get an error, not a hang); in a thread group the memory itself is
+    // freed only after every rank's thread has joined.
+    if (std::uncaught_exceptions() > 0) {
+      const std::shared_ptr<NcclThreadGroup> group = weak_group.lock();
+      if (group) {
+        int expected = -1;
+        group->failed_rank.compare_exchange_strong(expected, state->rank);
+      }
+      state->abort();
+      {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->windows.erase(p);
+      }
+      if (group) {
+        std::lock_guard<std::mutex> lock(group->deferred_mu);
+        group->deferred_frees.push_back(free_memory);
+      } else {
+        free_memory();  // a process of its own: peers map the memory through their own handles
+      }
+      return;
+    }
     if (!state->aborted.load() && !drain_stream_bounded(state->stream, wait_timeout_ms())) {
       warn(fmt::format("rank {}: stream still busy when a symmetric buffer was released; "
                        "aborting the communicator",
@@ -343,12 +384,7 @@ SymmetricBuffer NcclTransport::alloc_symmetric(size_t bytes) {
                          detail::nccl_error_text(r)));
       }
     }
-    ncclResult_t r = ncclMemFree(p);
-    if (r != ncclSuccess) {
-      warn(fmt::format("rank {}: ncclMemFree failed: {}", state->rank,
-                       detail::nccl_error_text(r)));
-    }
-    cudaFree(peers);
+    free_memory();
   };
   SymmetricBuffer buf;
   buf.local = local;
@@ -539,6 +575,9 @@ void run_nccl_threads(int num_ranks, const std::function<void(GpuTransport&)>& f
     });
   }
   for (auto& t : threads) t.join();
+  // Every rank's kernels and threads are done: the failed ranks' windows can go.
+  for (auto& free_memory : group->deferred_frees) free_memory();
+  group->deferred_frees.clear();
   if (first_error) std::rethrow_exception(first_error);
 }
 
