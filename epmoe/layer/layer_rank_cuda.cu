@@ -16,19 +16,42 @@
 #include "epmoe/experts/grouped_gemm.cuh"
 #include "epmoe/permute/permute.cuh"
 #include "epmoe/routing/gate.cuh"
+#include "epmoe/weights/fp8_block.h"
 
 namespace epmoe::cuda {
 
 namespace {
 
-// Host bank slice [first, first + n) of a [E_bank, a, b] tensor, rounded to bf16 (the GPU
-// computes in bf16; an f32 bank is rounded once here).
-DeviceTensor upload_bank(const Tensor& bank, int64_t first, int64_t n) {
+// Experts [first, first + n) of a [E_bank, a, b] host tensor as a view.
+TensorView bank_rows(const Tensor& bank, int64_t first, int64_t n) {
   const Shape& s = bank.shape();
   const size_t per = size_t(s[1] * s[2]) * dtype_size(bank.dtype());
-  const TensorView v{static_cast<char*>(bank.view().data) + per * size_t(first), {n, s[1], s[2]},
-                     bank.dtype(), Device::kCpu};
-  return DeviceTensor::from_host(to_dtype(v, DType::kBF16).view());
+  return TensorView{static_cast<char*>(bank.view().data) + per * size_t(first), {n, s[1], s[2]},
+                    bank.dtype(), Device::kCpu};
+}
+
+// Host bank slice [first, first + n) rounded to bf16 (the GPU computes in bf16; an f32 bank is
+// rounded once here). FP8 banks are dequantised with their block scales first (exactly, in f32);
+// `halves` = 2 for w13, whose gate_proj and up_proj rows have block scales of their own.
+DeviceTensor upload_bank(const Tensor& bank, const Tensor& scale, int64_t first, int64_t n,
+                         int halves) {
+  if (bank.dtype() != DType::kF8E4M3)
+    return DeviceTensor::from_host(to_dtype(bank_rows(bank, first, n), DType::kBF16).view());
+  const Shape& s = bank.shape();
+  const int64_t rows = s[1] / halves, cols = s[2];
+  const int64_t srows = scale.shape()[1] / halves, scols = scale.shape()[2];
+  Tensor out(DType::kBF16, {n, s[1], cols});
+  for (int64_t e = 0; e < n; ++e)
+    for (int h = 0; h < halves; ++h) {
+      const TensorView q{static_cast<uint8_t*>(bank.view().data) +
+                             size_t(((first + e) * s[1] + h * rows) * cols),
+                         {rows, cols}, DType::kF8E4M3, Device::kCpu};
+      const TensorView sc{scale.as<float>() + ((first + e) * scale.shape()[1] + h * srows) * scols,
+                          {srows, scols}, DType::kF32, Device::kCpu};
+      const Tensor f = to_dtype(dequantize_fp8_block128(q, sc).view(), DType::kBF16);
+      std::memcpy(out.as<bf16>() + (e * s[1] + h * rows) * cols, f.view().data, f.nbytes());
+    }
+  return DeviceTensor::from_host(out.view());
 }
 
 struct NvtxRange {
@@ -92,6 +115,33 @@ __global__ void merge_kernel(float* y, int32_t* ids, float* w, const float* mb_y
   }
 }
 
+// x [T_max, H] -> xc [S, T_max, kc] (chunk c holds columns [c·kc, (c+1)·kc)); count[c] = T.
+__global__ void chunk_kernel(__nv_bfloat16* xc, int32_t* count, const __nv_bfloat16* x,
+                             const int32_t* num_tokens, int64_t t_max, int64_t hidden,
+                             int64_t kc) {
+  const int64_t T = min(int64_t(*num_tokens), t_max);
+  const int64_t S = hidden / kc, per_row = hidden / 8;
+  if (blockIdx.x == 0 && int64_t(threadIdx.x) < S) count[threadIdx.x] = int32_t(T);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < T * per_row; i += stride) {
+    const int64_t t = i / per_row, col = (i % per_row) * 8, c = col / kc;
+    *reinterpret_cast<uint4*>(xc + (c * t_max + t) * kc + (col - c * kc)) =
+        *reinterpret_cast<const uint4*>(x + t * hidden + col);
+  }
+}
+
+// logits[t, e] = Σ_c partial[c, t, e], c ascending (rows < T).
+__global__ void sum_chunks_kernel(float* logits, const float* partial, const int32_t* num_tokens,
+                                  int64_t t_max, int64_t experts, int chunks) {
+  const int64_t n = min(int64_t(*num_tokens), t_max) * experts;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    float acc = partial[i];
+    for (int c = 1; c < chunks; ++c) acc = acc + partial[int64_t(c) * t_max * experts + i];
+    logits[i] = acc;
+  }
+}
+
 unsigned grid_for(int64_t items, int threads) {
   const int64_t b = (items + threads - 1) / threads;
   return unsigned(b < 1 ? 1 : (b > 1024 ? 1024 : b));
@@ -119,6 +169,7 @@ constexpr int kLanes = 3;
 struct MoeLayerRankCuda::Impl {
   // One micro-batch: its tokens, routing, expert and shared-expert buffers, EP state, events.
   struct MicroBatch {
+    DeviceTensor gate_x, gate_count, gate_partial;  // [S, T_max, kc], [S], [S, T_max, E]
     DeviceTensor x, ids, wts, ntok, logits, y, seg1, seg_shared, shared_gu, shared_act, shared_tmp, shared_out;
     // low-latency experts: [E_loc, R·T_max, ·]; normal: grow-only contiguous buffers
     DeviceTensor gu, act;
@@ -149,11 +200,11 @@ struct MoeLayerRankCuda::Impl {
     const int64_t Kp = cfg.num_slots(), R = ep.num_ranks;
 
     // The model: this rank's experts, the shared expert(s), the router.
-    w13 = upload_bank(w.w13, rank * E_loc, E_loc);
-    w2 = upload_bank(w.w2, rank * E_loc, E_loc);
+    w13 = upload_bank(w.w13, w.w13_scale, rank * E_loc, E_loc, 2);
+    w2 = upload_bank(w.w2, w.w2_scale, rank * E_loc, E_loc, 1);
     if (cfg.fuse_shared) {
-      sw13 = upload_bank(w.w13, cfg.n_routed_experts, cfg.n_shared_experts);
-      sw2 = upload_bank(w.w2, cfg.n_routed_experts, cfg.n_shared_experts);
+      sw13 = upload_bank(w.w13, w.w13_scale, cfg.n_routed_experts, cfg.n_shared_experts, 2);
+      sw2 = upload_bank(w.w2, w.w2_scale, cfg.n_routed_experts, cfg.n_shared_experts, 1);
     } else if (cfg.n_shared_experts > 0) {
       const int64_t si = int64_t(cfg.n_shared_experts) * I;
       Tensor a = to_dtype(w.shared_w13, DType::kBF16), b = to_dtype(w.shared_w2, DType::kBF16);
@@ -162,9 +213,30 @@ struct MoeLayerRankCuda::Impl {
       sw2 = DeviceTensor::from_host(TensorView{b.view().data, {1, H, si}, DType::kBF16,
                                                Device::kCpu});
     }
-    Tensor g = to_dtype(w.gate, DType::kBF16);
-    gate_w = DeviceTensor::from_host(
-        TensorView{g.view().data, {1, cfg.n_routed_experts, H}, DType::kBF16, Device::kCpu});
+    // The router as S = H / kc column chunks [S, E, kc]: the gate GEMM runs as a masked grouped
+    // GEMM over the chunks (S times the parallelism of one [T, H] x [H, E] product at decode
+    // sizes), then sums the S partial logits in chunk order. Every logit is the same fixed
+    // sequence of operations whatever the batch: row-independent, hence bitwise the same for any
+    // micro-batch split and rank count.
+    gate_kc = H;
+    if (H > 512)
+      for (int64_t d = 512; d >= 8; d -= 8)
+        if (H % d == 0) {
+          gate_kc = d;
+          break;
+        }
+    gate_chunks = H / gate_kc;
+    if (gate_chunks > 64) gate_kc = H, gate_chunks = 1;  // no usable divisor: one chunk
+    {
+      const int64_t E = cfg.n_routed_experts, S = gate_chunks, kc = gate_kc;
+      Tensor g = to_dtype(w.gate, DType::kBF16);
+      Tensor gc(DType::kBF16, {S, E, kc});
+      for (int64_t c = 0; c < S; ++c)
+        for (int64_t e2 = 0; e2 < E; ++e2)
+          std::memcpy(gc.as<bf16>() + (c * E + e2) * kc, g.as<bf16>() + e2 * H + c * kc,
+                      size_t(kc) * 2);
+      gate_w = DeviceTensor::from_host(gc.view());
+    }
     if (w.has_bias()) gate_bias = DeviceTensor::from_host(to_f32(w.gate_bias).view());
 
     // The rank's tokens and results.
@@ -201,6 +273,9 @@ struct MoeLayerRankCuda::Impl {
       b.ntok.fill_bytes(0);
       b.logits = DeviceTensor(DType::kF32, {T, cfg.n_routed_experts});
       b.logits.fill_bytes(0);
+      b.gate_x = DeviceTensor(DType::kBF16, {gate_chunks, T, gate_kc});
+      b.gate_count = DeviceTensor(DType::kI32, {gate_chunks});
+      b.gate_partial = DeviceTensor(DType::kF32, {gate_chunks, T, cfg.n_routed_experts});
       b.y = DeviceTensor(DType::kF32, {T, H});
       b.seg1 = DeviceTensor(DType::kI32, {2});
       b.seg_shared = DeviceTensor(DType::kI32, {2});
@@ -248,7 +323,8 @@ struct MoeLayerRankCuda::Impl {
   EpCudaOptions opt;
   int rank = 0;
   int64_t E_loc = 0;
-  DeviceTensor w13, w2, sw13, sw2, gate_w, gate_bias;
+  DeviceTensor w13, w2, sw13, sw2, gate_w, gate_bias;  // gate_w: [S, E, kc] bf16
+  int64_t gate_kc = 0, gate_chunks = 1;
   DeviceTensor x, ids, wts, ntok, y;
   bool external_routing = false;
   char* staging = nullptr;
@@ -443,10 +519,19 @@ struct MoeLayerRankCuda::Impl {
   // ---- the compute operations ----
   void gate(MicroBatch& b, cudaStream_t s) {
     if (external_routing) return;  // the uploaded routing stands
-    // One segment of all live rows through the router: [T_mb, E] f32 logits. epmoe's own GEMM,
-    // whose rows do not depend on the batch (cuBLAS may change algorithm with M).
-    ep::make_single_segment(b.seg1.as<int32_t>(), b.ntok.as<int32_t>(), s);
-    grouped_gemm_contiguous(b.logits.view(), b.x.view(), gate_w.view(), b.seg1.view(), 0, s);
+    // logits [T_mb, E] f32 = Σ_c x[:, chunk c] · W[:, chunk c]ᵀ in chunk order (see gate_w).
+    const int64_t T = ep.max_tokens_per_rank, E = cfg.n_routed_experts;
+    chunk_kernel<<<grid_for(T * cfg.hidden / 8, 256), 256, 0, s>>>(
+        reinterpret_cast<__nv_bfloat16*>(b.gate_x.view().data), b.gate_count.as<int32_t>(),
+        reinterpret_cast<const __nv_bfloat16*>(b.x.view().data), b.ntok.as<int32_t>(), T,
+        cfg.hidden, gate_kc);
+    EPMOE_CUDA_CHECK_LAUNCH("chunk_kernel");
+    grouped_gemm_masked(b.gate_partial.view(), b.gate_x.view(), gate_w.view(),
+                        b.gate_count.view(), 0, s);
+    sum_chunks_kernel<<<grid_for(T * E, 256), 256, 0, s>>>(
+        b.logits.as<float>(), b.gate_partial.as<float>(), b.ntok.as<int32_t>(), T, E,
+        int(gate_chunks));
+    EPMOE_CUDA_CHECK_LAUNCH("sum_chunks_kernel");
   }
   void select(MicroBatch& b, cudaStream_t s) {
     if (external_routing) return;
