@@ -94,7 +94,7 @@ TEST_P(GoldenLayer, CpuPathMatchesSingleRankAndSplit) {
 
 INSTANTIATE_TEST_SUITE_P(Golden, GoldenLayer,
                          ::testing::Values("dsv3_small_grouped", "dsv3_routing_256e",
-                                           "ungrouped_2shared_noscale"));
+                                           "ungrouped_2shared_noscale", "dsv3_fp8_block128"));
 
 }  // namespace
 }  // namespace epmoe

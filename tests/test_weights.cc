@@ -16,6 +16,8 @@
 
 #include "epmoe/core/config.h"
 #include "epmoe/core/tensor.h"
+#include "epmoe/experts/experts_cpu.h"
+#include "epmoe/weights/fp8_block.h"
 #include "epmoe/weights/moe_weights.h"
 #include "epmoe/weights/safetensors.h"
 
@@ -107,6 +109,8 @@ MoeWeights clone(const MoeWeights& w) {
   c.w2 = to_dtype(w.w2, w.w2.dtype());
   c.shared_w13 = to_dtype(w.shared_w13, w.shared_w13.dtype());
   c.shared_w2 = to_dtype(w.shared_w2, w.shared_w2.dtype());
+  c.w13_scale = to_dtype(w.w13_scale, w.w13_scale.dtype());
+  c.w2_scale = to_dtype(w.w2_scale, w.w2_scale.dtype());
   return c;
 }
 
@@ -494,10 +498,11 @@ Tensor random_scales(int64_t rows, int64_t cols, std::mt19937& rng) {
   return s;
 }
 
-// The value the loader must produce for element (r, c) of an FP8 weight with block scales.
+// The value the loader must produce for element (r, c) of an FP8 weight with block scales: exact
+// in f32 (fp8 -> f32, one f32 multiply, as transformers dequantises).
 float dequant(const Tensor& q, const Tensor& s, int64_t r, int64_t c) {
   const float v = fp8e4m3_to_f32(q.as<fp8e4m3>()[r * q.shape()[1] + c]);
-  return round_bf16(v * s.as<float>()[(r / 128) * s.shape()[1] + c / 128]);
+  return v * s.as<float>()[(r / 128) * s.shape()[1] + c / 128];
 }
 
 TEST(Weights, Fp8WithBlockScalesDequantises) {
@@ -534,7 +539,7 @@ TEST(Weights, Fp8WithBlockScalesDequantises) {
     MoeConfig cf = c;
     cf.fuse_shared = fuse;
     const MoeWeights w = load_moe_weights(path, cf);
-    ASSERT_EQ(w.w13.dtype(), DType::kBF16);
+    ASSERT_EQ(w.w13.dtype(), DType::kF32);
     EXPECT_EQ(w.gate_bias.dtype(), DType::kF32);
     EXPECT_EQ(w.gate_bias.as<float>()[0], 0.25f);
     EXPECT_EQ(w.gate_bias.as<float>()[1], -1.5f);
@@ -543,8 +548,7 @@ TEST(Weights, Fp8WithBlockScalesDequantises) {
       const Tensor& s = owned[name + "_scale_inv"];
       for (int64_t r = 0; r < got.shape[0]; ++r) {
         for (int64_t k = 0; k < got.shape[1]; ++k) {
-          ASSERT_EQ(bf16_to_f32(got.as<bf16>()[r * got.shape[1] + k]),
-                    dequant(q, s, r0 + r, c0 + k))
+          ASSERT_EQ(got.as<float>()[r * got.shape[1] + k], dequant(q, s, r0 + r, c0 + k))
               << name << " at (" << r0 + r << ", " << c0 + k << ")";
         }
       }
@@ -563,12 +567,46 @@ TEST(Weights, Fp8WithBlockScalesDequantises) {
       }
     } else {
       auto* base = static_cast<uint8_t*>(w.shared_w13.view().data);
-      check(TensorView{base, Shape{ns * I, H}, DType::kBF16}, "shared_experts.gate_proj.weight",
+      check(TensorView{base, Shape{ns * I, H}, DType::kF32}, "shared_experts.gate_proj.weight",
             0, 0);
-      check(TensorView{base + ns * I * H * 2, Shape{ns * I, H}, DType::kBF16},
+      check(TensorView{base + ns * I * H * 4, Shape{ns * I, H}, DType::kF32},
             "shared_experts.up_proj.weight", 0, 0);
       check(w.shared_w2.view(), "shared_experts.down_proj.weight", 0, 0);
     }
+  }
+
+  // keep_fp8: the bank as stored, its scales as stored; dequantised, bitwise the default load.
+  // Two fused shared slices of I = 160 would split a block: refused.
+  {
+    const MoeWeights kept = load_moe_weights(path, c, LoadOptions{.keep_fp8 = true});
+    ASSERT_TRUE(kept.fp8());
+    validate_moe_weights(kept);
+    EXPECT_EQ(kept.w13_scale.shape(), (Shape{E, 4, 2}));
+    EXPECT_EQ(kept.w2_scale.shape(), (Shape{E, 2, 2}));
+    EXPECT_EQ(kept.shared_w13.dtype(), DType::kF32);
+    for (int64_t e = 0; e < E; ++e) {
+      const std::string base = "experts." + std::to_string(e) + ".";
+      const auto* q13 = kept.w13.as<fp8e4m3>() + e * 2 * I * H;
+      EXPECT_EQ(std::memcmp(q13, owned[base + "gate_proj.weight"].view().data, size_t(I * H)), 0);
+      EXPECT_EQ(std::memcmp(q13 + I * H, owned[base + "up_proj.weight"].view().data,
+                            size_t(I * H)), 0);
+      const float* s13 = kept.w13_scale.as<float>() + e * 8;
+      EXPECT_EQ(std::memcmp(s13, owned[base + "gate_proj.weight_scale_inv"].view().data, 16), 0);
+      EXPECT_EQ(std::memcmp(s13 + 4, owned[base + "up_proj.weight_scale_inv"].view().data, 16), 0);
+    }
+    const MoeWeights deq = dequantize_moe_weights(clone(kept));
+    const MoeWeights plain = load_moe_weights(path, c);
+    ASSERT_EQ(deq.w13.dtype(), DType::kF32);
+    EXPECT_EQ(std::memcmp(deq.w13.view().data, plain.w13.view().data, plain.w13.nbytes()), 0);
+    EXPECT_EQ(std::memcmp(deq.w2.view().data, plain.w2.view().data, plain.w2.nbytes()), 0);
+    EXPECT_EQ(std::memcmp(kept.shared_w13.view().data, plain.shared_w13.view().data,
+                          plain.shared_w13.nbytes()), 0);
+    MoeConfig cf = c;
+    cf.fuse_shared = true;
+    expect_error([&] { load_moe_weights(path, cf, LoadOptions{.keep_fp8 = true}); },
+                 ErrorKind::kUnsupported, {"moe_intermediate % 128"});
+    expect_error([&] { save_moe_weights(dir.file("x.safetensors"), kept); },
+                 ErrorKind::kUnsupported, {"FP8"});
   }
 
   // A missing or mis-shaped scale is named.
@@ -793,6 +831,116 @@ TEST(Weights, HostMemoryCheck) {
   const uint64_t bank = uint64_t(v3.n_routed_experts + 1) * 3 * v3.moe_intermediate * v3.hidden * 2;
   if (bank <= available_host_memory() / 4 * 3) GTEST_SKIP() << "enough memory for deepseek-v3";
   expect_error([&] { random_moe_weights(v3, 1); }, ErrorKind::kUnsupported, {"GiB", "H=7168"});
+}
+
+// ---------------------------------------------------------------------------------------------
+// FP8 banks: block quantisation, the golden FP8 checkpoint kept as FP8, the CPU reference on FP8
+
+TEST(Fp8Block, QuantiseDequantiseRules) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> d(0.f, 1.f);
+  Tensor w(DType::kF32, Shape{2, 200, 300});  // partial blocks in both dimensions
+  for (int64_t i = 0; i < w.numel(); ++i) w.as<float>()[i] = d(rng) * (i % 7 == 0 ? 30.f : 1.f);
+  for (int64_t i = 0; i < 200 * 300; ++i) w.as<float>()[i] = 0.f;  // matrix 0 block 0 ... all zero
+  const Fp8Tensor f = quantize_fp8_block128(w.view());
+  ASSERT_EQ(f.scale.shape(), (Shape{2, 2, 3}));
+  EXPECT_EQ(f.scale.as<float>()[0], 1.f);  // an all-zero block gets scale 1
+  // Every other block: scale = amax / 448, the amax element maps to ±448.
+  for (int64_t bi = 0; bi < 2; ++bi)
+    for (int64_t bj = 0; bj < 3; ++bj) {
+      float amax = 0;
+      for (int64_t r = bi * 128; r < std::min<int64_t>(200, bi * 128 + 128); ++r)
+        for (int64_t c = bj * 128; c < std::min<int64_t>(300, bj * 128 + 128); ++c)
+          amax = std::max(amax, std::fabs(w.as<float>()[(200 + r) * 300 + c]));
+      EXPECT_EQ(f.scale.as<float>()[6 + bi * 3 + bj], amax / 448.f);
+    }
+  const Tensor back = dequantize_fp8_block128(f.q.view(), f.scale.view());
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < w.numel(); ++i) {
+    const float q = fp8e4m3_to_f32(f.q.as<fp8e4m3>()[i]);
+    const int64_t e = i / (200 * 300), r = i / 300 % 200, c = i % 300;
+    ASSERT_EQ(back.as<float>()[i], q * f.scale.as<float>()[e * 6 + (r / 128) * 3 + c / 128]);
+    num += std::pow(double(back.as<float>()[i]) - w.as<float>()[i], 2);
+    den += std::pow(double(w.as<float>()[i]), 2);
+  }
+  EXPECT_LT(std::sqrt(num / den), 0.05);  // e4m3: 3 mantissa bits
+  // Rows: one scale per row per 128 values.
+  const Fp8Tensor fr = quantize_fp8_rows128(TensorView{w.as<float>(), Shape{400, 300}, DType::kF32});
+  ASSERT_EQ(fr.scale.shape(), (Shape{400, 3}));
+  const Tensor rb = dequantize_fp8_rows128(fr.q.view(), fr.scale.view());
+  for (int64_t r = 0; r < 400; r += 37)
+    for (int64_t c = 0; c < 300; ++c)
+      ASSERT_EQ(rb.as<float>()[r * 300 + c],
+                fp8e4m3_to_f32(fr.q.as<fp8e4m3>()[r * 300 + c]) * fr.scale.as<float>()[r * 3 + c / 128]);
+}
+
+// The golden FP8 checkpoint: the default load is the exact f32 dequantisation; keep_fp8 keeps the
+// file's bytes and scales; the CPU experts on the FP8 bank are bitwise those on the f32 bank.
+TEST(Weights, GoldenFp8KeptAsFp8) {
+  const std::string path = golden_dir() + "/dsv3_fp8_block128.safetensors";
+  if (!fs::exists(path)) GTEST_SKIP() << "golden file not found: " << path;
+  const SafetensorsFile file(path);
+  for (bool fuse : {false, true}) {
+    SCOPED_TRACE(fuse ? "fused" : "unfused");
+    MoeConfig c = config_from_safetensors_metadata(file);
+    c.fuse_shared = fuse;
+    const int64_t E = c.n_routed_experts, H = c.hidden, I = c.moe_intermediate;
+    const MoeWeights plain = load_moe_weights(file, c);
+    const MoeWeights kept = load_moe_weights(file, c, LoadOptions{.keep_fp8 = true});
+    ASSERT_EQ(plain.w13.dtype(), DType::kF32);
+    ASSERT_TRUE(kept.fp8());
+    validate_moe_weights(kept);
+    const TensorView q = file.tensor("experts.3.down_proj.weight");
+    const TensorView sc = file.tensor("experts.3.down_proj.weight_scale_inv");
+    ASSERT_EQ(q.dtype, DType::kF8E4M3);
+    EXPECT_EQ(std::memcmp(kept.w2.as<fp8e4m3>() + 3 * H * I, q.data, size_t(H * I)), 0);
+    EXPECT_EQ(std::memcmp(kept.w2_scale.as<float>() + 3 * sc.numel(), sc.data, sc.nbytes()), 0);
+    const MoeWeights deq = dequantize_moe_weights(clone(kept));
+    EXPECT_TRUE(same_bytes(deq.w13.view(), plain.w13.view()));
+    EXPECT_TRUE(same_bytes(deq.w2.view(), plain.w2.view()));
+
+    // CPU experts, contiguous layout, every bank expert: FP8 bank + scales vs the f32 bank.
+    const int64_t nb = plain.bank_size(), rows = 5 * nb;
+    std::mt19937 rng(3);
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    Tensor x(DType::kF32, Shape{rows, H});
+    for (int64_t i = 0; i < x.numel(); ++i) x.as<float>()[i] = u(rng);
+    Tensor seg(DType::kI32, Shape{nb + 1});
+    for (int64_t e = 0; e <= nb; ++e) seg.as<int32_t>()[e] = int32_t(5 * e);
+    Tensor a(DType::kF32, Shape{rows, H}), b(DType::kF32, Shape{rows, H});
+    experts_contiguous_cpu(a.view(), x.view(), seg.view(), plain.w13.view(), plain.w2.view(), 0);
+    experts_contiguous_cpu(b.view(), x.view(), seg.view(), kept.w13.view(), kept.w2.view(), 0, 0,
+                           kept.w13_scale.view(), kept.w2_scale.view());
+    EXPECT_TRUE(same_bytes(a.view(), b.view())) << "FP8 bank differs from its f32 dequantisation";
+    EXPECT_THROW(experts_contiguous_cpu(b.view(), x.view(), seg.view(), kept.w13.view(),
+                                        kept.w2.view(), 0),
+                 Error);  // an FP8 bank without its scales
+    (void)E;
+  }
+}
+
+// bf16 banks quantised at load (FP8 runs on bf16 checkpoints): shapes, validation, closeness.
+TEST(Weights, QuantiseBankToFp8) {
+  const MoeConfig c{.hidden = 256, .moe_intermediate = 128, .n_routed_experts = 4, .top_k = 2,
+                    .n_shared_experts = 1, .scoring = Scoring::kSigmoid, .fuse_shared = true};
+  const MoeWeights w = random_moe_weights(c, 17);
+  const MoeWeights q = quantize_moe_weights_fp8(clone(w));
+  ASSERT_TRUE(q.fp8());
+  validate_moe_weights(q);
+  EXPECT_EQ(q.w13_scale.shape(), (Shape{5, 2, 2}));
+  EXPECT_EQ(q.w2_scale.shape(), (Shape{5, 2, 1}));
+  const MoeWeights d = dequantize_moe_weights(clone(q));
+  const Tensor ref = to_f32(w.w13.view());
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    num += std::pow(double(d.w13.as<float>()[i]) - ref.as<float>()[i], 2);
+    den += std::pow(double(ref.as<float>()[i]), 2);
+  }
+  EXPECT_LT(std::sqrt(num / den), 0.05);
+  EXPECT_GT(std::sqrt(num / den), 0.0);
+  // An FP8 bank cannot move its shared expert.
+  expect_error([&] { with_shared_fusion(clone(q), false, false); }, ErrorKind::kUnsupported,
+               {"FP8"});
 }
 
 }  // namespace

@@ -26,6 +26,24 @@ void check_bank(const TensorView& w13, const TensorView& w2, int64_t h) {
               kInvalidArgument, "expert bank w13 {} / w2 {} do not fit H={}", w13.shape.str(),
               w2.shape.str(), h);
 }
+
+int64_t blocks128(int64_t n) { return (n + 127) / 128; }
+
+// An FP8 bank's scales: [E_bank, 2·ceil(I/128), ceil(H/128)] and [E_bank, ceil(H/128),
+// ceil(I/128)] f32 (MoeWeights' layout).
+void check_bank_scales(const TensorView& w13, const TensorView& w2, const TensorView& w13_scale,
+                       const TensorView& w2_scale) {
+  if (w13.dtype != DType::kF8E4M3) return;
+  const int64_t nb = w13.shape[0], h = w2.shape[1], inter = w2.shape[2];
+  EPMOE_CHECK(w2.dtype == DType::kF8E4M3, kInvalidArgument, "FP8 w13 with {} w2",
+              dtype_name(w2.dtype));
+  w13_scale.expect("w13_scale (FP8 bank)", DType::kF32, {nb, 2 * blocks128(inter), blocks128(h)});
+  w2_scale.expect("w2_scale (FP8 bank)", DType::kF32, {nb, blocks128(h), blocks128(inter)});
+}
+
+TensorView scale_slice(const TensorView& scale, int64_t e) {
+  return scale.data == nullptr ? TensorView{} : bank_slice(scale, e);
+}
 }  // namespace
 
 void silu_and_mul_cpu(const TensorView& out, const TensorView& in) {
@@ -44,8 +62,22 @@ TensorView bank_slice(const TensorView& bank, int64_t e) {
 }
 
 void mlp_rows_cpu(float* out, const TensorView& in, int64_t row_begin, int64_t rows,
-                  const TensorView& w13, const TensorView& w2) {
+                  const TensorView& w13, const TensorView& w2, const TensorView& w13_scale,
+                  const TensorView& w2_scale) {
   const int64_t h = w2.shape[0], inter = w2.shape[1];
+  const bool fp8 = w13.dtype == DType::kF8E4M3;
+  // FP8: gate and up rows are two matrices, each with its own blocks of w13_scale.
+  const int64_t ib = blocks128(inter), hb = blocks128(h);
+  TensorView gate{}, up{}, gate_s{}, up_s{};
+  if (fp8) {
+    w13_scale.expect("w13_scale (FP8 weight)", DType::kF32, {2 * ib, hb});
+    auto* q = static_cast<uint8_t*>(w13.data);
+    auto* sc = static_cast<float*>(w13_scale.data);
+    gate = TensorView{q, {inter, h}, DType::kF8E4M3, Device::kCpu};
+    up = TensorView{q + inter * h, {inter, h}, DType::kF8E4M3, Device::kCpu};
+    gate_s = TensorView{sc, {ib, hb}, DType::kF32, Device::kCpu};
+    up_s = TensorView{sc + ib * hb, {ib, hb}, DType::kF32, Device::kCpu};
+  }
   std::vector<float> x(size_t(std::min(rows, kRowChunk) * h));
   std::vector<float> gu(size_t(std::min(rows, kRowChunk) * 2 * inter));
   std::vector<float> act(size_t(std::min(rows, kRowChunk) * inter));
@@ -60,17 +92,24 @@ void mlp_rows_cpu(float* out, const TensorView& in, int64_t row_begin, int64_t r
         for (int64_t i = 0; i < h; ++i) x[r * h + i] = bf16_to_f32(s[i]);
       }
     }
-    linear_rows_cpu(gu.data(), 2 * inter, x.data(), h, n, w13);
+    if (fp8) {
+      linear_rows_cpu(gu.data(), 2 * inter, x.data(), h, n, gate, gate_s);
+      linear_rows_cpu(gu.data() + inter, 2 * inter, x.data(), h, n, up, up_s);
+    } else {
+      linear_rows_cpu(gu.data(), 2 * inter, x.data(), h, n, w13);
+    }
     silu_mul_rows(act.data(), inter, gu.data(), 2 * inter, n, inter);
-    linear_rows_cpu(out + (r0)*h, h, act.data(), inter, n, w2);
+    linear_rows_cpu(out + (r0)*h, h, act.data(), inter, n, w2, w2_scale);
   }
 }
 
 void experts_contiguous_cpu(const TensorView& out, const TensorView& in,
                             const TensorView& seg_indptr, const TensorView& w13,
-                            const TensorView& w2, int bank_offset, int threads) {
+                            const TensorView& w2, int bank_offset, int threads,
+                            const TensorView& w13_scale, const TensorView& w2_scale) {
   const int64_t n = in.shape[0], h = in.shape[1];
   check_bank(w13, w2, h);
+  check_bank_scales(w13, w2, w13_scale, w2_scale);
   const int64_t e_loc = seg_indptr.shape[0] - 1;
   seg_indptr.expect("seg_indptr", DType::kI32, {e_loc + 1});
   out.expect("expert output", DType::kF32, {n, h});
@@ -91,18 +130,20 @@ void experts_contiguous_cpu(const TensorView& out, const TensorView& in,
       const int e = items[i].first;
       const int64_t r = items[i].second, rows = std::min<int64_t>(kRowChunk, seg[e + 1] - r);
       mlp_rows_cpu(out.as<float>() + r * h, in, r, rows, bank_slice(w13, bank_offset + e),
-                   bank_slice(w2, bank_offset + e));
+                   bank_slice(w2, bank_offset + e), scale_slice(w13_scale, bank_offset + e),
+                   scale_slice(w2_scale, bank_offset + e));
     }
   });
 }
 
 void experts_masked_cpu(const TensorView& out, const TensorView& in, const TensorView& count,
                         const TensorView& w13, const TensorView& w2, int bank_offset,
-                        int threads) {
+                        int threads, const TensorView& w13_scale, const TensorView& w2_scale) {
   EPMOE_CHECK(in.shape.rank == 3, kInvalidArgument, "masked input must be [E_loc, M_max, H], got {}",
               in.shape.str());
   const int64_t e_loc = in.shape[0], m_max = in.shape[1], h = in.shape[2];
   check_bank(w13, w2, h);
+  check_bank_scales(w13, w2, w13_scale, w2_scale);
   count.expect("count", DType::kI32, {e_loc});
   out.expect("masked expert output", DType::kF32, {e_loc, m_max, h});
   EPMOE_CHECK(bank_offset >= 0 && bank_offset + e_loc <= w13.shape[0], kInvalidArgument,
@@ -123,7 +164,8 @@ void experts_masked_cpu(const TensorView& out, const TensorView& in, const Tenso
       const int64_t r = items[i].second, rows = std::min<int64_t>(kRowChunk, cnt[e] - r);
       const int64_t row0 = e * m_max + r;
       mlp_rows_cpu(out.as<float>() + row0 * h, flat_in, row0, rows,
-                   bank_slice(w13, bank_offset + e), bank_slice(w2, bank_offset + e));
+                   bank_slice(w13, bank_offset + e), bank_slice(w2, bank_offset + e),
+                   scale_slice(w13_scale, bank_offset + e), scale_slice(w2_scale, bank_offset + e));
     }
   });
 }

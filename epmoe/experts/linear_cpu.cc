@@ -1,6 +1,7 @@
 #include "epmoe/experts/linear_cpu.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace epmoe {
 
@@ -39,6 +40,28 @@ void linear_block(float* out, int64_t ldo, const float* in, int64_t ldi, int row
   }
 }
 }  // namespace
+
+void linear_rows_cpu(float* out, int64_t ldo, const float* in, int64_t ldi, int64_t m,
+                     const TensorView& w, const TensorView& w_scale) {
+  if (w.dtype != DType::kF8E4M3) return linear_rows_cpu(out, ldo, in, ldi, m, w);
+  EPMOE_CHECK(w.shape.rank == 2, kInvalidArgument, "linear weight must be 2-D, got {}",
+              w.shape.str());
+  const int64_t n_out = w.shape[0], k_in = w.shape[1], kb = (k_in + 127) / 128;
+  w_scale.expect("FP8 weight scale", DType::kF32, {(n_out + 127) / 128, kb});
+  // NOTES: one output feature at a time through the f32 path (its loop over n is per row of w),
+  // so every product sees exactly the dequantised weight.
+  std::vector<float> row(static_cast<size_t>(k_in));
+  const fp8e4m3* q = w.as<fp8e4m3>();
+  const float* sc = w_scale.as<float>();
+  for (int64_t n = 0; n < n_out; ++n) {
+    for (int64_t k = 0; k < k_in; ++k)
+      row[size_t(k)] = fp8e4m3_to_f32(q[n * k_in + k]) * sc[(n / 128) * kb + k / 128];
+    for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+      const int rows = int(std::min<int64_t>(kRowBlock, m - r0));
+      linear_block(out + r0 * ldo + n, ldo, in + r0 * ldi, ldi, rows, row.data(), 1, k_in);
+    }
+  }
+}
 
 void linear_rows_cpu(float* out, int64_t ldo, const float* in, int64_t ldi, int64_t m,
                      const TensorView& w) {

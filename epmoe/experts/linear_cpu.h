@@ -17,4 +17,11 @@ namespace epmoe {
 void linear_rows_cpu(float* out, int64_t ldo, const float* in, int64_t ldi, int64_t m,
                      const TensorView& w);
 
+// The same with an FP8 weight: w: [N, K] f8e4m3, w_scale: [ceil(N/128), ceil(K/128)] f32 (value =
+// fp8 · scale). Each weight is dequantised exactly (fp8 -> f32, one f32 multiply) before the same
+// loop, so the result is bitwise that of the f32 weight dequantize_fp8_block128 gives.
+// bf16|f32 weights ignore w_scale.
+void linear_rows_cpu(float* out, int64_t ldo, const float* in, int64_t ldi, int64_t m,
+                     const TensorView& w, const TensorView& w_scale);
+
 }  // namespace epmoe

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "epmoe/core/parallel.h"
+#include "epmoe/weights/fp8_block.h"
 #include "epmoe/weights/safetensors.h"
 
 namespace epmoe {
@@ -186,15 +187,19 @@ void copy_block(const Source& s, int64_t r0, int64_t c0, int64_t rows, int64_t c
 }
 
 // The dtype a stored float tensor keeps in memory without losing a bit: f16 does not fit bf16's
-// mantissa (f32 instead); FP8 (even times an f32 scale, by DeepSeek's own convention) goes to bf16.
+// mantissa (f32 instead); FP8 times its f32 block scale is dequantised exactly in f32 (fp8 -> f32,
+// one f32 multiply, as transformers does: rounding it to bf16 cost the golden FP8 case 2.7e-3).
 DType natural_dtype(DType stored) {
-  return (stored == DType::kF32 || stored == DType::kF16) ? DType::kF32 : DType::kBF16;
+  return (stored == DType::kF32 || stored == DType::kF16 || stored == DType::kF8E4M3)
+             ? DType::kF32
+             : DType::kBF16;
 }
 
 class Loader {
  public:
-  Loader(const SafetensorsFile& file, const MoeConfig& config, const std::string& prefix)
-      : file_(file), config_(config), prefix_(prefix) {}
+  Loader(const SafetensorsFile& file, const MoeConfig& config, const std::string& prefix,
+         bool keep_fp8)
+      : file_(file), config_(config), prefix_(prefix), keep_fp8_(keep_fp8) {}
 
   // Looks `name` up, checks shape [rows, cols] and a float dtype, and picks up FP8 scales.
   Source matrix(const std::string& name, int64_t rows, int64_t cols) const {
@@ -250,12 +255,30 @@ class Loader {
   const SafetensorsFile& file_;
   const MoeConfig& config_;
   const std::string& prefix_;
+  const bool keep_fp8_;
 };
 
-// Index of the first non-finite value of [n] bf16|f32 at p, or -1.
+// FP8 bank rows: dst [rows, cols] f8e4m3 (row stride cols) <- s[r0:r0+rows, c0:c0+cols] as stored,
+// dst_scale [ceil(rows/128), ceil(cols/128)] f32 <- the scales of those blocks. r0 and c0 are
+// multiples of 128 (whole blocks).
+void copy_fp8_block(const Source& s, int64_t r0, int64_t c0, int64_t rows, int64_t cols,
+                    uint8_t* dst, float* dst_scale) {
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst + size_t(r) * cols, s.data + size_t(r0 + r) * s.cols + c0, size_t(cols));
+  const int64_t rb = (rows + kFp8Block - 1) / kFp8Block, cb = (cols + kFp8Block - 1) / kFp8Block;
+  for (int64_t i = 0; i < rb; ++i)
+    for (int64_t j = 0; j < cb; ++j)
+      dst_scale[i * cb + j] = load_scale(s, r0 + i * kFp8Block, c0 + j * kFp8Block);
+}
+
+// Index of the first non-finite value of [n] bf16|f32|f8e4m3 at p, or -1.
 int64_t first_nonfinite(const uint8_t* p, DType dt, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float v;
+    if (dt == DType::kF8E4M3) {
+      if ((p[i] & 0x7f) == 0x7f) return i;  // e4m3fn: NaN is S.1111.111, there is no Inf
+      continue;
+    }
     if (dt == DType::kF32) {
       std::memcpy(&v, p + size_t(i) * 4, 4);
     } else {
@@ -367,6 +390,22 @@ MoeWeights Loader::load() const {
   for (const Source* s : {&sgate, &sup, &sdown}) {
     if (s->data != nullptr && natural_dtype(s->dtype) == DType::kF32) bank = DType::kF32;
   }
+  // keep_fp8: an FP8 bank with its block scales when every bank tensor is FP8; the unfused
+  // shared MLP is then dequantised into f32.
+  bool keep = keep_fp8_;
+  for (const auto* list : {&gp, &up, &down})
+    for (const Source& s : *list) keep = keep && s.dtype == DType::kF8E4M3;
+  if (config_.fuse_shared)
+    for (const Source* s : {&sgate, &sup, &sdown})
+      keep = keep && (s->data == nullptr || s->dtype == DType::kF8E4M3);
+  if (keep) {
+    EPMOE_CHECK(!config_.fuse_shared || ns <= 1 || I % kFp8Block == 0, kUnsupported,
+                "'{}': keeping FP8 weights with {} fused shared experts needs moe_intermediate "
+                "% 128 == 0 (each slice whole blocks), got {}",
+                file_.path(), ns, I);
+    bank = DType::kF8E4M3;
+  }
+  const DType shared_dt = keep ? DType::kF32 : bank;
   const size_t esz = dtype_size(bank);
   const uint64_t bank_bytes = uint64_t(nb + (config_.fuse_shared ? 0 : ns)) * 3 * I * H * esz;
   check_host_memory(bank_bytes, fmt::format("the expert bank of '{}' ({} experts of {}x{} {})",
@@ -398,34 +437,62 @@ MoeWeights Loader::load() const {
   uint8_t* w13 = bytes_of(w.w13);
   uint8_t* w2 = bytes_of(w.w2);
   const size_t half = size_t(I * H) * esz;
-  parallel_for(nb, 1, 0, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      uint8_t* g = w13 + size_t(e) * 2 * half;
-      uint8_t* d = w2 + size_t(e) * half;
-      if (e < E) {
-        copy_block(gp[e], 0, 0, I, H, g, bank, H);
-        copy_block(up[e], 0, 0, I, H, g + half, bank, H);
-        copy_block(down[e], 0, 0, H, I, d, bank, I);
-      } else {
-        // Shared slice j: gate/up rows [j·I, (j+1)·I), down columns [j·I, (j+1)·I) (DESIGN §2).
-        const int64_t j = e - E;
-        copy_block(sgate, j * I, 0, I, H, g, bank, H);
-        copy_block(sup, j * I, 0, I, H, g + half, bank, H);
-        copy_block(sdown, 0, j * I, H, I, d, bank, I);
+  const int64_t ib = (I + kFp8Block - 1) / kFp8Block, hb = (H + kFp8Block - 1) / kFp8Block;
+  w.w13_scale = keep ? Tensor(DType::kF32, Shape{nb, 2 * ib, hb}) : empty_tensor(DType::kF32);
+  w.w2_scale = keep ? Tensor(DType::kF32, Shape{nb, hb, ib}) : empty_tensor(DType::kF32);
+  if (keep) {
+    float* s13 = w.w13_scale.as<float>();
+    float* s2 = w.w2_scale.as<float>();
+    parallel_for(nb, 1, 0, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        uint8_t* g = w13 + size_t(e) * 2 * half;
+        float* gs = s13 + e * 2 * ib * hb;
+        const bool routed = e < E;
+        const int64_t r0 = routed ? 0 : (e - E) * I;  // shared slice j: rows/cols [jI, (j+1)I)
+        copy_fp8_block(routed ? gp[e] : sgate, r0, 0, I, H, g, gs);
+        copy_fp8_block(routed ? up[e] : sup, r0, 0, I, H, g + half, gs + ib * hb);
+        copy_fp8_block(routed ? down[e] : sdown, 0, r0, H, I, w2 + size_t(e) * half,
+                       s2 + e * hb * ib);
       }
+    });
+    for (const Tensor* t : {&w.w13_scale, &w.w2_scale}) {
+      const int64_t i = first_nonfinite(bytes_of(*t), DType::kF32, t->numel());
+      EPMOE_CHECK(i < 0, kNumeric,
+                  "'{}': an FP8 weight_scale_inv holds a non-finite value ({} blocks of the "
+                  "bank, flat index {})",
+                  file_.path(), t == &w.w13_scale ? "gate/up" : "down", i);
     }
-  });
+  } else {
+    parallel_for(nb, 1, 0, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        uint8_t* g = w13 + size_t(e) * 2 * half;
+        uint8_t* d = w2 + size_t(e) * half;
+        if (e < E) {
+          copy_block(gp[e], 0, 0, I, H, g, bank, H);
+          copy_block(up[e], 0, 0, I, H, g + half, bank, H);
+          copy_block(down[e], 0, 0, H, I, d, bank, I);
+        } else {
+          // Shared slice j: gate/up rows [j·I, (j+1)·I), down columns [j·I, (j+1)·I) (DESIGN §2).
+          const int64_t j = e - E;
+          copy_block(sgate, j * I, 0, I, H, g, bank, H);
+          copy_block(sup, j * I, 0, I, H, g + half, bank, H);
+          copy_block(sdown, 0, j * I, H, I, d, bank, I);
+        }
+      }
+    });
+  }
   reject_nonfinite(w, gate, gp, up, down, sgate, sup, sdown, has_bias ? bias_name : "");
   if (ns > 0 && !config_.fuse_shared) {
-    w.shared_w13 = Tensor(bank, Shape{2 * ns * I, H});
-    w.shared_w2 = Tensor(bank, Shape{H, ns * I});
+    w.shared_w13 = Tensor(shared_dt, Shape{2 * ns * I, H});
+    w.shared_w2 = Tensor(shared_dt, Shape{H, ns * I});
     uint8_t* s13 = bytes_of(w.shared_w13);
-    copy_block(sgate, 0, 0, ns * I, H, s13, bank, H);
-    copy_block(sup, 0, 0, ns * I, H, s13 + size_t(ns) * half, bank, H);
-    copy_block(sdown, 0, 0, H, ns * I, bytes_of(w.shared_w2), bank, ns * I);
+    const size_t shalf = size_t(I * H) * dtype_size(shared_dt);
+    copy_block(sgate, 0, 0, ns * I, H, s13, shared_dt, H);
+    copy_block(sup, 0, 0, ns * I, H, s13 + size_t(ns) * shalf, shared_dt, H);
+    copy_block(sdown, 0, 0, H, ns * I, bytes_of(w.shared_w2), shared_dt, ns * I);
   } else {
-    w.shared_w13 = empty_tensor(bank);
-    w.shared_w2 = empty_tensor(bank);
+    w.shared_w13 = empty_tensor(shared_dt);
+    w.shared_w2 = empty_tensor(shared_dt);
   }
   return w;
 }
@@ -535,17 +602,27 @@ void validate_moe_weights(const MoeWeights& w) {
   const int64_t E = c.n_routed_experts, H = c.hidden, I = c.moe_intermediate;
   const int64_t ns = c.n_shared_experts;
   const DType wd = w.w13.dtype();
-  EPMOE_CHECK(wd == DType::kBF16 || wd == DType::kF32, kInvalidArgument,
-              "w13 must be bf16 or f32, got {}", dtype_name(wd));
+  EPMOE_CHECK(wd == DType::kBF16 || wd == DType::kF32 || wd == DType::kF8E4M3, kInvalidArgument,
+              "w13 must be bf16, f32 or f8e4m3, got {}", dtype_name(wd));
   EPMOE_CHECK(w.gate.dtype() == DType::kBF16 || w.gate.dtype() == DType::kF32, kInvalidArgument,
               "gate must be bf16 or f32, got {}", dtype_name(w.gate.dtype()));
   w.gate.view().expect("gate", w.gate.dtype(), Shape{E, H});
   if (w.has_bias()) w.gate_bias.view().expect("gate_bias", DType::kF32, Shape{E});
   w.w13.view().expect("w13", wd, Shape{int64_t(w.bank_size()), 2 * I, H});
   w.w2.view().expect("w2", wd, Shape{int64_t(w.bank_size()), H, I});
+  const int64_t ib = (I + kFp8Block - 1) / kFp8Block, hb = (H + kFp8Block - 1) / kFp8Block;
+  if (wd == DType::kF8E4M3) {
+    w.w13_scale.view().expect("w13_scale", DType::kF32, Shape{int64_t(w.bank_size()), 2 * ib, hb});
+    w.w2_scale.view().expect("w2_scale", DType::kF32, Shape{int64_t(w.bank_size()), hb, ib});
+  } else {
+    EPMOE_CHECK(w.w13_scale.numel() == 0 && w.w2_scale.numel() == 0, kInvalidArgument,
+                "w13_scale/w2_scale must be empty for a {} bank", dtype_name(wd));
+  }
+  // The unfused shared MLP of an FP8 layer is f32.
+  const DType sd = wd == DType::kF8E4M3 ? DType::kF32 : wd;
   if (ns > 0 && !c.fuse_shared) {
-    w.shared_w13.view().expect("shared_w13", wd, Shape{2 * ns * I, H});
-    w.shared_w2.view().expect("shared_w2", wd, Shape{H, ns * I});
+    w.shared_w13.view().expect("shared_w13", sd, Shape{2 * ns * I, H});
+    w.shared_w2.view().expect("shared_w2", sd, Shape{H, ns * I});
   } else {
     EPMOE_CHECK(w.shared_w13.numel() == 0 && w.shared_w2.numel() == 0, kInvalidArgument,
                 "shared_w13/shared_w2 must be empty when the shared expert is {}",
@@ -615,6 +692,9 @@ MoeWeights with_shared_fusion(MoeWeights weights, bool fuse, bool scale_on_outpu
   const bool was_fused = weights.config.fuse_shared;
   weights.config = next;
   if (was_fused == fuse || next.n_shared_experts == 0) return weights;
+  EPMOE_CHECK(!weights.fp8(), kUnsupported,
+              "with_shared_fusion: an FP8 bank cannot move the shared expert (load with the "
+              "fusion setting, or fuse before quantize_moe_weights_fp8)");
 
   const Dims d{next.n_routed_experts, next.n_shared_experts, next.moe_intermediate, next.hidden,
                dtype_size(weights.w13.dtype())};
@@ -651,7 +731,7 @@ MoeWeights with_shared_fusion(MoeWeights weights, bool fuse, bool scale_on_outpu
 
 MoeWeights load_moe_weights(const SafetensorsFile& file, const MoeConfig& config,
                             const LoadOptions& options) {
-  return Loader(file, config, options.prefix).load();
+  return Loader(file, config, options.prefix, options.keep_fp8).load();
 }
 
 MoeWeights load_moe_weights(const std::string& path, const MoeConfig& config,
@@ -706,6 +786,8 @@ MoeConfig config_from_safetensors_metadata(const std::string& path) {
 void save_moe_weights(const std::string& path, const MoeWeights& weights,
                       const std::string& prefix) {
   validate_moe_weights(weights);
+  EPMOE_CHECK(!weights.fp8(), kUnsupported,
+              "save_moe_weights: FP8 banks are not written (dequantize_moe_weights first)");
   const MoeConfig& c = weights.config;
   const int64_t E = c.n_routed_experts, H = c.hidden, I = c.moe_intermediate;
   const int64_t ns = c.n_shared_experts;
@@ -744,6 +826,81 @@ void save_moe_weights(const std::string& path, const MoeWeights& weights,
     tensors[prefix + "shared_experts.down_proj.weight"] = src2->view();
   }
   write_safetensors(path, tensors, {{"config", config_to_json(c).dump()}});
+}
+
+// ---------------------------------------------------------------------------------------------
+// FP8 banks
+
+MoeWeights quantize_moe_weights_fp8(MoeWeights w) {
+  validate_moe_weights(w);
+  if (w.fp8()) return w;
+  const int64_t nb = w.bank_size(), H = w.config.hidden, I = w.config.moe_intermediate;
+  const int64_t ib = (I + kFp8Block - 1) / kFp8Block, hb = (H + kFp8Block - 1) / kFp8Block;
+  Tensor q13(DType::kF8E4M3, Shape{nb, 2 * I, H}), q2(DType::kF8E4M3, Shape{nb, H, I});
+  Tensor s13(DType::kF32, Shape{nb, 2 * ib, hb}), s2(DType::kF32, Shape{nb, hb, ib});
+  const DType dt = w.w13.dtype();
+  const size_t esz = dtype_size(dt);
+  // One matrix [rows, cols] of the source at `src` -> q at `dst`, its scales at `dst_scale`.
+  auto one = [&](const uint8_t* src, int64_t rows, int64_t cols, uint8_t* dst, float* dst_scale) {
+    const Fp8Tensor f = quantize_fp8_block128(
+        TensorView{const_cast<uint8_t*>(src), Shape{rows, cols}, dt, Device::kCpu});
+    std::memcpy(dst, f.q.view().data, f.q.nbytes());
+    std::memcpy(dst_scale, f.scale.view().data, f.scale.nbytes());
+  };
+  parallel_for(nb, 1, 0, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const uint8_t* g = bytes_of(w.w13) + size_t(e * 2 * I * H) * esz;
+      uint8_t* qg = bytes_of(q13) + size_t(e * 2 * I * H);
+      float* sg = s13.as<float>() + e * 2 * ib * hb;
+      one(g, I, H, qg, sg);                                                 // gate_proj
+      one(g + size_t(I * H) * esz, I, H, qg + size_t(I * H), sg + ib * hb);  // up_proj
+      one(bytes_of(w.w2) + size_t(e * H * I) * esz, H, I, bytes_of(q2) + size_t(e * H * I),
+          s2.as<float>() + e * hb * ib);
+    }
+  });
+  if (w.shared_w13.numel() > 0 && dt != DType::kF32) {  // the shared MLP of FP8 layers is f32
+    w.shared_w13 = to_f32(w.shared_w13.view());
+    w.shared_w2 = to_f32(w.shared_w2.view());
+  } else if (w.shared_w13.numel() == 0) {
+    w.shared_w13 = empty_tensor(DType::kF32);
+    w.shared_w2 = empty_tensor(DType::kF32);
+  }
+  w.w13 = std::move(q13);
+  w.w2 = std::move(q2);
+  w.w13_scale = std::move(s13);
+  w.w2_scale = std::move(s2);
+  return w;
+}
+
+MoeWeights dequantize_moe_weights(MoeWeights w) {
+  validate_moe_weights(w);
+  if (!w.fp8()) return w;
+  const int64_t nb = w.bank_size(), H = w.config.hidden, I = w.config.moe_intermediate;
+  const int64_t ib = (I + kFp8Block - 1) / kFp8Block, hb = (H + kFp8Block - 1) / kFp8Block;
+  Tensor d13(DType::kF32, Shape{nb, 2 * I, H}), d2(DType::kF32, Shape{nb, H, I});
+  auto one = [](const uint8_t* q, const float* scale, int64_t rows, int64_t cols, float* dst) {
+    const int64_t rb = (rows + kFp8Block - 1) / kFp8Block, cb = (cols + kFp8Block - 1) / kFp8Block;
+    const Tensor f = dequantize_fp8_block128(
+        TensorView{const_cast<uint8_t*>(q), Shape{rows, cols}, DType::kF8E4M3, Device::kCpu},
+        TensorView{const_cast<float*>(scale), Shape{rb, cb}, DType::kF32, Device::kCpu});
+    std::memcpy(dst, f.view().data, f.nbytes());
+  };
+  parallel_for(nb, 1, 0, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const uint8_t* g = bytes_of(w.w13) + size_t(e * 2 * I * H);
+      const float* sg = w.w13_scale.as<float>() + e * 2 * ib * hb;
+      float* dg = d13.as<float>() + e * 2 * I * H;
+      one(g, sg, I, H, dg);
+      one(g + size_t(I * H), sg + ib * hb, I, H, dg + I * H);
+      one(bytes_of(w.w2) + size_t(e * H * I), w.w2_scale.as<float>() + e * hb * ib, H, I,
+          d2.as<float>() + e * H * I);
+    }
+  });
+  w.w13 = std::move(d13);
+  w.w2 = std::move(d2);
+  w.w13_scale = empty_tensor(DType::kF32);
+  w.w2_scale = empty_tensor(DType::kF32);
+  return w;
 }
 
 }  // namespace epmoe
