@@ -29,7 +29,9 @@ if(EPMOE_CUDA)
       epmoe/experts/sm90/sm90_gemm_bf16_bf16.cu
       epmoe/experts/sm90/sm90_gemm_bf16_f32.cu
       epmoe/experts/sm90/sm90_gemm_fp8_bf16.cu
-      epmoe/experts/sm90/sm90_gemm_fp8_f32.cu)
+      epmoe/experts/sm90/sm90_gemm_fp8_f32.cu
+      epmoe/experts/sm90/sm90_gemm_bf16_bf16_signal.cu
+      epmoe/experts/sm90/sm90_gemm_fp8_bf16_signal.cu)
     target_sources(epmoe_cuda PRIVATE ${_sm90_units})
     # -isystem: CUTLASS's own warnings are not epmoe's.
     target_include_directories(epmoe_cuda SYSTEM PRIVATE "${EPMOE_CUTLASS_DIR}/include"
@@ -41,6 +43,6 @@ if(EPMOE_CUDA)
                                 COMPILE_DEFINITIONS EPMOE_WITH_CUTLASS=1)
   endif()
   if(EPMOE_BUILD_TESTS AND TARGET epmoe_gpu_tests)
-    target_sources(epmoe_gpu_tests PRIVATE tests/gpu/test_sm90_gemm.cc)
+    target_sources(epmoe_gpu_tests PRIVATE tests/gpu/test_sm90_gemm.cc tests/gpu/sm90_signal_probe.cu)
   endif()
 endif()

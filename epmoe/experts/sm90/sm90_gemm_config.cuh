@@ -19,6 +19,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 
 #include "epmoe/experts/sm90/sm90_gemm_params.h"
+#include "epmoe/experts/sm90/sm90_signal_epilogue.cuh"
 
 namespace epmoe::cuda::sm90 {
 
@@ -39,11 +40,12 @@ template <class Out> struct Bf16Config {
   using ElementA = cutlass::bfloat16_t;
   using ElementB = cutlass::bfloat16_t;
   using ElementD = Out;
-  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using TileShape = cute::Shape<cute::Int<kBlockM>, cute::Int<kBf16BlockN>, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
   static constexpr bool kScaled = false;
+  static constexpr bool kSignal = false;
   static constexpr int kBlockM = cute::size<0>(TileShape{});
 
   using Epilogue = EpilogueOf<ElementD, TileShape, ClusterShape, EpilogueSchedule>;
@@ -69,11 +71,12 @@ template <class Out> struct Fp8BlockConfig {
   using ElementA = cutlass::float_e4m3_t;
   using ElementB = cutlass::float_e4m3_t;
   using ElementD = Out;
-  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_128>;
+  using TileShape = cute::Shape<cute::Int<kBlockM>, cute::Int<kFp8BlockN>, cute::_128>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
   static constexpr bool kScaled = true;
+  static constexpr bool kSignal = false;
   static constexpr int kBlockM = cute::size<0>(TileShape{});
   static constexpr int kScaleBlock = 128;  // K (both operands) and N (weights)
   using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<
@@ -94,10 +97,27 @@ template <class Out> struct Fp8BlockConfig {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 };
 
+// The same kernel with per-tile completion signals (sm90_signal_epilogue.cuh): same tiles, same
+// main loop (its stage count was sized for the base epilogue, whose shared storage this one
+// shares), same output bits.
+template <class Cfg> struct WithSignals : Cfg {
+  static constexpr bool kSignal = true;
+  using Epilogue = SignalEpilogue<typename Cfg::Epilogue>;
+  using GemmKernel =
+      cutlass::gemm::kernel::GemmUniversal<ProblemShape, typename Cfg::Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+};
+
 template <Kernel K> struct ConfigOf;
 template <> struct ConfigOf<Kernel::kBf16Bf16> { using type = Bf16Config<cutlass::bfloat16_t>; };
 template <> struct ConfigOf<Kernel::kBf16F32> { using type = Bf16Config<float>; };
 template <> struct ConfigOf<Kernel::kFp8Bf16> { using type = Fp8BlockConfig<cutlass::bfloat16_t>; };
 template <> struct ConfigOf<Kernel::kFp8F32> { using type = Fp8BlockConfig<float>; };
+template <> struct ConfigOf<Kernel::kBf16Bf16Signal> {
+  using type = WithSignals<Bf16Config<cutlass::bfloat16_t>>;
+};
+template <> struct ConfigOf<Kernel::kFp8Bf16Signal> {
+  using type = WithSignals<Fp8BlockConfig<cutlass::bfloat16_t>>;
+};
 
 }  // namespace epmoe::cuda::sm90

@@ -9,8 +9,15 @@
 
 namespace epmoe::cuda::sm90 {
 
-// The instantiated kernels: input dtype x output dtype. Tile configs: sm90_gemm_config.cuh.
-enum class Kernel { kBf16Bf16, kBf16F32, kFp8Bf16, kFp8F32 };
+// The instantiated kernels: input dtype x output dtype (x per-tile completion signals). Tile
+// configs: sm90_gemm_config.cuh.
+enum class Kernel { kBf16Bf16, kBf16F32, kFp8Bf16, kFp8F32, kBf16Bf16Signal, kFp8Bf16Signal };
+
+// Tile sizes (the configs static_assert them): m-blocks of kBlockM rows for every dtype; n-blocks
+// of kBf16BlockN (bf16) or kFp8BlockN (FP8) output features.
+constexpr int kBlockM = 128;
+constexpr int kBf16BlockN = 256;
+constexpr int kFp8BlockN = 128;
 
 // Everything one grouped call reads; both layouts.
 struct Params {
@@ -23,13 +30,15 @@ struct Params {
   bool masked;
   int64_t rows;            // contiguous: N; masked: M_max
   int n_out, k, e_loc, bank_offset;
+  int32_t* signal;         // signal kernels: [E_loc · signal_blocks] i32 (DEVICE), else nullptr
+  int signal_blocks;       // ceil(M_max / kBlockM)
 };
 
 // Device scratch handed to a kernel TU: `bytes` at `data` (16-byte aligned).
 struct Scratch {
   void* data;
   size_t bytes;
-  int sm_count;
+  int sm_count;  // persistent CTAs to launch (<= the SMs the workspace was sized for)
 };
 
 // Bytes a kernel needs in the scratch for `groups` experts on a device with sm_count SMs.

@@ -126,6 +126,10 @@ typename Cfg::Gemm::Arguments make_arguments(const Params& p, const GroupArrays<
   args.epilogue.dC = nullptr;
   args.epilogue.ptr_D = g.d;
   args.epilogue.dD = g.stride_d;
+  if constexpr (Cfg::kSignal) {
+    args.epilogue.signal = p.signal;
+    args.epilogue.blocks_per_group = p.signal_blocks;
+  }
   auto& fusion = args.epilogue.thread;
   fusion.alpha = 1.0f;
   fusion.beta = 0.0f;

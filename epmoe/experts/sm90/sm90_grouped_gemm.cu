@@ -112,14 +112,18 @@ void check_operands(const char* fn, bool fp8, const TensorView& out, const Tenso
   p->bank_offset = bank_offset;
 }
 
-// The one runtime -> template switch: input dtype x output dtype.
+// The one runtime -> template switch: input dtype x output dtype (x signals: bf16 output only,
+// checked by the caller).
 void launch(bool fp8, DType out_dtype, const sm90::Params& p, const Sm90GemmWorkspace& ws,
             cudaStream_t stream) {
 #if EPMOE_WITH_CUTLASS
   using sm90::Kernel;
-  const sm90::Scratch s{ws.data(), ws.bytes(), ws.sm_count()};
+  const sm90::Scratch s{ws.data(), ws.bytes(), ws.max_sms()};
   const bool f32 = out_dtype == DType::kF32;
-  if (fp8) {
+  if (p.signal != nullptr) {
+    if (fp8) sm90::run<Kernel::kFp8Bf16Signal>(p, s, stream);
+    else sm90::run<Kernel::kBf16Bf16Signal>(p, s, stream);
+  } else if (fp8) {
     if (f32) sm90::run<Kernel::kFp8F32>(p, s, stream);
     else sm90::run<Kernel::kFp8Bf16>(p, s, stream);
   } else {
@@ -152,10 +156,10 @@ void contiguous(const char* fn, bool fp8, const TensorView& out, const TensorVie
   launch(fp8, out.dtype, p, ws, stream);
 }
 
-void masked(const char* fn, bool fp8, const TensorView& out, const TensorView& in,
-            const TensorView* in_scale, const TensorView& w, const TensorView* w_scale,
-            const TensorView& count, int bank_offset, Sm90GemmWorkspace& ws,
-            cudaStream_t stream) {
+void masked(const char* fn, bool fp8, const TensorView& out, const TensorView* signal,
+            const TensorView& in, const TensorView* in_scale, const TensorView& w,
+            const TensorView* w_scale, const TensorView& count, int bank_offset,
+            Sm90GemmWorkspace& ws, cudaStream_t stream) {
   require_sm90(fn);
   EPMOE_CHECK(in.shape.rank == 3, kInvalidArgument, "{}: in must be [E_loc, M_max, K], got {}",
               fn, in.shape.str());
@@ -169,6 +173,19 @@ void masked(const char* fn, bool fp8, const TensorView& out, const TensorView& i
                  &p);
   p.masked = true;
   p.rows = m_max;
+  if (signal != nullptr) {
+    const int64_t nb = (m_max + sm90::kBlockM - 1) / sm90::kBlockM;
+    EPMOE_CHECK(signal->device == Device::kCuda && signal->dtype == DType::kI32 &&
+                    signal->shape == Shape({e_loc * nb}) && aligned(signal->data, 4),
+                kInvalidArgument,
+                "{}: signal must be [E_loc · ceil(M_max / {})] = [{}] i32 on the device, got {} {}",
+                fn, sm90::kBlockM, e_loc * nb, signal->shape.str(), dtype_name(signal->dtype));
+    EPMOE_CHECK(out.dtype == DType::kBF16, kUnsupported,
+                "{}: the signalling kernels write bf16 output, got {}", fn,
+                dtype_name(out.dtype));
+    p.signal = static_cast<int32_t*>(signal->data);
+    p.signal_blocks = int(nb);
+  }
   if (e_loc == 0 || m_max == 0) return;
   launch(fp8, out.dtype, p, ws, stream);
 }
@@ -180,7 +197,15 @@ bool sm90_gemm_available() noexcept { return kBuilt; }
 int sm90_gemm_block_m(DType in_dtype) {
   EPMOE_CHECK(in_dtype == DType::kBF16 || in_dtype == DType::kF8E4M3, kInvalidArgument,
               "sm90_gemm_block_m: no sm90 GEMM takes {} inputs", dtype_name(in_dtype));
-  return 128;  // Bf16Config / Fp8BlockConfig::kBlockM (sm90_gemm_config.cuh)
+  return sm90::kBlockM;
+}
+
+Sm90SignalInfo sm90_gemm_signal_info(DType in_dtype, int64_t n_out) {
+  EPMOE_CHECK(in_dtype == DType::kBF16 || in_dtype == DType::kF8E4M3, kInvalidArgument,
+              "sm90_gemm_signal_info: no sm90 GEMM takes {} inputs", dtype_name(in_dtype));
+  EPMOE_CHECK(n_out > 0, kInvalidArgument, "sm90_gemm_signal_info: Nout = {}", n_out);
+  const int64_t block_n = in_dtype == DType::kBF16 ? sm90::kBf16BlockN : sm90::kFp8BlockN;
+  return Sm90SignalInfo{sm90::kBlockM, int((n_out + block_n - 1) / block_n)};
 }
 
 Sm90GemmWorkspace::Sm90GemmWorkspace(int max_experts) {
@@ -195,12 +220,22 @@ Sm90GemmWorkspace::Sm90GemmWorkspace(int max_experts) {
   bytes = std::max({sm90::workspace_bytes<Kernel::kBf16Bf16>(max_experts, sm_count_),
                     sm90::workspace_bytes<Kernel::kBf16F32>(max_experts, sm_count_),
                     sm90::workspace_bytes<Kernel::kFp8Bf16>(max_experts, sm_count_),
-                    sm90::workspace_bytes<Kernel::kFp8F32>(max_experts, sm_count_)});
+                    sm90::workspace_bytes<Kernel::kFp8F32>(max_experts, sm_count_),
+                    sm90::workspace_bytes<Kernel::kBf16Bf16Signal>(max_experts, sm_count_),
+                    sm90::workspace_bytes<Kernel::kFp8Bf16Signal>(max_experts, sm_count_)});
 #endif
   EPMOE_CUDA_CHECK(cudaMalloc(&data_, bytes));
   EPMOE_CUDA_CHECK(cudaMemset(data_, 0, bytes));
   bytes_ = bytes;
   max_experts_ = max_experts;
+  max_sms_ = sm_count_;
+}
+
+void Sm90GemmWorkspace::set_max_sms(int n) {
+  EPMOE_CHECK(n >= 1 && n <= sm_count_, kInvalidArgument,
+              "Sm90GemmWorkspace::set_max_sms: {} is outside [1, {}] (the device's SMs)", n,
+              sm_count_);
+  max_sms_ = n;
 }
 
 Sm90GemmWorkspace::~Sm90GemmWorkspace() {
@@ -217,6 +252,7 @@ Sm90GemmWorkspace& Sm90GemmWorkspace::operator=(Sm90GemmWorkspace&& o) noexcept 
     max_experts_ = std::exchange(o.max_experts_, 0);
     device_ = std::exchange(o.device_, -1);
     sm_count_ = std::exchange(o.sm_count_, 0);
+    max_sms_ = std::exchange(o.max_sms_, 0);
   }
   return *this;
 }
@@ -231,8 +267,25 @@ void sm90_grouped_gemm_contiguous(const TensorView& out, const TensorView& in,
 void sm90_grouped_gemm_masked(const TensorView& out, const TensorView& in, const TensorView& w,
                               const TensorView& count, int bank_offset, Sm90GemmWorkspace& ws,
                               cudaStream_t stream) {
-  masked("sm90_grouped_gemm_masked", false, out, in, nullptr, w, nullptr, count, bank_offset, ws,
-         stream);
+  masked("sm90_grouped_gemm_masked", false, out, nullptr, in, nullptr, w, nullptr, count,
+         bank_offset, ws, stream);
+}
+
+void sm90_grouped_gemm_masked_signal(const TensorView& out, const TensorView& signal,
+                                     const TensorView& in, const TensorView& w,
+                                     const TensorView& count, int bank_offset,
+                                     Sm90GemmWorkspace& ws, cudaStream_t stream) {
+  masked("sm90_grouped_gemm_masked_signal", false, out, &signal, in, nullptr, w, nullptr, count,
+         bank_offset, ws, stream);
+}
+
+void sm90_grouped_gemm_fp8_masked_signal(const TensorView& out, const TensorView& signal,
+                                         const TensorView& in, const TensorView& in_scale,
+                                         const TensorView& w, const TensorView& w_scale,
+                                         const TensorView& count, int bank_offset,
+                                         Sm90GemmWorkspace& ws, cudaStream_t stream) {
+  masked("sm90_grouped_gemm_fp8_masked_signal", true, out, &signal, in, &in_scale, w, &w_scale,
+         count, bank_offset, ws, stream);
 }
 
 void sm90_grouped_gemm_fp8_contiguous(const TensorView& out, const TensorView& in,
@@ -248,7 +301,7 @@ void sm90_grouped_gemm_fp8_masked(const TensorView& out, const TensorView& in,
                                   const TensorView& in_scale, const TensorView& w,
                                   const TensorView& w_scale, const TensorView& count,
                                   int bank_offset, Sm90GemmWorkspace& ws, cudaStream_t stream) {
-  masked("sm90_grouped_gemm_fp8_masked", true, out, in, &in_scale, w, &w_scale, count,
+  masked("sm90_grouped_gemm_fp8_masked", true, out, nullptr, in, &in_scale, w, &w_scale, count,
          bank_offset, ws, stream);
 }
 

@@ -50,13 +50,19 @@ class Sm90GemmWorkspace {
   int max_experts() const { return max_experts_; }
   int device() const { return device_; }
   int sm_count() const { return sm_count_; }
+  // The persistent kernels launch one CTA per SM they may use: all SMs by default; fewer leaves
+  // SMs to kernels that run at the same time and wait on the GEMM (the single-batch-overlap
+  // combine-send on its signals must have SMs of its own, or it can starve the GEMM it waits
+  // for). n in [1, sm_count()]; the tile configuration, hence every output bit, is unchanged.
+  void set_max_sms(int n);
+  int max_sms() const { return max_sms_; }
   void* data() const { return data_; }
   size_t bytes() const { return bytes_; }
 
  private:
   void* data_ = nullptr;
   size_t bytes_ = 0;
-  int max_experts_ = 0, device_ = -1, sm_count_ = 0;
+  int max_experts_ = 0, device_ = -1, sm_count_ = 0, max_sms_ = 0;
 };
 
 // --- bf16 --------------------------------------------------------------------------------------
@@ -101,5 +107,30 @@ void sm90_grouped_gemm_fp8_masked(const TensorView& out, const TensorView& in,
 // The m-block height of the tile scheduler for a dtype (rows of one expert handled by one tile):
 // 128 for bf16 and FP8. Fixed per dtype (see NOTES).
 int sm90_gemm_block_m(DType in_dtype);
+
+// --- per-tile completion signals (single-batch overlap, DESIGN §6) ------------------------------
+// Entry e·nb + m of a signal array (nb = ceil(M_max / block_m)) covers rows [m·block_m,
+// (m+1)·block_m) of local expert e. The kernel adds 1 with release semantics (gpu scope) after
+// each n-block of those rows is stored and visible, so the entry equals `threshold` (the number of
+// n-blocks) once all its rows are final; a reader loads it with acquire semantics. Entries of
+// m-blocks without rows stay 0 (only blocks with m·block_m < count[e] are waited for).
+struct Sm90SignalInfo {
+  int block_m;    // rows per m-block (128)
+  int threshold;  // ceil(Nout / block_n): block_n 256 for bf16, 128 for FP8
+};
+Sm90SignalInfo sm90_gemm_signal_info(DType in_dtype, int64_t n_out);
+
+// Masked layout with signals, bf16 output: as sm90_grouped_gemm_masked / _fp8_masked, plus
+// signal: [E_loc · ceil(M_max / block_m)] i32 DEVICE, zeroed by the caller before every call
+// (e.g. cudaMemsetAsync on `stream`). The output bits are those of the calls without signals.
+void sm90_grouped_gemm_masked_signal(const TensorView& out, const TensorView& signal,
+                                     const TensorView& in, const TensorView& w,
+                                     const TensorView& count, int bank_offset,
+                                     Sm90GemmWorkspace& ws, cudaStream_t stream);
+void sm90_grouped_gemm_fp8_masked_signal(const TensorView& out, const TensorView& signal,
+                                         const TensorView& in, const TensorView& in_scale,
+                                         const TensorView& w, const TensorView& w_scale,
+                                         const TensorView& count, int bank_offset,
+                                         Sm90GemmWorkspace& ws, cudaStream_t stream);
 
 }  // namespace epmoe::cuda
