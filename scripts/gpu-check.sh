@@ -7,6 +7,8 @@
 #   multi    : (>= 2 GPUs) NCCL EP tests, the same on NCCL's network path, mpirun -np 2
 #   bench    : kernel + grouped GEMM benchmarks, dispatch/combine over loopback (and NCCL)
 #   sanitizer: compute-sanitizer memcheck and racecheck on the expert-parallel tests
+#   overlap  : (not in the default list) `epmoe bench --kernel layer`: none/tbo/sbo, decode and
+#              prefill, DeepSeek-V3 and the large-EP slice, with a TBO trace
 #   gemm     : (not in the default list) the sm90 grouped GEMM: its tests, memcheck/racecheck on
 #              them (quick sizes), `epmoe bench --kernel gemm` and bench/torch_grouped_mm.py
 # The sm90 GEMM needs the CUTLASS headers: scripts/fetch-cutlass.sh unpacks the pinned wheel
@@ -146,6 +148,24 @@ if has gemm; then
   PY=/opt/torch/.venv/bin/python; [ -x "$PY" ] || PY=python3
   timeout 300 "$PY" bench/torch_grouped_mm.py --json "$J/bench_torch_grouped_mm.json" > "$OUT/bench_torch.log" 2>&1
   say "torch grouped_mm bench: rc=$?"; tail -40 "$OUT/bench_torch.log" | tee -a "$SUMMARY" > /dev/null
+fi
+
+if has overlap; then
+  # The layer under none / tbo / sbo (issue 11): decode (low-latency, CUDA graphs) at 32-256
+  # tokens per rank and prefill (normal) at 4096, DeepSeek-V3 as it is and the large-EP slice
+  # (8 local experts per rank), the attention stand-in as long as the sequential MoE layer.
+  t0=$(date +%s)
+  R=2; TR=nccl; [ "$NGPU" -lt 2 ] && TR=loopback
+  OV_TOKENS=${OV_TOKENS:-32,64,128,256}
+  {
+    for shape in "--experts-per-rank 8" ""; do
+      tag=$([ -n "$shape" ] && echo slice || echo dsv3)
+      echo "== decode $tag"; timeout 150 $B/epmoe bench --kernel layer --preset deepseek-v3 $shape --ranks $R --transport $TR --mode low-latency --tokens $OV_TOKENS --overlap all --attn-us -1 --graph --iters ${OV_ITERS:-20} --trace "$J/trace_tbo_decode_$tag.json" --json "$J/layer_decode_$tag.json"
+      echo "== prefill $tag"; timeout 150 $B/epmoe bench --kernel layer --preset deepseek-v3 $shape --ranks $R --transport $TR --mode normal --tokens 4096 --overlap all --attn-us -1 --iters ${OV_ITERS:-10} --json "$J/layer_prefill_$tag.json"
+    done
+  } > "$OUT/overlap.log" 2>&1
+  say "overlap bench: ($(elapsed $t0))"
+  grep -E "^==|tokens/rank|^none|^tbo|^sbo|error" "$OUT/overlap.log" | cut -c1-60 | tee -a "$SUMMARY"
 fi
 
 if has sanitizer; then

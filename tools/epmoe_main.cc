@@ -129,8 +129,9 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--overlap", bench.overlap,
                         "layer: strategies to compare with none (none,tbo,sbo | all)");
   bench_cmd->add_option("--attn-us", bench.attn_us,
-                        "layer: attention stand-in (us per layer at the full batch)")
-      ->check(CLI::Range(0.0, 1e7));
+                        "layer: attention stand-in (us per layer at the full batch; -1: as long "
+                        "as the sequential MoE layer)")
+      ->check(CLI::Range(-1.0, 1e7));
   bench_cmd->add_option("--experts-per-rank", bench.experts_per_rank,
                         "layer: the large-EP slice (ranks x N routed experts of the preset's size)")
       ->check(CLI::Range(0, 4096));

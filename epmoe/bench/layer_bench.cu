@@ -69,6 +69,15 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& o) {
     sp.trace_iters = o.trace_iters;
     sp.graph = o.graph;
     sp.attn_us = o.attn_us;
+    if (o.attn_us < 0) {
+      // "auto": an attention stand-in as long as the sequential MoE layer itself.
+      CudaRunSpec cal = sp;
+      cal.strategies = {OverlapKind::kNone};
+      cal.iters = 5;
+      cal.trace_iters = 0;
+      cal.attn_us = 0;
+      sp.attn_us = max_of(run_layer_cuda(cal).strategies[0].layer_us);
+    }
     const CudaRunResult r = run_layer_cuda(sp);
     const StrategyResult& base = r.strategies[0];
     const double none_us = max_of(base.layer_us);
@@ -76,14 +85,16 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& o) {
     double comm_us = 0;
     for (const auto& kv : base.op_us[0])
       if (kv.first.rfind("dispatch", 0) == 0 || kv.first.rfind("combine", 0) == 0) comm_us += kv.second;
-    fmt::print("\n{} tokens/rank | transport {} | sequential communication {:.1f} us\n", T,
-               r.transport, comm_us);
+    fmt::print("\n{} tokens/rank | transport {} | attention stand-in {:.0f} us | sequential "
+               "communication {:.1f} us\n",
+               T, r.transport, sp.attn_us, comm_us);
     fmt::print("{:<6} {:>12} {:>9} {:>8}  {}\n", "overlap", "layer us", "speedup", "hidden",
                "per-op median us (rank 0)");
     nlohmann::json row;
     row["tokens_per_rank"] = T;
     row["transport"] = r.transport;
     row["sequential_comm_us"] = comm_us;
+    row["attn_us"] = sp.attn_us;
     for (const StrategyResult& s : r.strategies) {
       const double us = max_of(s.layer_us);
       const double speedup = none_us / us;

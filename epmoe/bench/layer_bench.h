@@ -22,7 +22,9 @@ struct LayerBenchOptions {
   std::string mode = "low-latency";    // low-latency (decode) | normal (prefill)
   std::vector<int64_t> tokens = {128}; // per rank
   std::vector<std::string> overlap = {"none", "tbo", "sbo"};
-  double attn_us = 0;                  // attention stand-in per layer at the rank's full batch
+  // Attention stand-in per layer at the rank's full batch, µs; < 0: as long as the sequential
+  // MoE layer measured first ("about the MoE's own cost").
+  double attn_us = 0;
   bool graph = false;                  // capture each strategy once, replay
   int comm_blocks = 24;
   bool fp8 = false;
