@@ -1,7 +1,9 @@
 #include "epmoe/ep/ep_cuda.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include <nvtx3/nvToolsExt.h>
@@ -48,6 +50,7 @@ struct EpMicroBatchCuda::Impl {
     // Uploaded per call: [dest_offset | src_count (host-API path) | src_base (host-API path)].
     host_meta = DeviceTensor(DType::kI32, {3 * R});
     EPMOE_CUDA_CHECK(cudaMallocHost(&pinned_i32, sizeof(int32_t) * 8 * size_t(R)));
+    EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&counts_ready, cudaEventDisableTiming));
     seq = DeviceTensor(DType::kI64, {1});
     seq.fill_bytes(0);
     err = DeviceTensor(DType::kI32, {int64_t(sizeof(DeviceWaitError) / 4 + 1)});
@@ -83,6 +86,7 @@ struct EpMicroBatchCuda::Impl {
 
   ~Impl() {
     if (pinned_i32) cudaFreeHost(pinned_i32);
+    if (counts_ready) cudaEventDestroy(counts_ready);
   }
 
   GpuTransport& t;
@@ -109,6 +113,7 @@ struct EpMicroBatchCuda::Impl {
   int64_t n_recv = 0, n_send = 0;
   DeviceTensor send_buf, recv_buf, n_recv_x, n_recv_ids, n_recv_w, partial, back;
   int32_t* pinned_i32 = nullptr;  // [8R]: counts read back [2R], host_meta's upload [3R]
+  cudaEvent_t counts_ready = nullptr;  // after dispatch_send's count read-back
   EpCudaTraffic traffic;
 
   DeviceWaitError* err_ptr() const { return reinterpret_cast<DeviceWaitError*>(err.view().data); }
@@ -116,6 +121,8 @@ struct EpMicroBatchCuda::Impl {
   int32_t* src_count_host_path() const { return host_meta.as<int32_t>() + d.num_ranks; }
   int32_t* src_base_ptr() const { return host_meta.as<int32_t>() + 2 * d.num_ranks; }
   uint64_t* seq_ptr() const { return reinterpret_cast<uint64_t*>(seq.view().data); }
+
+  bool local_halves() const { return ep.mode == EpMode::kNormal || ll_host; }
 
   void require_comm_stream(cudaStream_t s) const {
     EPMOE_CHECK(s == t.stream(), kInvalidArgument,
@@ -138,7 +145,7 @@ struct EpMicroBatchCuda::Impl {
   // ---- dispatch ----
   void dispatch_send(const EpTokens& tokens, cudaStream_t s) {
     NvtxRange r("ep.dispatch_send");
-    require_comm_stream(s);
+    if (!local_halves()) require_comm_stream(s);
     in = tokens;
     const int R = d.num_ranks;
     if (ep.mode == EpMode::kLowLatency && !ll_host) {
@@ -163,6 +170,9 @@ struct EpMicroBatchCuda::Impl {
                     in.num_tokens, dest_slot.as<int32_t>(), dest_offset_ptr(), d, s);
     EPMOE_CUDA_CHECK(cudaMemcpyAsync(pinned_i32, dest_count.view().data, 8 * size_t(R),
                                      cudaMemcpyDeviceToHost, s));
+    EPMOE_CUDA_CHECK(cudaEventRecord(counts_ready, s));
+    // The transfers (dispatch_recv, on the transport's stream) read the packed records.
+    EPMOE_CUDA_CHECK(cudaStreamWaitEvent(t.stream(), counts_ready, 0));
   }
 
   void dispatch_recv(cudaStream_t s) {
@@ -242,7 +252,7 @@ struct EpMicroBatchCuda::Impl {
 
   void combine_recv(float* y, const float* fused_shared, cudaStream_t s) {
     NvtxRange r("ep.combine_recv");
-    require_comm_stream(s);
+    if (!local_halves()) require_comm_stream(s);
     require_dispatched("combine (receive half)");
     if (ep.mode == EpMode::kNormal) {
       ep::normal_combine(y, back.as<float>(), dest_slot.as<int32_t>(), dest_offset_ptr(),
@@ -335,7 +345,7 @@ struct EpMicroBatchCuda::Impl {
     const int R = d.num_ranks;
     EPMOE_CHECK(in.num_tokens != nullptr, kInvalidArgument,
                 "rank {}, micro-batch {}: {} before dispatch_send", d.rank, name, what);
-    t.synchronize(fmt::format("micro-batch {}: reading this rank's dispatch counts", name).c_str());
+    wait_counts();
     const int32_t* mine = pinned_i32;  // [2R]
     std::vector<int64_t> m64(mine, mine + 2 * R), all(size_t(R) * 2 * size_t(R));
     t.all_gather_host(m64.data(), all.data(), 2 * R);
@@ -359,6 +369,23 @@ struct EpMicroBatchCuda::Impl {
     }
     EPMOE_CUDA_CHECK(cudaMemcpyAsync(host_meta.as<int32_t>() + R, meta, 8 * size_t(R),
                                      cudaMemcpyHostToDevice, t.stream()));
+  }
+
+  // Bounded host wait for this micro-batch's count read-back only (not the whole stream: the
+  // other micro-batch's work may be queued behind it).
+  void wait_counts() {
+    const auto deadline = std::chrono::steady_clock::now() +
+                          std::chrono::nanoseconds(std::max<int64_t>(timeout_ns, 1000000));
+    while (true) {
+      const cudaError_t q = cudaEventQuery(counts_ready);
+      if (q == cudaSuccess) return;
+      if (q != cudaErrorNotReady) EPMOE_CUDA_CHECK(q);
+      EPMOE_CHECK(std::chrono::steady_clock::now() < deadline, kTimeout,
+                  "rank {}, micro-batch {}: this rank's dispatch counts were not ready within "
+                  "{} ms (its layout kernel never ran)",
+                  d.rank, name, timeout_ns / 1000000);
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
   }
 
   void check(cudaStream_t s) {
@@ -417,6 +444,8 @@ EpMicroBatchCuda::~EpMicroBatchCuda() = default;
 
 const std::string& EpMicroBatchCuda::name() const { return impl_->name; }
 bool EpMicroBatchCuda::ll_over_host_api() const { return impl_->ll_host; }
+bool EpMicroBatchCuda::dispatch_send_is_local() const { return impl_->local_halves(); }
+bool EpMicroBatchCuda::combine_recv_is_local() const { return impl_->local_halves(); }
 void EpMicroBatchCuda::dispatch_send(const EpTokens& in, cudaStream_t s) {
   impl_->dispatch_send(in, s);
 }

@@ -9,7 +9,8 @@
 // the receive sizes (one host synchronisation) and exchanges through the transport's host API;
 // combine returns f32 partial sums reduced at the source in the canonical order.
 //
-// Every call takes the stream it runs on (the rank's communication stream). The kernels launch
+// Every call takes the stream it runs on: the transport's stream for halves that move data
+// between ranks, any stream for the local halves (dispatch_send_is_local). The kernels launch
 // at most `comm_blocks` blocks each, so the other micro-batch's GEMMs keep the rest of the GPU.
 #pragma once
 
@@ -67,6 +68,12 @@ class EpMicroBatchCuda {
   EpMicroBatchCuda& operator=(const EpMicroBatchCuda&) = delete;
 
   const std::string& name() const;
+  // Whether dispatch_send (combine_recv) only does local work here — layout and packing (the
+  // reduction) — while the transfers happen in dispatch_recv and combine_send: normal mode and
+  // low-latency over the host API. Such halves may run on any stream (the layer's compute
+  // stream); the others move data between ranks and run on the transport's stream.
+  bool dispatch_send_is_local() const;
+  bool combine_recv_is_local() const;
   // Low-latency mode over the host API (LlTransfer::kHostApi, or kAuto with unreachable peers).
   bool ll_over_host_api() const;
 

@@ -14,6 +14,7 @@
 #include "epmoe/ep/ep_kernels.cuh"
 #include "epmoe/experts/experts.cuh"
 #include "epmoe/experts/grouped_gemm.cuh"
+#include "epmoe/experts/sm90/sm90_grouped_gemm.cuh"
 #include "epmoe/permute/permute.cuh"
 #include "epmoe/routing/gate.cuh"
 #include "epmoe/weights/fp8_block.h"
@@ -175,6 +176,8 @@ struct MoeLayerRankCuda::Impl {
     DeviceTensor gu, act;
     DeviceTensor n_seg, n_s2d, n_sorted, n_gu, n_act, n_down, workspace;
     std::unique_ptr<EpMicroBatchCuda> ep;
+    // sm90 GEMM scratch: one for the compute lane (gate, experts), one for the shared lane.
+    Sm90GemmWorkspace ws_compute, ws_shared;
     cudaEvent_t done[kNumLayerOps] = {};
     bool ran[kNumLayerOps] = {};
     cudaEvent_t split_done = nullptr;
@@ -195,6 +198,10 @@ struct MoeLayerRankCuda::Impl {
                 cfg.hidden, cfg.moe_intermediate, cfg.n_routed_experts);
     EPMOE_CUDA_CHECK(cudaSetDevice(tr.device()));
     rank = tr.rank();
+    // The Hopper grouped GEMM (wgmma + TMA) where this build and device have it; epmoe's portable
+    // deterministic kernel otherwise. Both are row-independent (see their headers).
+    sm90 = sm90_gemm_available() && env_int("SM90_GEMM", 1) != 0;
+    EPMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, tr.device()));
     E_loc = cfg.n_routed_experts / ep.num_ranks;
     const int64_t T = ep.max_tokens_per_rank, H = cfg.hidden, I = cfg.moe_intermediate;
     const int64_t Kp = cfg.num_slots(), R = ep.num_ranks;
@@ -294,6 +301,10 @@ struct MoeLayerRankCuda::Impl {
         b.n_seg = DeviceTensor(DType::kI32, {E_loc + 1});
       }
       b.ep = std::make_unique<EpMicroBatchCuda>(tr, cfg, ep, opt, names[m]);
+      if (sm90) {
+        b.ws_compute = Sm90GemmWorkspace(int(std::max<int64_t>(E_loc, gate_chunks)));
+        b.ws_shared = Sm90GemmWorkspace(std::max(1, cfg.n_shared_experts));
+      }
       for (auto& ev : b.done) EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
       EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&b.split_done, cudaEventDisableTiming));
     }
@@ -323,6 +334,8 @@ struct MoeLayerRankCuda::Impl {
   EpCudaOptions opt;
   int rank = 0;
   int64_t E_loc = 0;
+  bool sm90 = false;
+  int sm_count = 0;
   DeviceTensor w13, w2, sw13, sw2, gate_w, gate_bias;  // gate_w: [S, E, kc] bf16
   int64_t gate_kc = 0, gate_chunks = 1;
   DeviceTensor x, ids, wts, ntok, y;
@@ -361,7 +374,11 @@ struct MoeLayerRankCuda::Impl {
     trace_origin = nullptr;
   }
 
-  OpLane lane_of(LayerOp op) const {
+  OpLane lane_of(LayerOp op, const MicroBatch& b) const {
+    // Halves that only lay out, pack or reduce locally (normal mode, low-latency over the host
+    // API) are compute work; the ones that move data between ranks get the communication lane.
+    if (op == LayerOp::kDispatchSend && b.ep->dispatch_send_is_local()) return OpLane::kCompute;
+    if (op == LayerOp::kCombineRecv && b.ep->combine_recv_is_local()) return OpLane::kCompute;
     if (layer_op_is_comm(op)) return OpLane::kComm;
     if (op == LayerOp::kSharedExperts && plan.concurrent && plan.shared_lane) return OpLane::kShared;
     return OpLane::kCompute;
@@ -383,6 +400,16 @@ struct MoeLayerRankCuda::Impl {
                 rank, ep.mode == EpMode::kNormal ? "normal mode" : "low-latency over the host API");
     plan = p;
     in_forward = true;
+    if (sm90) {
+      // Overlapped plans leave SMs to the communication kernels (and the shared expert) running
+      // beside the persistent GEMMs; the tile configuration, hence every bit, is unchanged.
+      const int reserve = plan.concurrent ? std::max(opt.comm_blocks, 8) : 0;
+      const int gemm_sms = std::max(1, sm_count - reserve);
+      for (MicroBatch& b : mbs) {
+        b.ws_compute.set_max_sms(gemm_sms);
+        b.ws_shared.set_max_sms(plan.shared_lane ? std::max(1, sm_count / 4) : gemm_sms);
+      }
+    }
     last_done = nullptr;
     if (tracing) {
       clear_trace_events();
@@ -425,7 +452,7 @@ struct MoeLayerRankCuda::Impl {
                 "rank {}: micro-batch {} of a {}-micro-batch forward", rank, m,
                 plan.num_micro_batches);
     MicroBatch& b = mbs[m];
-    const OpLane l = lane_of(op);
+    const OpLane l = lane_of(op, b);
     cudaStream_t s = lane[int(l)];
     NvtxRange range(layer_op_name(op));
     wait_dependencies(op, b, s);
@@ -516,6 +543,19 @@ struct MoeLayerRankCuda::Impl {
     if (te) EPMOE_CUDA_CHECK(cudaEventRecord(trace.back().end, s));
   }
 
+  // ---- GEMMs: the sm90 kernels or the portable ones, same contract ----
+  void gemm_masked(const TensorView& out, const TensorView& in, const TensorView& w,
+                   const TensorView& count, Sm90GemmWorkspace& ws, cudaStream_t s) {
+    if (sm90) sm90_grouped_gemm_masked(out, in, w, count, 0, ws, s);
+    else grouped_gemm_masked(out, in, w, count, 0, s);
+  }
+  void gemm_contiguous(const TensorView& out, const TensorView& in, const TensorView& w,
+                       const TensorView& seg, int bank_offset, Sm90GemmWorkspace& ws,
+                       cudaStream_t s) {
+    if (sm90) sm90_grouped_gemm_contiguous(out, in, w, seg, bank_offset, ws, s);
+    else grouped_gemm_contiguous(out, in, w, seg, bank_offset, s);
+  }
+
   // ---- the compute operations ----
   void gate(MicroBatch& b, cudaStream_t s) {
     if (external_routing) return;  // the uploaded routing stands
@@ -526,8 +566,8 @@ struct MoeLayerRankCuda::Impl {
         reinterpret_cast<const __nv_bfloat16*>(b.x.view().data), b.ntok.as<int32_t>(), T,
         cfg.hidden, gate_kc);
     EPMOE_CUDA_CHECK_LAUNCH("chunk_kernel");
-    grouped_gemm_masked(b.gate_partial.view(), b.gate_x.view(), gate_w.view(),
-                        b.gate_count.view(), 0, s);
+    gemm_masked(b.gate_partial.view(), b.gate_x.view(), gate_w.view(), b.gate_count.view(),
+                b.ws_compute, s);
     sum_chunks_kernel<<<grid_for(T * E, 256), 256, 0, s>>>(
         b.logits.as<float>(), b.gate_partial.as<float>(), b.ntok.as<int32_t>(), T, E,
         int(gate_chunks));
@@ -542,9 +582,9 @@ struct MoeLayerRankCuda::Impl {
   void experts(MicroBatch& b, cudaStream_t s) {
     if (ep.mode == EpMode::kLowLatency) {
       const TensorView cnt = b.ep->recv_count();
-      grouped_gemm_masked(b.gu.view(), b.ep->recv_x(), w13.view(), cnt, 0, s);
+      gemm_masked(b.gu.view(), b.ep->recv_x(), w13.view(), cnt, b.ws_compute, s);
       silu_and_mul_masked(b.act.view(), b.gu.view(), cnt, s);
-      grouped_gemm_masked(b.ep->ll_expert_out(), b.act.view(), w2.view(), cnt, 0, s);
+      gemm_masked(b.ep->ll_expert_out(), b.act.view(), w2.view(), cnt, b.ws_compute, s);
       return;
     }
     const int64_t H = cfg.hidden, I = cfg.moe_intermediate, Kp = cfg.num_slots();
@@ -561,9 +601,11 @@ struct MoeLayerRankCuda::Impl {
     const TensorView x_v = b.ep->normal_recv_x();
     preprocess(b.n_seg.view(), s2d_v, ids_v, 0, int(E_loc), b.workspace.view().data, s);
     if (n > 0) pre_reorder(b.n_sorted.view(), x_v, s2d_v, s);
-    grouped_gemm_contiguous(b.n_gu.view(), b.n_sorted.view(), w13.view(), b.n_seg.view(), 0, s);
+    gemm_contiguous(b.n_gu.view(), b.n_sorted.view(), w13.view(), b.n_seg.view(), 0,
+                    b.ws_compute, s);
     silu_and_mul(b.n_act.view(), b.n_gu.view(), b.n_seg.as<int32_t>() + E_loc, s);
-    grouped_gemm_contiguous(b.n_down.view(), b.n_act.view(), w2.view(), b.n_seg.view(), 0, s);
+    gemm_contiguous(b.n_down.view(), b.n_act.view(), w2.view(), b.n_seg.view(), 0, b.ws_compute,
+                    s);
     if (n > 0)
       post_reorder(b.ep->normal_partials(), b.n_down.view(), s2d_v, ids_v, w_v,
                    cfg.n_routed_experts, int(rank * E_loc), s);
@@ -583,11 +625,11 @@ struct MoeLayerRankCuda::Impl {
   // One MLP (bank expert e of w13b/w2b) on the micro-batch's live rows; f32 out [T_max, H].
   void mlp_rows(MicroBatch& b, const DeviceTensor& out_f32, const DeviceTensor& w13b,
                 const DeviceTensor& w2b, int e, cudaStream_t s) {
-    grouped_gemm_contiguous(b.shared_gu.view(), b.x.view(), w13b.view(), b.seg_shared.view(), e,
-                            s);
+    gemm_contiguous(b.shared_gu.view(), b.x.view(), w13b.view(), b.seg_shared.view(), e,
+                    b.ws_shared, s);
     silu_and_mul(b.shared_act.view(), b.shared_gu.view(), b.seg_shared.as<int32_t>() + 1, s);
-    grouped_gemm_contiguous(out_f32.view(), b.shared_act.view(), w2b.view(), b.seg_shared.view(),
-                            e, s);
+    gemm_contiguous(out_f32.view(), b.shared_act.view(), w2b.view(), b.seg_shared.view(), e,
+                    b.ws_shared, s);
   }
 
   void shared_experts(MicroBatch& b, cudaStream_t s) {
