@@ -270,9 +270,10 @@ TEST_P(Sm90Gemm, RowsAreIndependentBitwise) {
   const int e_loc = 8;
   const int64_t total = testing::quick() ? 1000 : 10000;
   std::vector<int32_t> seg(e_loc + 1, 0);
-  for (int e = 0; e < e_loc; ++e)
-    seg[e + 1] = e + 1 == e_loc ? int32_t(total) : seg[e] + int32_t(rng() % (2 * total / e_loc));
-  for (int e = 0; e < e_loc; ++e) seg[e + 1] = std::max(seg[e + 1], seg[e]);
+  for (int e = 0; e < e_loc; ++e)  // random splits of the 10 000 rows over 8 experts
+    seg[e + 1] = e + 1 == e_loc ? int32_t(total)
+                                : std::min<int32_t>(int32_t(total),
+                                                    seg[e] + int32_t(rng() % (2 * total / e_loc)));
   const Operands o = make_operands(fp8, {total, K}, e_loc, n_out, rng);
   const int64_t in_row = K * (fp8 ? 1 : 2), sc_row = K / kFp8BlockSize;
   Sm90GemmWorkspace ws(e_loc);
