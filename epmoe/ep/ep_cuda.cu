@@ -445,6 +445,10 @@ EpMicroBatchCuda::~EpMicroBatchCuda() = default;
 const std::string& EpMicroBatchCuda::name() const { return impl_->name; }
 bool EpMicroBatchCuda::ll_over_host_api() const { return impl_->ll_host; }
 bool EpMicroBatchCuda::dispatch_send_is_local() const { return impl_->local_halves(); }
+void EpMicroBatchCuda::set_comm_blocks(int blocks) {
+  EPMOE_CHECK(blocks >= 0, kInvalidArgument, "comm_blocks must be >= 0, got {}", blocks);
+  impl_->d.max_blocks = blocks;
+}
 bool EpMicroBatchCuda::combine_recv_is_local() const { return impl_->local_halves(); }
 void EpMicroBatchCuda::dispatch_send(const EpTokens& in, cudaStream_t s) {
   impl_->dispatch_send(in, s);

@@ -68,6 +68,9 @@ class EpMicroBatchCuda {
   EpMicroBatchCuda& operator=(const EpMicroBatchCuda&) = delete;
 
   const std::string& name() const;
+  // Blocks each communication kernel of the next calls may use (0 = as many as the work has);
+  // starts at EpCudaOptions::comm_blocks.
+  void set_comm_blocks(int blocks);
   // Whether dispatch_send (combine_recv) only does local work here — layout and packing (the
   // reduction) — while the transfers happen in dispatch_recv and combine_send: normal mode and
   // low-latency over the host API. Such halves may run on any stream (the layer's compute

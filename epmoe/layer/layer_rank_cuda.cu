@@ -456,6 +456,15 @@ struct MoeLayerRankCuda::Impl {
     cudaStream_t s = lane[int(l)];
     NvtxRange range(layer_op_name(op));
     wait_dependencies(op, b, s);
+    if (l == OpLane::kComm) {
+      // Communication kernels keep to their SM budget only while other work runs beside them:
+      // every transfer under TBO, the dispatch under SBO (beside the shared expert); a
+      // sequential plan lets them use the whole GPU.
+      const bool beside_compute =
+          plan.concurrent && (plan.num_micro_batches == 2 || op == LayerOp::kDispatchSend ||
+                              op == LayerOp::kDispatchRecv);
+      b.ep->set_comm_blocks(beside_compute ? opt.comm_blocks : 0);
+    }
     TraceEntry* te = trace_begin(layer_op_name(op), m, l, s);
     switch (op) {
       case LayerOp::kGate: gate(b, s); break;
