@@ -22,7 +22,6 @@ namespace {
 
 using testing::fresh_seed;
 using testing::poisoned;
-using testing::random_tensor;
 
 #define EPMOE_REQUIRE_SM90()                                                                  \
   do {                                                                                        \
@@ -83,41 +82,70 @@ struct Operands {
   DeviceTensor in, in_scale, w, w_scale;  // in/w bf16|f8e4m3; scales f32 (FP8 only)
 };
 
-// Random activations [lead..., K] and weights [E_bank, Nout, K]; FP8 quantises both (block scales
-// vary over several octaves so a misplaced scale shows).
+// Counter-hash random numbers (splitmix64 of seed and index): the weight banks of the model
+// shapes hold hundreds of millions of values, too many for <random> in a test.
+uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+uint64_t hash_at(uint64_t seed, int64_t i) { return mix64(seed + uint64_t(i) * 0x9e3779b97f4a7c15ull); }
+
+// bf16 values uniform in [-1, 1).
+Tensor fast_bf16(const Shape& s, uint64_t seed) {
+  Tensor t(DType::kBF16, s);
+  bf16* p = t.as<bf16>();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    p[i] = f32_to_bf16(float(hash_at(seed, i) >> 40) * 0x1p-23f - 1.f);
+  return t;
+}
+// Random e4m3 bytes (every finite value, never NaN).
+Tensor fast_fp8(const Shape& s, uint64_t seed) {
+  Tensor t(DType::kF8E4M3, s);
+  fp8e4m3* p = t.as<fp8e4m3>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    uint8_t b = uint8_t(hash_at(seed, i));
+    if ((b & 0x7f) == 0x7f) b = 0x38;  // NaN -> 1.0
+    p[i] = fp8e4m3{b};
+  }
+  return t;
+}
+// Block scales 2^-8 · 2^j, j in [-3, 3] (several octaves, so a misplaced scale shows).
+Tensor octave_scales(const Shape& s, uint64_t seed) {
+  Tensor t(DType::kF32, s);
+  for (int64_t i = 0; i < t.numel(); ++i)
+    t.as<float>()[i] = std::ldexp(1.f, int(hash_at(seed, i) % 7) - 3 - 8);
+  return t;
+}
+
+// Random activations [lead..., K] and weights [E_bank, Nout, K]: bf16, or FP8 with per-row-128
+// activation scales and 128 x 128 weight scales; in32/w32 are their exact f32 values.
 Operands make_operands(bool fp8, const Shape& in_shape, int64_t e_bank, int64_t n_out,
                        std::mt19937_64& rng) {
   const int64_t K = in_shape[in_shape.rank - 1];
   Operands o{fp8, {}, {}, {}, {}, {}, {}};
   if (!fp8) {
-    const Tensor in = random_tensor(DType::kBF16, in_shape, rng);
-    const Tensor w = random_tensor(DType::kBF16, {e_bank, n_out, K}, rng);
+    const Tensor in = fast_bf16(in_shape, rng());
+    const Tensor w = fast_bf16({e_bank, n_out, K}, rng());
     o.in32 = to_f32(in.view());
     o.w32 = to_f32(w.view());
     o.in = DeviceTensor::from_host(in);
     o.w = DeviceTensor::from_host(w);
     return o;
   }
-  Tensor in = random_tensor(DType::kF32, in_shape, rng);
-  Tensor w = random_tensor(DType::kF32, {e_bank, n_out, K}, rng);
-  std::uniform_int_distribution<int> octave(-3, 3);
-  for (int64_t i = 0; i < in.numel(); i += kFp8BlockSize) {  // one amplitude per 128 values
-    const float a = std::ldexp(1.f, octave(rng));
-    for (int64_t j = i; j < std::min(in.numel(), i + kFp8BlockSize); ++j) in.as<float>()[j] *= a;
-  }
-  for (int64_t e = 0; e < e_bank; ++e)  // one amplitude per 128 weight rows
-    for (int64_t r0 = 0; r0 < n_out; r0 += kFp8BlockSize) {
-      const float a = std::ldexp(1.f, octave(rng));
-      float* p = w.as<float>() + (e * n_out + r0) * K;
-      for (int64_t j = 0; j < std::min(kFp8BlockSize, n_out - r0) * K; ++j) p[j] *= a;
-    }
-  const Fp8Tensor qi = quantize_fp8_rows128(in.view()), qw = quantize_fp8_block128(w.view());
-  o.in32 = dequantize_fp8_rows128(qi.q.view(), qi.scale.view());
-  o.w32 = dequantize_fp8_block128(qw.q.view(), qw.scale.view());
-  o.in = DeviceTensor::from_host(qi.q);
-  o.in_scale = DeviceTensor::from_host(qi.scale);
-  o.w = DeviceTensor::from_host(qw.q);
-  o.w_scale = DeviceTensor::from_host(qw.scale);
+  Shape sshape = in_shape;
+  sshape.dims[in_shape.rank - 1] = (K + kFp8BlockSize - 1) / kFp8BlockSize;
+  const Tensor qi = fast_fp8(in_shape, rng()), si = octave_scales(sshape, rng());
+  const Tensor qw = fast_fp8({e_bank, n_out, K}, rng());
+  const Tensor sw = octave_scales(
+      {e_bank, (n_out + kFp8BlockSize - 1) / kFp8BlockSize, (K + kFp8BlockSize - 1) / kFp8BlockSize},
+      rng());
+  o.in32 = dequantize_fp8_rows128(qi.view(), si.view());
+  o.w32 = dequantize_fp8_block128(qw.view(), sw.view());
+  o.in = DeviceTensor::from_host(qi);
+  o.in_scale = DeviceTensor::from_host(si);
+  o.w = DeviceTensor::from_host(qw);
+  o.w_scale = DeviceTensor::from_host(sw);
   return o;
 }
 
