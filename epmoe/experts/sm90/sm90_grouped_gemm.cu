@@ -192,7 +192,17 @@ void masked(const char* fn, bool fp8, const TensorView& out, const TensorView* s
 
 }  // namespace
 
-bool sm90_gemm_available() noexcept { return kBuilt; }
+bool sm90_gemm_available() noexcept {
+  if (!kBuilt) return false;
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    cudaGetLastError();  // no device: leave no sticky error behind
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
 
 int sm90_gemm_block_m(DType in_dtype) {
   EPMOE_CHECK(in_dtype == DType::kBF16 || in_dtype == DType::kF8E4M3, kInvalidArgument,

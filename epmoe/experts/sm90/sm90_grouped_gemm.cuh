@@ -30,9 +30,9 @@
 
 namespace epmoe::cuda {
 
-// True when this build holds the sm90 kernels (CUDA + CUTLASS headers found at configure time).
-// The functions below throw Error(kUnsupported) when it is false, or when the current device is
-// not sm_90.
+// True when this build holds the sm90 kernels (CUDA + CUTLASS headers found at configure time)
+// and the current device is an sm_90 GPU (false without a GPU). The functions below throw
+// Error(kUnsupported) where it is false.
 bool sm90_gemm_available() noexcept;
 
 // Device scratch of the sm90 GEMMs for up to max_experts local experts on the device that is
