@@ -13,7 +13,7 @@ DEST=third_party/cutlass-4.2.0
 WHL=.whl/nvidia_cutlass-$VERSION-py3-none-any.whl
 if [ ! -f "$WHL" ]; then
   mkdir -p .whl
-  python3 -m pip download --quiet --no-deps "nvidia-cutlass==$VERSION" -d .whl
+  python3 -m pip download --quiet --no-deps --retries 1 --timeout 20 "nvidia-cutlass==$VERSION" -d .whl
 fi
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
