@@ -63,4 +63,13 @@ void DeviceTensor::fill_bytes(int byte) {
   if (nbytes()) EPMOE_CUDA_CHECK(cudaMemset(data_.get(), byte, nbytes()));
 }
 
+void ensure_rows(DeviceTensor& t, DType dt, const Shape& s) {
+  bool fits = t.view().data && t.dtype() == dt && t.shape().rank == s.rank && t.shape()[0] >= s[0];
+  for (int i = 1; fits && i < s.rank; ++i) fits = t.shape()[i] == s[i];
+  if (fits) return;
+  Shape grown = s;
+  grown.dims[0] = s[0] + s[0] / 4;
+  t = DeviceTensor(dt, grown);
+}
+
 }  // namespace epmoe::cuda

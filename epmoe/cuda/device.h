@@ -43,4 +43,9 @@ class DeviceTensor {
   DType dtype_ = DType::kF32;
 };
 
+// Grow-only buffers for sizes learned per call (normal mode): keeps `t` when it already has dtype
+// `dt`, the trailing dimensions of `s` and at least s[0] rows (consumers are told the exact row
+// count apart); otherwise reallocates with 25 % headroom on the rows.
+void ensure_rows(DeviceTensor& t, DType dt, const Shape& s);
+
 }  // namespace epmoe::cuda

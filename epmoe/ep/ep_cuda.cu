@@ -130,17 +130,6 @@ struct EpMicroBatchCuda::Impl {
                 name);
   }
 
-  // Grow-only buffers of normal mode: the leading dimension (rows) varies per call; consumers get
-  // the exact row counts separately, so a larger buffer serves a smaller call without cudaMalloc.
-  static void ensure(DeviceTensor& t_, DType dt, const Shape& s) {
-    bool fits = t_.view().data && t_.dtype() == dt && t_.shape().rank == s.rank &&
-                t_.shape()[0] >= s[0];
-    for (int i = 1; fits && i < s.rank; ++i) fits = t_.shape()[i] == s[i];
-    if (fits) return;
-    Shape grown = s;
-    grown.dims[0] = s[0] + s[0] / 4;
-    t_ = DeviceTensor(dt, grown);
-  }
 
   // ---- dispatch ----
   void dispatch_send(const EpTokens& tokens, cudaStream_t s) {
@@ -165,7 +154,7 @@ struct EpMicroBatchCuda::Impl {
                      dest_count.as<int32_t>() + R, in.topk_ids, in.num_tokens, d, s);
     ep::dest_offsets(dest_offset_ptr(), dest_count.as<int32_t>(), R, s);
     // At most T_max records to each destination: a fixed-size send buffer.
-    ensure(send_buf, DType::kI32, {std::max<int64_t>(1, d.t_max * R * int64_t(rec.bytes) / 4)});
+    ensure_rows(send_buf, DType::kI32, {std::max<int64_t>(1, d.t_max * R * int64_t(rec.bytes) / 4)});
     ep::normal_pack(send_buf.view().data, rec, in.x, in.topk_ids, in.topk_weights,
                     in.num_tokens, dest_slot.as<int32_t>(), dest_offset_ptr(), d, s);
     EPMOE_CUDA_CHECK(cudaMemcpyAsync(pinned_i32, dest_count.view().data, 8 * size_t(R),
@@ -203,15 +192,15 @@ struct EpMicroBatchCuda::Impl {
     }
     exchange_counts("normal dispatch (receive half)");
     const int64_t Kp = d.num_slots, H = d.hidden;
-    ensure(recv_buf, DType::kI32, {std::max<int64_t>(1, n_recv * int64_t(rec.bytes) / 4)});
+    ensure_rows(recv_buf, DType::kI32, {std::max<int64_t>(1, n_recv * int64_t(rec.bytes) / 4)});
     const Sizes sz = sizes(send_counts, recv_counts, rec.bytes);
     t.all_to_all_v(send_buf.view().data, sz.sb.data(), sz.so.data(), recv_buf.view().data,
                    sz.rb.data(), sz.ro.data());
     count_dispatch(sz);
-    ensure(n_recv_x, DType::kBF16, {std::max<int64_t>(1, n_recv), H});
-    ensure(n_recv_ids, DType::kI32, {std::max<int64_t>(1, n_recv), Kp});
-    ensure(n_recv_w, DType::kF32, {std::max<int64_t>(1, n_recv), Kp});
-    ensure(partial, DType::kF32, {std::max<int64_t>(1, n_recv), H});
+    ensure_rows(n_recv_x, DType::kBF16, {std::max<int64_t>(1, n_recv), H});
+    ensure_rows(n_recv_ids, DType::kI32, {std::max<int64_t>(1, n_recv), Kp});
+    ensure_rows(n_recv_w, DType::kF32, {std::max<int64_t>(1, n_recv), Kp});
+    ensure_rows(partial, DType::kF32, {std::max<int64_t>(1, n_recv), H});
     ep::normal_unpack(n_recv_x.view().data, n_recv_ids.as<int32_t>(), n_recv_w.as<float>(),
                       recv_buf.view().data, rec, n_recv, d, s);
   }
@@ -232,8 +221,8 @@ struct EpMicroBatchCuda::Impl {
       const size_t rb = ep::return_record_bytes(d.hidden);
       Sizes sz = sizes(recv_pairs, send_pairs, rb);
       const int64_t n_out = int64_t(sz.total_send / rb), n_in = int64_t(sz.total_recv / rb);
-      ensure(ret_out, DType::kI32, {std::max<int64_t>(1, n_out * int64_t(rb) / 4)});
-      ensure(ret_in, DType::kI32, {std::max<int64_t>(1, n_in * int64_t(rb) / 4)});
+      ensure_rows(ret_out, DType::kI32, {std::max<int64_t>(1, n_out * int64_t(rb) / 4)});
+      ensure_rows(ret_in, DType::kI32, {std::max<int64_t>(1, n_in * int64_t(rb) / 4)});
       ep::ll_return_pack(ret_out.view().data, src_base_ptr(), expert_out.view().data,
                          recv_count.as<int32_t>(), recv_src.as<int32_t>(),
                          recv_seg.as<int32_t>(), d, s);
@@ -243,7 +232,7 @@ struct EpMicroBatchCuda::Impl {
       return;
     }
     // Normal: partial sums go back the way the tokens came, recv_counts[p] rows to p.
-    ensure(back, DType::kF32, {std::max<int64_t>(1, n_send), d.hidden});
+    ensure_rows(back, DType::kF32, {std::max<int64_t>(1, n_send), d.hidden});
     const Sizes sz = sizes(recv_counts, send_counts, size_t(d.hidden) * 4);
     t.all_to_all_v(partial.view().data, sz.sb.data(), sz.so.data(), back.view().data,
                    sz.rb.data(), sz.ro.data());

@@ -7,6 +7,8 @@
 #include <cstdio>
 
 #include "epmoe/cuda/cuda_check.h"
+#include "epmoe/cuda/flags.cuh"
+#include "epmoe/cuda/fp8.cuh"
 #include "epmoe/cuda/vec8.cuh"
 #include "epmoe/permute/reduce_plan.h"
 
@@ -47,20 +49,6 @@ namespace {
 constexpr int kWarps = 8;  // warps per block of the per-token / per-row kernels
 constexpr unsigned kFull = 0xffffffffu;
 
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
 // Records the first failed wait of the launch sequence (device memory, read by the host).
 __device__ void report_wait(DeviceWaitError* err, int rank, int peer, uint64_t expected,
                             uint64_t observed, const char* what) {
@@ -76,24 +64,6 @@ __device__ void report_wait(DeviceWaitError* err, int rank, int peer, uint64_t e
   }
   printf("epmoe: rank %d timed out waiting for %s from peer %d: expected %#llx, observed %#llx\n",
          rank, what, peer, (unsigned long long)expected, (unsigned long long)observed);
-}
-
-// Bounded wait until (*flag & mask) == expected; returns false on timeout (observed filled).
-__device__ bool wait_flag(const uint64_t* flag, uint64_t expected, uint64_t mask,
-                          int64_t timeout_ns, uint64_t* observed) {
-  const uint64_t start = global_ns();
-  while (true) {
-    const uint64_t v = ld_acquire_sys(flag);
-    if ((v & mask) == expected) {
-      *observed = v;
-      return true;
-    }
-    if (int64_t(global_ns() - start) > timeout_ns) {
-      *observed = v;
-      return false;
-    }
-    __nanosleep(64);
-  }
 }
 
 // Block-wide exclusive scan of one int per thread (blockDim.x <= 1024). Returns the prefix and
@@ -167,20 +137,9 @@ __device__ void write_record(char* rec_ptr, const RecordLayout& rec, const __nv_
       float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       const bool live = b < nblocks && c < H;
       if (live) load8(v, xrow + c);
-      float amax = 0.f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-#pragma unroll
-      for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, o));
-      amax = fmaxf(amax, 1e-4f);
-      const float scale = amax / 448.0f;
-      if (live) {
-        uint2 packed;
-        unsigned char* q = reinterpret_cast<unsigned char*>(&packed);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) q[i] = __nv_fp8_e4m3(v[i] / scale).__x;
-        *reinterpret_cast<uint2*>(rec_ptr + c) = packed;
-      }
+      float scale;
+      const uint2 packed = quantize8_fp8_group128(v, &scale);
+      if (live) *reinterpret_cast<uint2*>(rec_ptr + c) = packed;
       if (b < nblocks && sub == 0)
         reinterpret_cast<float*>(rec_ptr + rec.scales_off)[b] = scale;
     }
@@ -249,13 +208,7 @@ __device__ void reduce_token_warp(float* y, const Item* items, int n, const Redu
 #pragma unroll
         for (int i = 0; i < 8; ++i) slot(k, i) = it.is_sum ? v[i] : it.weight * v[i];
       }
-      for (int m = 0; m < plan.num_merges; ++m) {
-        const int a = plan.dst[m], b = plan.src[m];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) slot(a, i) = slot(a, i) + slot(b, i);
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) res[i] = slot(plan.root, i);
+      reduce_in_plan_order<8>(plan, slot, res);
     }
     store8(y + c, res);
   }

@@ -8,6 +8,7 @@
 
 #include "epmoe/core/exact_math.h"
 #include "epmoe/cuda/cuda_check.h"
+#include "epmoe/cuda/fp8.cuh"
 #include "epmoe/cuda/vec8.cuh"
 
 namespace epmoe::cuda {
@@ -69,21 +70,10 @@ silu_and_mul_kernel(void* __restrict__ out, float* __restrict__ scales,
         for (int i = 0; i < 8; ++i) a[i] = 0.f;
       }
       if constexpr (kFp8) {
-        float amax = 1e-4f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(a[i]));
-#pragma unroll
-        for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        const float scale = amax / 448.0f;
-        uint32_t lo = 0, hi = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          lo |= uint32_t(__nv_cvt_float_to_fp8(a[i] / scale, __NV_SATFINITE, __NV_E4M3)) << (8 * i);
-          hi |= uint32_t(__nv_cvt_float_to_fp8(a[i + 4] / scale, __NV_SATFINITE, __NV_E4M3))
-                << (8 * i);
-        }
+        float scale;
+        const uint2 packed = quantize8_fp8_group128(a, &scale);
         if (valid) {
-          reinterpret_cast<uint2*>(out)[r * vecs + v] = make_uint2(lo, hi);
+          reinterpret_cast<uint2*>(out)[r * vecs + v] = packed;
           if ((lane & 15) == 0) scales[r * nb + v / 16] = scale;
         }
       } else if (valid) {

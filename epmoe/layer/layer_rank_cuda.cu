@@ -598,13 +598,13 @@ struct MoeLayerRankCuda::Impl {
     }
     const int64_t H = cfg.hidden, I = cfg.moe_intermediate, Kp = cfg.num_slots();
     const int64_t n = b.ep->normal_num_recv(), rows = std::max<int64_t>(1, n * Kp);
-    ensure(b.n_s2d, DType::kI32, {std::max<int64_t>(1, n), Kp});
-    ensure(b.n_sorted, DType::kBF16, {rows, H});
-    ensure(b.n_gu, DType::kBF16, {rows, 2 * I});
-    ensure(b.n_act, DType::kBF16, {rows, I});
-    ensure(b.n_down, DType::kBF16, {rows, H});
+    ensure_rows(b.n_s2d, DType::kI32, {std::max<int64_t>(1, n), Kp});
+    ensure_rows(b.n_sorted, DType::kBF16, {rows, H});
+    ensure_rows(b.n_gu, DType::kBF16, {rows, 2 * I});
+    ensure_rows(b.n_act, DType::kBF16, {rows, I});
+    ensure_rows(b.n_down, DType::kBF16, {rows, H});
     const size_t ws = preprocess_workspace_bytes(n * Kp, int(E_loc));
-    ensure(b.workspace, DType::kI32, {int64_t(ws / 4 + 1)});
+    ensure_rows(b.workspace, DType::kI32, {int64_t(ws / 4 + 1)});
     const TensorView ids_v = b.ep->normal_recv_ids(), w_v = b.ep->normal_recv_weights();
     const TensorView s2d_v{b.n_s2d.view().data, {n, Kp}, DType::kI32, Device::kCuda};
     const TensorView x_v = b.ep->normal_recv_x();
@@ -620,16 +620,6 @@ struct MoeLayerRankCuda::Impl {
                    cfg.n_routed_experts, int(rank * E_loc), s);
   }
 
-  // Grow-only (normal mode): rows vary per call; consumers get exact counts separately.
-  static void ensure(DeviceTensor& t_, DType dt, const Shape& s) {
-    bool fits = t_.view().data && t_.dtype() == dt && t_.shape().rank == s.rank &&
-                t_.shape()[0] >= s[0];
-    for (int i = 1; fits && i < s.rank; ++i) fits = t_.shape()[i] == s[i];
-    if (fits) return;
-    Shape grown = s;
-    grown.dims[0] = s[0] + s[0] / 4;
-    t_ = DeviceTensor(dt, grown);
-  }
 
   // One MLP (bank expert e of w13b/w2b) on the micro-batch's live rows; f32 out [T_max, H].
   void mlp_rows(MicroBatch& b, const DeviceTensor& out_f32, const DeviceTensor& w13b,

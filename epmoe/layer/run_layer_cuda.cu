@@ -12,6 +12,7 @@
 #include "epmoe/core/stats.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
+#include "epmoe/cuda/flags.cuh"
 #include "epmoe/layer/layer_rank_cuda.h"
 
 namespace epmoe::cuda {
@@ -20,15 +21,7 @@ namespace {
 
 // The attention stand-in: every block spins until `ns` have passed on the global timer, with a
 // grid that fills every SM — a compute phase of a known length that leaves no SM idle.
-__global__ void busy_kernel(int64_t ns) {
-  uint64_t start;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-  while (true) {
-    uint64_t now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    if (int64_t(now - start) >= ns) break;
-  }
-}
+__global__ void busy_kernel(int64_t ns) { spin_ns(ns); }
 
 int sm_count(int device) {
   int n = 0;

@@ -8,6 +8,7 @@
 
 #include "epmoe/core/config.h"
 #include "epmoe/cuda/cuda_check.h"
+#include "epmoe/cuda/fp8.cuh"
 #include "epmoe/cuda/vec8.cuh"
 #include "epmoe/permute/reduce_plan.h"
 
@@ -177,19 +178,8 @@ pre_reorder_fp8_kernel(uint2* __restrict__ sorted, float* __restrict__ scales,
 #pragma unroll
       for (int i = 0; i < 8; ++i) f[i] = 0.f;
     }
-    float amax = 1e-4f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
-#pragma unroll
-    for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float scale = amax / 448.0f;
-    uint8_t q[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-      q[i] = uint8_t(__nv_cvt_float_to_fp8(f[i] / scale, __NV_SATFINITE, __NV_E4M3));
-    uint2 packed;
-    packed.x = uint32_t(q[0]) | uint32_t(q[1]) << 8 | uint32_t(q[2]) << 16 | uint32_t(q[3]) << 24;
-    packed.y = uint32_t(q[4]) | uint32_t(q[5]) << 8 | uint32_t(q[6]) << 16 | uint32_t(q[7]) << 24;
+    float scale;
+    const uint2 packed = quantize8_fp8_group128(f, &scale);
     if (valid) {
       for (int d = 0; d < nd; ++d) {
         const int64_t row = s_dst[warp][d];
@@ -268,7 +258,7 @@ post_reorder_kernel(Out* __restrict__ out, const In* __restrict__ down,
   }
   __syncwarp();
   const ReducePlan& plan = s_plan[warp];
-  const int root = plan.root, merges = plan.num_merges;
+  const int root = plan.root;
   float* acc = s_acc + int64_t(warp) * K * VEC * 32;
   auto slot = [&](int k, int i) -> float& { return acc[(k * VEC + i) * 32 + lane]; };
   const int64_t c_begin = int64_t(blockIdx.y) * cols_per_split;
@@ -302,13 +292,7 @@ post_reorder_kernel(Out* __restrict__ out, const In* __restrict__ down,
           for (int i = 0; i < VEC; ++i) slot(k, i) = w * v[u][i];
         }
       }
-      for (int m = 0; m < merges; ++m) {
-        const int d = plan.dst[m], s = plan.src[m];
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) slot(d, i) = slot(d, i) + slot(s, i);
-      }
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) res[i] = slot(root, i);
+      reduce_in_plan_order<VEC>(plan, slot, res);
     }
     if constexpr (VEC == 8) {
       Vec8<Out>::store(out + t * H + c0, res);

@@ -76,4 +76,18 @@ EPMOE_HD void plan_reduce(ReducePlan& plan, const int* ids, int n, int num_route
   }
 }
 
+// The canonical sum of one token, VEC columns at a time, once each item's term sits in
+// slot(k, i) (item k, column i): adds the terms pairwise in the plan's order and writes the
+// root's sum to res. Every reduction of a token's expert outputs goes through here (the GPU
+// post_reorder and combine kernels; the CPU reference walks the same plan row by row).
+template <int VEC, class Slot>
+EPMOE_HD void reduce_in_plan_order(const ReducePlan& plan, Slot&& slot, float* res) {
+  // VEC is a compile-time constant: the column loops unroll without a pragma.
+  for (int m = 0; m < plan.num_merges; ++m) {
+    const int d = plan.dst[m], s = plan.src[m];
+    for (int i = 0; i < VEC; ++i) slot(d, i) = slot(d, i) + slot(s, i);
+  }
+  for (int i = 0; i < VEC; ++i) res[i] = slot(plan.root, i);
+}
+
 }  // namespace epmoe

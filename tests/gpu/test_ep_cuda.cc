@@ -610,21 +610,17 @@ TEST(GpuOverlap, OneRankSameOutputOverLoopbackAndNccl) {
 #endif
 }
 
-// A layer that drops one operation of one micro-batch on one rank: a peer that never sends
-// micro-batch B's dispatch.
-class DropOne final : public MoeLayerRank {
+// A layer that forwards every call to another; subclasses change run() to inject faults.
+class ForwardingLayer : public MoeLayerRank {
  public:
-  DropOne(MoeLayerRank& inner, LayerOp op, int mb) : in_(inner), op_(op), mb_(mb) {}
+  explicit ForwardingLayer(MoeLayerRank& inner) : in_(inner) {}
   int rank() const override { return in_.rank(); }
   int num_ranks() const override { return in_.num_ranks(); }
   const MoeConfig& config() const override { return in_.config(); }
   const EpConfig& ep() const override { return in_.ep(); }
   int max_micro_batches() const override { return in_.max_micro_batches(); }
   void begin_forward(const ForwardPlan& p) override { in_.begin_forward(p); }
-  void run(LayerOp op, int mb) override {
-    if (op == op_ && mb == mb_) return;
-    in_.run(op, mb);
-  }
+  void run(LayerOp op, int mb) override { in_.run(op, mb); }
   void run_user(const std::string& n, int mb, const std::function<void(int)>& fn) override {
     in_.run_user(n, mb, fn);
   }
@@ -632,8 +628,20 @@ class DropOne final : public MoeLayerRank {
   void set_tracing(bool on) override { in_.set_tracing(on); }
   std::vector<OpTiming> last_trace() override { return in_.last_trace(); }
 
- private:
+ protected:
   MoeLayerRank& in_;
+};
+
+// Drops one operation of one micro-batch: a peer that never sends micro-batch B's dispatch.
+class DropOne final : public ForwardingLayer {
+ public:
+  DropOne(MoeLayerRank& inner, LayerOp op, int mb) : ForwardingLayer(inner), op_(op), mb_(mb) {}
+  void run(LayerOp op, int mb) override {
+    if (op == op_ && mb == mb_) return;
+    in_.run(op, mb);
+  }
+
+ private:
   LayerOp op_;
   int mb_;
 };
@@ -679,31 +687,18 @@ TEST(GpuOverlap, PeerSilentOnMicroBatchBTimesOutNamingIt) {
 }
 
 
-// A layer whose rank fails (throws) at one operation of micro-batch A: the rest of its forward
-// never happens.
-class FailAt final : public MoeLayerRank {
+// A rank that fails (throws) at one operation of micro-batch A: the rest of its forward never
+// happens.
+class FailAt final : public ForwardingLayer {
  public:
-  FailAt(MoeLayerRank& inner, LayerOp op) : in_(inner), op_(op) {}
-  int rank() const override { return in_.rank(); }
-  int num_ranks() const override { return in_.num_ranks(); }
-  const MoeConfig& config() const override { return in_.config(); }
-  const EpConfig& ep() const override { return in_.ep(); }
-  int max_micro_batches() const override { return in_.max_micro_batches(); }
-  void begin_forward(const ForwardPlan& p) override { in_.begin_forward(p); }
+  FailAt(MoeLayerRank& inner, LayerOp op) : ForwardingLayer(inner), op_(op) {}
   void run(LayerOp op, int mb) override {
     EPMOE_CHECK(!(op == op_ && mb == 0), kInvalidArgument, "rank {}: injected failure at {}",
                 in_.rank(), layer_op_name(op));
     in_.run(op, mb);
   }
-  void run_user(const std::string& n, int mb, const std::function<void(int)>& fn) override {
-    in_.run_user(n, mb, fn);
-  }
-  void end_forward() override { in_.end_forward(); }
-  void set_tracing(bool on) override { in_.set_tracing(on); }
-  std::vector<OpTiming> last_trace() override { return in_.last_trace(); }
 
  private:
-  MoeLayerRank& in_;
   LayerOp op_;
 };
 
