@@ -28,8 +28,15 @@ stage_end() {  # stage_end NAME OK(0|1) TEXT
   echo "$line"
   if [ "$2" -ne 0 ]; then fail=1; echo "$1: FAILED (logs in $logs)"; fi
 }
-# Reports written by the sanitizer runtimes under $1 (files prefix.PID).
-count_reports() { find "$1" -type f -size +0 2>/dev/null | wc -l; }
+# Sanitizer reports: files the runtimes wrote under $1 (log_path, prefix.PID) plus reports that
+# reached a log anyway ($2...: UBSan next to ASan prints to stderr, which ctest captures).
+count_reports() {
+  local dir=$1 files logged
+  shift
+  files=$(find "$dir" -type f -size +0 2>/dev/null | wc -l)
+  logged=$(cat "$@" 2>/dev/null | grep -cE 'runtime error:|ERROR: (Address|Leak)Sanitizer|WARNING: ThreadSanitizer|SUMMARY: (Address|Undefined|Thread|Leak)' || true)
+  echo $((files + logged))
+}
 # "N tests" from a ctest log.
 ctest_count() { grep -Eo 'tests passed, [0-9]+ tests failed out of [0-9]+' "$1" | grep -Eo '[0-9]+$' || echo 0; }
 
@@ -67,8 +74,8 @@ if [[ " $stages " == *" asan "* ]]; then
       ctest --test-dir build-asan --output-on-failure -j"$jobs" >"$logs/asan.log" 2>&1 || ok=1
     tail -n 3 "$logs/asan.log"
   fi
-  n=$(count_reports "$rep")
-  [ "$n" -ne 0 ] && { ok=1; head -n 40 "$rep"/*; }
+  n=$(count_reports "$rep" "$logs/asan.log")
+  [ "$n" -ne 0 ] && { ok=1; head -n 40 "$rep"/* 2>/dev/null; grep -m5 -A8 'runtime error:\|Sanitizer' "$logs/asan.log"; }
   stage_end asan $ok "$(ctest_count "$logs/asan.log") tests, $n reports"
 fi
 
@@ -89,8 +96,8 @@ if [[ " $stages " == *" tsan "* ]]; then
       build-tsan/epmoe_tests --gtest_filter="$filter" >"$logs/tsan.log" 2>&1 || ok=1
     tail -n 3 "$logs/tsan.log"
   fi
-  n=$(count_reports "$rep")
-  [ "$n" -ne 0 ] && { ok=1; head -n 60 "$rep"/*; }
+  n=$(count_reports "$rep" "$logs/tsan.log")
+  [ "$n" -ne 0 ] && { ok=1; head -n 60 "$rep"/* 2>/dev/null; grep -m5 -A8 'Sanitizer' "$logs/tsan.log"; }
   count=$(grep -Eo '^\[==========\] [0-9]+ tests' "$logs/tsan.log" | grep -Eo '[0-9]+' || echo 0)
   stage_end tsan $ok "$count tests, $n reports"
 fi

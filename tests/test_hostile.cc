@@ -393,6 +393,7 @@ TEST_P(Hostile, OneClearErrorLineInBoundedTimeAndMemory) {
   EXPECT_EQ(o.err.rfind("epmoe: error: ", 0), 0u) << o.err;
   EXPECT_NE(o.err.find(c.needle), std::string::npos) << "expected '" << c.needle << "' in: " << o.err;
   EXPECT_EQ(o.err.find("Sanitizer"), std::string::npos) << o.err;
+  EXPECT_EQ(o.err.find("runtime error"), std::string::npos) << o.err;  // UBSan
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, Hostile, ::testing::ValuesIn(cases()),

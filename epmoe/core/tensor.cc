@@ -103,7 +103,8 @@ Tensor to_dtype(const TensorView& t, DType dtype) {
   EPMOE_CHECK(t.device == Device::kCpu, kInvalidArgument, "to_dtype needs a host tensor");
   Tensor out(dtype, t.shape);
   if (dtype == t.dtype) {
-    std::memcpy(out.view().data, t.data, t.nbytes());
+    // An empty view may hold no pointer at all: memcpy's arguments must not be null.
+    if (t.nbytes() > 0) std::memcpy(out.view().data, t.data, t.nbytes());
     return out;
   }
   const int64_t n = t.numel();
