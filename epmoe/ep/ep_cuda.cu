@@ -6,22 +6,14 @@
 #include <thread>
 #include <vector>
 
-#include <nvtx3/nvToolsExt.h>
 
 #include "epmoe/core/env.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
+#include "epmoe/cuda/nvtx.h"
 #include "epmoe/ep/ep_kernels.cuh"
 
 namespace epmoe::cuda {
-
-namespace {
-// An NVTX range for the lifetime of a scope: profiles read like the data flow.
-struct NvtxRange {
-  explicit NvtxRange(const char* name) { nvtxRangePushA(name); }
-  ~NvtxRange() { nvtxRangePop(); }
-};
-}  // namespace
 
 struct EpMicroBatchCuda::Impl {
   Impl(GpuTransport& tr, const MoeConfig& c, const EpConfig& e, const EpCudaOptions& o,

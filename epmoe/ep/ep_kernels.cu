@@ -1,3 +1,4 @@
+#include "epmoe/cuda/nvtx.h"
 #include "epmoe/ep/ep_kernels.cuh"
 
 #include <cuda_bf16.h>
@@ -659,6 +660,7 @@ void allow_big_smem(K kernel, size_t bytes) {
 }  // namespace
 
 void prepare_kernels() {
+  const NvtxRange nvtx("ep.prepare_kernels");
   // NOTES: loads every kernel of this file now (and sets the shared-memory opt-ins): with lazy
   // module loading, a kernel's first launch can wait for the device while another rank of the
   // same process spins on a flag, which would deadlock the loopback transport.
@@ -684,6 +686,7 @@ void prepare_kernels() {
 void route_layout(int32_t* dest_slot, int32_t* dest_count, int32_t* dest_pairs,
                   const int32_t* topk_ids, const int32_t* num_tokens, const EpDims& d,
                   cudaStream_t stream) {
+  const NvtxRange nvtx("ep.route_layout");
   EPMOE_CHECK(d.num_ranks <= kMaxRanks, kUnsupported, "at most {} ranks, got {}", kMaxRanks,
               d.num_ranks);
   route_layout_kernel<<<1, 1024, 0, stream>>>(dest_slot, dest_count, dest_pairs, topk_ids,
@@ -696,6 +699,7 @@ void launch_pack(void* const* peers, size_t peer_off, void* send, const int32_t*
                  const RecordLayout& rec, const void* x, const int32_t* topk_ids,
                  const float* topk_weights, const int32_t* num_tokens, const int32_t* dest_slot,
                  const EpDims& d, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.launch_pack");
   pack_records_kernel<<<capped(blocks_for(d.t_max * d.num_ranks, kWarps), d), kWarps * 32, 0, stream>>>(
       peers, peer_off, static_cast<char*>(send), dest_offset, rec,
       static_cast<const __nv_bfloat16*>(x), topk_ids, topk_weights, num_tokens, dest_slot, d);
@@ -708,6 +712,7 @@ void ll_dispatch_send(void* const* peers, const LowLatencyLayout& ll, const Reco
                       const int32_t* num_tokens, const int32_t* dest_slot,
                       const int32_t* dest_count, uint64_t* seq, const EpDims& d,
                       cudaStream_t stream) {
+  const NvtxRange nvtx("ep.ll_dispatch_send");
   launch_pack(peers, ll.staging, nullptr, nullptr, rec, x, topk_ids, topk_weights, num_tokens,
               dest_slot, d, stream);
   raise_flags_kernel<<<1, kMaxRanks, 0, stream>>>(peers, ll.dispatch_flags, dest_count, seq, 1,
@@ -718,6 +723,7 @@ void ll_dispatch_send(void* const* peers, const LowLatencyLayout& ll, const Reco
 void ll_wait_dispatch(int32_t* src_count, const void* local_window, const LowLatencyLayout& ll,
                       const uint64_t* seq, DeviceWaitError* err, int64_t timeout_ns,
                       const EpDims& d, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.ll_wait_dispatch");
   wait_flags_kernel<<<1, kMaxRanks, 0, stream>>>(src_count, static_cast<const char*>(local_window),
                                                 ll.dispatch_flags, true, seq, err, timeout_ns,
                                                 d.rank, d.num_ranks);
@@ -729,6 +735,7 @@ void ll_expand_received(void* recv_x, int32_t* recv_count, int32_t* recv_src,
                         const void* local_window, const LowLatencyLayout& ll,
                         const RecordLayout& rec, DeviceWaitError* err, const EpDims& d,
                         cudaStream_t stream) {
+  const NvtxRange nvtx("ep.ll_expand_received");
   const char* win = static_cast<const char*>(local_window);
   ll_recv_index_kernel<<<capped(d.local_experts, d), 256, 0, stream>>>(recv_count, recv_src, recv_record,
                                                             recv_seg, win, ll, rec, src_count,
@@ -743,6 +750,7 @@ void ll_expand_received(void* recv_x, int32_t* recv_count, int32_t* recv_src,
 void ll_combine_send(void* const* peers, const LowLatencyLayout& ll, const void* expert_out,
                      const int32_t* recv_count, const int32_t* recv_src, const uint64_t* seq,
                      const EpDims& d, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.ll_combine_send");
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
   ll_combine_send_kernel<<<capped2(d.local_experts, blocks_for(m_max, kWarps), d), kWarps * 32, 0,
                            stream>>>(peers, ll, static_cast<const __nv_bfloat16*>(expert_out),
@@ -757,6 +765,7 @@ void ll_combine_send(void* const* peers, const LowLatencyLayout& ll, const void*
 void ll_wait_combine(const void* local_window, const LowLatencyLayout& ll, const uint64_t* seq,
                      DeviceWaitError* err, int64_t timeout_ns, const EpDims& d,
                      cudaStream_t stream) {
+  const NvtxRange nvtx("ep.ll_wait_combine");
   wait_flags_kernel<<<1, kMaxRanks, 0, stream>>>(nullptr, static_cast<const char*>(local_window),
                                                 ll.combine_flags, false, seq, err, timeout_ns,
                                                 d.rank, d.num_ranks);
@@ -767,6 +776,7 @@ void ll_combine_reduce(float* y, const void* local_window, const LowLatencyLayou
                        const int32_t* topk_ids, const float* topk_weights,
                        const float* shared_out, const int32_t* num_tokens,
                        const DeviceWaitError* err, const EpDims& d, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.ll_combine_reduce");
   const int64_t col_blocks = (d.hidden + kCombineCols - 1) / kCombineCols;
   const dim3 grid(capped(blocks_for(d.t_max, kWarps), EpDims{.max_blocks = d.max_blocks > 0 ? std::max<int>(1, d.max_blocks / int(col_blocks)) : 0}), unsigned(col_blocks));
   ll_combine_recv_kernel<<<grid, kWarps * 32, kCombineSmem, stream>>>(
@@ -780,6 +790,7 @@ size_t return_record_bytes(int64_t hidden) { return 16 + size_t(hidden) * 2; }
 void ll_return_pack(void* out, const int32_t* src_base, const void* expert_out,
                     const int32_t* recv_count, const int32_t* recv_src, const int32_t* recv_seg,
                     const EpDims& d, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.ll_return_pack");
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
   ll_return_pack_kernel<<<capped2(d.local_experts, blocks_for(m_max, kWarps), d), kWarps * 32, 0,
                           stream>>>(static_cast<char*>(out), return_record_bytes(d.hidden),
@@ -790,6 +801,7 @@ void ll_return_pack(void* out, const int32_t* src_base, const void* expert_out,
 
 void ll_return_unpack(void* local_window, const LowLatencyLayout& ll, const void* in, int64_t n,
                       const EpDims& d, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.ll_return_unpack");
   if (n == 0) return;
   ll_return_unpack_kernel<<<capped((n + kWarps - 1) / kWarps, d), kWarps * 32, 0, stream>>>(
       static_cast<char*>(local_window), ll, static_cast<const char*>(in),
@@ -800,12 +812,14 @@ void ll_return_unpack(void* local_window, const LowLatencyLayout& ll, const void
 void normal_pack(void* send, const RecordLayout& rec, const void* x, const int32_t* topk_ids,
                  const float* topk_weights, const int32_t* num_tokens, const int32_t* dest_slot,
                  const int32_t* dest_offset, const EpDims& d, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.normal_pack");
   launch_pack(nullptr, 0, send, dest_offset, rec, x, topk_ids, topk_weights, num_tokens,
               dest_slot, d, stream);
 }
 
 void normal_unpack(void* recv_x, int32_t* recv_ids, float* recv_w, const void* recv,
                    const RecordLayout& rec, int64_t n, const EpDims& d, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.normal_unpack");
   if (n == 0) return;
   normal_unpack_kernel<<<capped((n + kWarps - 1) / kWarps, d), kWarps * 32, 0, stream>>>(
       static_cast<__nv_bfloat16*>(recv_x), recv_ids, recv_w, static_cast<const char*>(recv), rec,
@@ -817,6 +831,7 @@ void normal_combine(float* y, const float* partials, const int32_t* dest_slot,
                     const int32_t* dest_offset, const int32_t* topk_ids,
                     const float* topk_weights, const float* shared_out,
                     const int32_t* num_tokens, const EpDims& d, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.normal_combine");
   EPMOE_CHECK(d.num_ranks + d.num_slots <= kMaxItems && d.num_ranks <= 32, kUnsupported,
               "normal-mode combine supports up to 32 ranks, got {}", d.num_ranks);
   const int64_t col_blocks = (d.hidden + kCombineCols - 1) / kCombineCols;
@@ -828,6 +843,7 @@ void normal_combine(float* y, const float* partials, const int32_t* dest_slot,
 
 void add_rows(float* y, const float* add, float scale, const int32_t* num_tokens, int64_t t_max,
               int64_t hidden, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.add_rows");
   add_rows_kernel<<<blocks_for(t_max * hidden, 256 * 8), 256, 0, stream>>>(y, add, scale,
                                                                           num_tokens, t_max, hidden);
   EPMOE_CUDA_CHECK_LAUNCH("add_rows_kernel");
@@ -835,17 +851,20 @@ void add_rows(float* y, const float* add, float scale, const int32_t* num_tokens
 
 void dest_offsets(int32_t* dest_offset, const int32_t* dest_count, int num_ranks,
                   cudaStream_t stream) {
+  const NvtxRange nvtx("ep.dest_offsets");
   dest_offsets_kernel<<<1, 32, 0, stream>>>(dest_offset, dest_count, num_ranks);
   EPMOE_CUDA_CHECK_LAUNCH("dest_offsets_kernel");
 }
 
 void make_single_segment(int32_t* seg, const int32_t* num_tokens, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.make_single_segment");
   single_segment_kernel<<<1, 1, 0, stream>>>(seg, num_tokens);
   EPMOE_CUDA_CHECK_LAUNCH("single_segment_kernel");
 }
 
 void scatter_shared(float* out, const float* in, int j, int n, const int32_t* num_tokens,
                     int64_t t_max, int64_t hidden, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.scatter_shared");
   scatter_shared_kernel<<<blocks_for(t_max * hidden, 256 * 8), 256, 0, stream>>>(
       out, in, j, n, num_tokens, t_max, hidden);
   EPMOE_CUDA_CHECK_LAUNCH("scatter_shared_kernel");

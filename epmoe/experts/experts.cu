@@ -1,4 +1,5 @@
 // Expert kernels (SiLU-and-mul) and the cuBLAS grouped GEMM.
+#include "epmoe/cuda/nvtx.h"
 #include "epmoe/experts/experts.cuh"
 
 #include <algorithm>
@@ -90,6 +91,7 @@ silu_and_mul_kernel(void* __restrict__ out, float* __restrict__ scales,
 // Shapes: in [rows, 2I] (or [E, M_max, 2I]); returns rows and I after checking.
 void check_silu(const TensorView& out, const TensorView* scales, const TensorView& in,
                 bool masked, bool fp8, int64_t* rows, int64_t* inter) {
+  const NvtxRange nvtx("experts.check_silu");
   const int rank = masked ? 3 : 2;
   EPMOE_CHECK(in.shape.rank == rank && in.shape[rank - 1] % 2 == 0, kInvalidArgument,
               "silu_and_mul: input must be {} with an even last dim, got {}",
@@ -112,6 +114,7 @@ void check_silu(const TensorView& out, const TensorView* scales, const TensorVie
 
 void launch_silu(const TensorView& out, float* scales, const TensorView& in, int64_t rows,
                  int64_t inter, RowFilter filter, bool fp8, cudaStream_t stream) {
+  const NvtxRange nvtx("experts.launch_silu");
   if (rows == 0) return;
   (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   int sms = 0, dev = 0;
@@ -133,6 +136,7 @@ void launch_silu(const TensorView& out, float* scales, const TensorView& in, int
 }
 
 void check_count(const TensorView& count, const TensorView& in) {
+  const NvtxRange nvtx("experts.check_count");
   count.expect("count", DType::kI32, {in.shape[0]});
 }
 
@@ -142,6 +146,7 @@ cudaDataType_t cuda_type(DType t) { return t == DType::kBF16 ? CUDA_R_16BF : CUD
 
 void silu_and_mul(const TensorView& out, const TensorView& in, const int32_t* num_rows,
                   cudaStream_t stream) {
+  const NvtxRange nvtx("experts.silu_and_mul");
   int64_t rows = 0, inter = 0;
   check_silu(out, nullptr, in, false, false, &rows, &inter);
   launch_silu(out, nullptr, in, rows, inter, RowFilter{num_rows, nullptr, 1}, false, stream);
@@ -149,6 +154,7 @@ void silu_and_mul(const TensorView& out, const TensorView& in, const int32_t* nu
 
 void silu_and_mul_masked(const TensorView& out, const TensorView& in, const TensorView& count,
                          cudaStream_t stream) {
+  const NvtxRange nvtx("experts.silu_and_mul_masked");
   int64_t rows = 0, inter = 0;
   check_silu(out, nullptr, in, true, false, &rows, &inter);
   check_count(count, in);
@@ -159,6 +165,7 @@ void silu_and_mul_masked(const TensorView& out, const TensorView& in, const Tens
 
 void silu_and_mul_fp8(const TensorView& out, const TensorView& scales, const TensorView& in,
                       const int32_t* num_rows, cudaStream_t stream) {
+  const NvtxRange nvtx("experts.silu_and_mul_fp8");
   int64_t rows = 0, inter = 0;
   check_silu(out, &scales, in, false, true, &rows, &inter);
   launch_silu(out, scales.as<float>(), in, rows, inter, RowFilter{num_rows, nullptr, 1}, true,
@@ -167,6 +174,7 @@ void silu_and_mul_fp8(const TensorView& out, const TensorView& scales, const Ten
 
 void silu_and_mul_fp8_masked(const TensorView& out, const TensorView& scales,
                              const TensorView& in, const TensorView& count, cudaStream_t stream) {
+  const NvtxRange nvtx("experts.silu_and_mul_fp8_masked");
   int64_t rows = 0, inter = 0;
   check_silu(out, &scales, in, true, true, &rows, &inter);
   check_count(count, in);
@@ -263,6 +271,7 @@ void GroupedGemmRunner::run(const std::vector<Problem>& problems, int64_t n_out,
 
 namespace {
 void check_bank(const TensorView& w, int64_t k, const char* what) {
+  const NvtxRange nvtx("experts.check_bank");
   EPMOE_CHECK(w.shape.rank == 3 && w.dtype == DType::kBF16 && w.shape[2] == k, kInvalidArgument,
               "grouped GEMM: weight bank {} {} must be [E_bank, N, K={}] bf16", what,
               w.shape.str(), k);
@@ -332,6 +341,7 @@ void GroupedGemmRunner::masked(const TensorView& out, const TensorView& in, cons
 
 void dense_gemm(const TensorView& out, const TensorView& in, const TensorView& w, float beta,
                 cublasHandle_t handle, cudaStream_t stream) {
+  const NvtxRange nvtx("experts.dense_gemm");
   EPMOE_CHECK(in.shape.rank == 2 && w.shape.rank == 2 && in.shape[1] == w.shape[1] &&
                   in.dtype == DType::kBF16 && w.dtype == DType::kBF16,
               kInvalidArgument, "dense GEMM: in {} {} and w {} {} must be bf16 [M,K], [N,K]",

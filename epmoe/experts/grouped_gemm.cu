@@ -6,6 +6,7 @@
 // registers. Grid: x = n-tile (fastest, so the blocks of one m-tile run together and share its
 // rows in L2), y = m-tile, z = expert (masked only). The counts live on the device, so the grid
 // covers the worst case and a block whose tile holds no row returns at once.
+#include "epmoe/cuda/nvtx.h"
 #include "epmoe/experts/grouped_gemm.cuh"
 
 #include <atomic>
@@ -237,6 +238,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const Params 
 
 template <bool kMasked, typename Out>
 void launch_typed(const Params& p, dim3 grid, cudaStream_t stream) {
+  const NvtxRange nvtx("gemm.launch_typed");
   auto* kernel = grouped_gemm_kernel<kMasked, Out>;
   // NOTES: the 96 KB opt-in is per device; set once per device (a plain host call, legal while
   // a stream is being captured).
@@ -255,6 +257,7 @@ void launch_typed(const Params& p, dim3 grid, cudaStream_t stream) {
 
 // The one runtime -> template switch: layout x output dtype.
 void launch(bool masked, DType out_dtype, const Params& p, dim3 grid, cudaStream_t stream) {
+  const NvtxRange nvtx("gemm.launch");
   if (masked) {
     if (out_dtype == DType::kBF16) launch_typed<true, __nv_bfloat16>(p, grid, stream);
     else launch_typed<true, float>(p, grid, stream);
@@ -270,6 +273,7 @@ bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t
 void check_operands(const char* fn, const TensorView& out, const TensorView& in,
                     const TensorView& w, const TensorView& counts, const char* counts_name,
                     int64_t e_loc, int bank_offset, Params* p) {
+  const NvtxRange nvtx("gemm.check_operands");
   const struct { const char* name; const TensorView& t; } all[] = {
       {"out", out}, {"in", in}, {"w", w}, {counts_name, counts}};
   for (const auto& a : all)
@@ -316,6 +320,7 @@ unsigned n_tiles(int n_out) { return unsigned((n_out + kBlockN - 1) / kBlockN); 
 
 void grouped_gemm_contiguous(const TensorView& out, const TensorView& in, const TensorView& w,
                              const TensorView& seg_indptr, int bank_offset, cudaStream_t stream) {
+  const NvtxRange nvtx("gemm.grouped_gemm_contiguous");
   const char* fn = "grouped_gemm_contiguous";
   EPMOE_CHECK(in.shape.rank == 2, kInvalidArgument, "{}: in must be [N, K], got {}", fn,
               in.shape.str());
@@ -337,6 +342,7 @@ void grouped_gemm_contiguous(const TensorView& out, const TensorView& in, const 
 
 void grouped_gemm_masked(const TensorView& out, const TensorView& in, const TensorView& w,
                          const TensorView& count, int bank_offset, cudaStream_t stream) {
+  const NvtxRange nvtx("gemm.grouped_gemm_masked");
   const char* fn = "grouped_gemm_masked";
   EPMOE_CHECK(in.shape.rank == 3, kInvalidArgument, "{}: in must be [E_loc, M_max, K], got {}",
               fn, in.shape.str());

@@ -6,11 +6,11 @@
 #include <vector>
 
 #include <cuda_bf16.h>
-#include <nvtx3/nvToolsExt.h>
 
 #include "epmoe/core/env.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
+#include "epmoe/cuda/nvtx.h"
 #include "epmoe/ep/ep_kernels.cuh"
 #include "epmoe/experts/experts.cuh"
 #include "epmoe/experts/grouped_gemm.cuh"
@@ -55,10 +55,6 @@ DeviceTensor upload_bank(const Tensor& bank, const Tensor& scale, int64_t first,
   return DeviceTensor::from_host(out.view());
 }
 
-struct NvtxRange {
-  explicit NvtxRange(const char* name) { nvtxRangePushA(name); }
-  ~NvtxRange() { nvtxRangePop(); }
-};
 
 // ---- micro-batch split and merge (device-side counts: capturable) ----
 // Range of micro-batch mb of a rank with *rank_tokens tokens, as micro_batch_range() computes it.

@@ -1,4 +1,5 @@
 // Token permutation kernels; host launchers follow their kernels.
+#include "epmoe/cuda/nvtx.h"
 #include "epmoe/permute/permute.cuh"
 
 #include <algorithm>
@@ -306,6 +307,7 @@ template <typename In, typename Out>
 void launch_post_reorder(const TensorView& out, const TensorView& down, const TensorView& s2d,
                          const TensorView& ids, const TensorView& w, int64_t T, int K, int64_t N,
                          int64_t H, int num_routed, int id_offset, cudaStream_t stream) {
+  const NvtxRange nvtx("permute.launch_post_reorder");
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool vec = H % 8 == 0 && aligned(out.data) && aligned(down.data);
   const int width = vec ? 8 : 1;
@@ -328,6 +330,7 @@ void launch_post_reorder(const TensorView& out, const TensorView& down, const Te
 }
 
 void check_reorder(const TensorView& sorted, const TensorView& x, const TensorView& s2d) {
+  const NvtxRange nvtx("permute.check_reorder");
   EPMOE_CHECK(x.shape.rank == 2 && sorted.shape.rank == 2 && sorted.shape[1] == x.shape[1],
               kInvalidArgument, "reorder: x {} and sorted {} must be 2-D with equal H",
               x.shape.str(), sorted.shape.str());
@@ -350,6 +353,7 @@ size_t preprocess_workspace_bytes(int64_t num_pairs, int num_local_experts) {
 void preprocess(const TensorView& seg_indptr, const TensorView& src2dst,
                 const TensorView& topk_ids, int expert_start, int expert_end, void* workspace,
                 cudaStream_t stream) {
+  const NvtxRange nvtx("permute.preprocess");
   (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   EPMOE_CHECK(topk_ids.shape.rank == 2, kInvalidArgument, "topk_ids must be [T, K], got {}",
               topk_ids.shape.str());
@@ -386,6 +390,7 @@ void preprocess(const TensorView& seg_indptr, const TensorView& src2dst,
 
 void pre_reorder(const TensorView& sorted, const TensorView& x, const TensorView& src2dst,
                  cudaStream_t stream) {
+  const NvtxRange nvtx("permute.pre_reorder");
   (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   check_reorder(sorted, x, src2dst);
   EPMOE_CHECK(sorted.dtype == DType::kBF16, kInvalidArgument,
@@ -401,6 +406,7 @@ void pre_reorder(const TensorView& sorted, const TensorView& x, const TensorView
 
 void pre_reorder_fp8(const TensorView& sorted, const TensorView& scales, const TensorView& x,
                      const TensorView& src2dst, cudaStream_t stream) {
+  const NvtxRange nvtx("permute.pre_reorder_fp8");
   (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   check_reorder(sorted, x, src2dst);
   const int64_t T = x.shape[0], H = x.shape[1], N = sorted.shape[0];
@@ -418,6 +424,7 @@ void pre_reorder_fp8(const TensorView& sorted, const TensorView& scales, const T
 void post_reorder(const TensorView& out, const TensorView& down_out, const TensorView& src2dst,
                   const TensorView& topk_ids, const TensorView& topk_weights, int num_routed,
                   int id_offset, cudaStream_t stream) {
+  const NvtxRange nvtx("permute.post_reorder");
   (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   EPMOE_CHECK(out.shape.rank == 2 && down_out.shape.rank == 2 &&
                   down_out.shape[1] == out.shape[1],

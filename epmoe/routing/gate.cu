@@ -1,6 +1,7 @@
 // Router kernels: gate GEMM (cuBLAS), the fused one-warp-per-token selection, and the unfused
 // baseline. Every decision uses the CPU reference's rules (gate_cpu.cc): exact_sigmoidf /
 // exact_expf scores, "larger value, then lower index" for experts and groups.
+#include "epmoe/cuda/nvtx.h"
 #include "epmoe/routing/gate.cuh"
 
 #include <cstdint>
@@ -343,6 +344,7 @@ int64_t check_select(const TensorView& topk_ids, const TensorView& topk_weights,
 
 void gate_gemm(const TensorView& logits, const TensorView& x, const TensorView& weight,
                cublasHandle_t handle, cudaStream_t stream) {
+  const NvtxRange nvtx("gate.gate_gemm");
   EPMOE_CHECK(x.shape.rank == 2 && weight.shape.rank == 2 && weight.shape[1] == x.shape[1],
               kInvalidArgument, "gate GEMM: x {} and router weight {} disagree on hidden size",
               x.shape.str(), weight.shape.str());
@@ -365,6 +367,7 @@ void gate_gemm(const TensorView& logits, const TensorView& x, const TensorView& 
 void select_experts(const TensorView& topk_ids, const TensorView& topk_weights,
                     const TensorView& logits, const TensorView& bias, const MoeConfig& config,
                     cudaStream_t stream) {
+  const NvtxRange nvtx("gate.select_experts");
   (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   const float* bias_ptr = nullptr;
   const int64_t T = check_select(topk_ids, topk_weights, logits, bias, config, &bias_ptr);
@@ -407,6 +410,7 @@ void select_experts_unfused(const TensorView& topk_ids, const TensorView& topk_w
                             const TensorView& logits, const TensorView& bias,
                             const MoeConfig& config, const UnfusedGateWorkspace& ws,
                             cudaStream_t stream) {
+  const NvtxRange nvtx("gate.select_experts_unfused");
   (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   const float* bias_ptr = nullptr;
   const int64_t T = check_select(topk_ids, topk_weights, logits, bias, config, &bias_ptr);

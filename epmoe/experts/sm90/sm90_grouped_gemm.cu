@@ -2,6 +2,7 @@
 // workspace, and the one runtime -> template switch (input dtype x output dtype). The CUTLASS
 // kernels live in the explicit-instantiation units sm90_gemm_<in>_<out>.cu; without CUTLASS
 // (EPMOE_WITH_CUTLASS undefined) every entry point reports kUnsupported.
+#include "epmoe/cuda/nvtx.h"
 #include "epmoe/experts/sm90/sm90_grouped_gemm.cuh"
 
 #include <algorithm>
@@ -23,6 +24,7 @@ constexpr bool kBuilt = false;
 #endif
 
 void require_sm90(const char* fn) {
+  const NvtxRange nvtx("sm90.require_sm90");
   EPMOE_CHECK(kBuilt, kUnsupported,
               "{}: this build has no sm90 grouped GEMM (CUTLASS headers not found at configure "
               "time; run scripts/fetch-cutlass.sh or set -DEPMOE_CUTLASS_DIR)",
@@ -44,6 +46,7 @@ void check_operands(const char* fn, bool fp8, const TensorView& out, const Tenso
                     const TensorView* in_scale, const TensorView& w, const TensorView* w_scale,
                     const TensorView& counts, const char* counts_name, int64_t e_loc,
                     int bank_offset, const Sm90GemmWorkspace& ws, sm90::Params* p) {
+  const NvtxRange nvtx("sm90.check_operands");
   const DType in_dt = fp8 ? DType::kF8E4M3 : DType::kBF16;
   struct Named { const char* name; const TensorView* t; };
   const Named all[] = {{"out", &out}, {"in", &in}, {"w", &w}, {counts_name, &counts},
@@ -116,6 +119,7 @@ void check_operands(const char* fn, bool fp8, const TensorView& out, const Tenso
 // checked by the caller).
 void launch(bool fp8, DType out_dtype, const sm90::Params& p, const Sm90GemmWorkspace& ws,
             cudaStream_t stream) {
+  const NvtxRange nvtx("sm90.launch");
 #if EPMOE_WITH_CUTLASS
   using sm90::Kernel;
   const sm90::Scratch s{ws.data(), ws.bytes(), ws.max_sms()};
@@ -139,6 +143,7 @@ void contiguous(const char* fn, bool fp8, const TensorView& out, const TensorVie
                 const TensorView* in_scale, const TensorView& w, const TensorView* w_scale,
                 const TensorView& seg_indptr, int bank_offset, Sm90GemmWorkspace& ws,
                 cudaStream_t stream) {
+  const NvtxRange nvtx("sm90.contiguous");
   require_sm90(fn);
   EPMOE_CHECK(in.shape.rank == 2, kInvalidArgument, "{}: in must be [N, K], got {}", fn,
               in.shape.str());
@@ -160,6 +165,7 @@ void masked(const char* fn, bool fp8, const TensorView& out, const TensorView* s
             const TensorView& in, const TensorView* in_scale, const TensorView& w,
             const TensorView* w_scale, const TensorView& count, int bank_offset,
             Sm90GemmWorkspace& ws, cudaStream_t stream) {
+  const NvtxRange nvtx("sm90.masked");
   require_sm90(fn);
   EPMOE_CHECK(in.shape.rank == 3, kInvalidArgument, "{}: in must be [E_loc, M_max, K], got {}",
               fn, in.shape.str());
@@ -270,6 +276,7 @@ Sm90GemmWorkspace& Sm90GemmWorkspace::operator=(Sm90GemmWorkspace&& o) noexcept 
 void sm90_grouped_gemm_contiguous(const TensorView& out, const TensorView& in,
                                   const TensorView& w, const TensorView& seg_indptr,
                                   int bank_offset, Sm90GemmWorkspace& ws, cudaStream_t stream) {
+  const NvtxRange nvtx("sm90.sm90_grouped_gemm_contiguous");
   contiguous("sm90_grouped_gemm_contiguous", false, out, in, nullptr, w, nullptr, seg_indptr,
              bank_offset, ws, stream);
 }
@@ -277,6 +284,7 @@ void sm90_grouped_gemm_contiguous(const TensorView& out, const TensorView& in,
 void sm90_grouped_gemm_masked(const TensorView& out, const TensorView& in, const TensorView& w,
                               const TensorView& count, int bank_offset, Sm90GemmWorkspace& ws,
                               cudaStream_t stream) {
+  const NvtxRange nvtx("sm90.sm90_grouped_gemm_masked");
   masked("sm90_grouped_gemm_masked", false, out, nullptr, in, nullptr, w, nullptr, count,
          bank_offset, ws, stream);
 }
@@ -285,6 +293,7 @@ void sm90_grouped_gemm_masked_signal(const TensorView& out, const TensorView& si
                                      const TensorView& in, const TensorView& w,
                                      const TensorView& count, int bank_offset,
                                      Sm90GemmWorkspace& ws, cudaStream_t stream) {
+  const NvtxRange nvtx("sm90.sm90_grouped_gemm_masked_signal");
   masked("sm90_grouped_gemm_masked_signal", false, out, &signal, in, nullptr, w, nullptr, count,
          bank_offset, ws, stream);
 }
@@ -294,6 +303,7 @@ void sm90_grouped_gemm_fp8_masked_signal(const TensorView& out, const TensorView
                                          const TensorView& w, const TensorView& w_scale,
                                          const TensorView& count, int bank_offset,
                                          Sm90GemmWorkspace& ws, cudaStream_t stream) {
+  const NvtxRange nvtx("sm90.sm90_grouped_gemm_fp8_masked_signal");
   masked("sm90_grouped_gemm_fp8_masked_signal", true, out, &signal, in, &in_scale, w, &w_scale,
          count, bank_offset, ws, stream);
 }
@@ -303,6 +313,7 @@ void sm90_grouped_gemm_fp8_contiguous(const TensorView& out, const TensorView& i
                                       const TensorView& w_scale, const TensorView& seg_indptr,
                                       int bank_offset, Sm90GemmWorkspace& ws,
                                       cudaStream_t stream) {
+  const NvtxRange nvtx("sm90.sm90_grouped_gemm_fp8_contiguous");
   contiguous("sm90_grouped_gemm_fp8_contiguous", true, out, in, &in_scale, w, &w_scale,
              seg_indptr, bank_offset, ws, stream);
 }
@@ -311,6 +322,7 @@ void sm90_grouped_gemm_fp8_masked(const TensorView& out, const TensorView& in,
                                   const TensorView& in_scale, const TensorView& w,
                                   const TensorView& w_scale, const TensorView& count,
                                   int bank_offset, Sm90GemmWorkspace& ws, cudaStream_t stream) {
+  const NvtxRange nvtx("sm90.sm90_grouped_gemm_fp8_masked");
   masked("sm90_grouped_gemm_fp8_masked", true, out, nullptr, in, &in_scale, w, &w_scale, count,
          bank_offset, ws, stream);
 }
