@@ -42,7 +42,8 @@ void check_bank_scales(const TensorView& w13, const TensorView& w2, const Tensor
 }
 
 TensorView scale_slice(const TensorView& scale, int64_t e) {
-  return scale.data == nullptr ? TensorView{} : bank_slice(scale, e);
+  // An empty scale tensor (numel() == 0, as bf16|f32 banks carry) means no scales.
+  return scale.data == nullptr || scale.numel() == 0 ? TensorView{} : bank_slice(scale, e);
 }
 }  // namespace
 
