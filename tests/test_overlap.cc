@@ -328,6 +328,34 @@ TEST(Overlap, PresetWithGateEveryStrategyBitwise) {
   }
 }
 
+// An FP8 expert bank (block scales) through the layer: every strategy and rank count gives
+// bitwise the output of the same bank dequantised to f32.
+TEST(Overlap, Fp8BankEqualsItsDequantisedBank) {
+  std::mt19937_64 rng(fresh_seed());
+  for (bool fuse : {false, true}) {
+    MoeConfig cfg = testing::small_config(1, fuse);
+    cfg.moe_intermediate = 128;  // fused shared slices are whole 128-blocks
+    const uint64_t wseed = rng();
+    const MoeWeights fp8 = quantize_moe_weights_fp8(random_moe_weights(cfg, wseed));
+    ASSERT_TRUE(fp8.fp8());
+    const MoeWeights f32 =
+        dequantize_moe_weights(quantize_moe_weights_fp8(random_moe_weights(cfg, wseed)));
+    const std::vector<int64_t> tokens = {6, 0, 1, 9};
+    Tensor x = testing::random_tensor(DType::kBF16, {16, cfg.hidden}, rng);
+    Tensor ids, w;
+    testing::random_routing(cfg, 16, rng, &ids, &w);
+    const Tensor ref = moe_experts_cpu(f32, x, ids, w, 1);
+    const auto inputs = testing::rank_inputs(x, &ids, &w, tokens);
+    for (EpMode mode : kAllModes)
+      for (OverlapKind kind : kAllKinds) {
+        SCOPED_TRACE(fmt::format("fuse {} {} {}", fuse, ep_mode_name(mode), overlap_name(kind)));
+        const LayerRunResult res = run_layer_cpu(fp8, EpConfig{.num_ranks = 4, .mode = mode},
+                                                 inputs, LayerRunOptions{.overlap = kind});
+        ASSERT_EQ(testing::first_mismatch(testing::gather_rows(res.y, cfg.hidden), ref), -1);
+      }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Misuse and faults.
 

@@ -36,6 +36,12 @@ namespace epmoe {
 // the reduction tree (reduce_plan.h): true for every power-of-two R dividing E.
 bool ep_ranks_are_tree_nodes(int num_routed, int num_ranks);
 
+// An FP8 bank's block scales (MoeWeights::w13_scale / w2_scale), or an empty view for bf16|f32
+// banks (whose scale tensors may be allocated with zero elements).
+inline TensorView bank_scale(const MoeWeights& w, const Tensor& scale) {
+  return w.fp8() ? scale.view() : TensorView{};
+}
+
 // "A", "B", ... for micro-batch index 0, 1, ...
 const char* micro_batch_name(int index);
 

@@ -125,7 +125,8 @@ void EpMicroBatchCpu::ll_dispatch_recv() {
 
 void EpMicroBatchCpu::ll_experts() {
   experts_masked_cpu(ll_.out, ll_.recv_x, ll_.count, weights_.w13, weights_.w2, rank_ * E_loc_,
-                     desc_.threads);
+                     desc_.threads, bank_scale(weights_, weights_.w13_scale),
+                     bank_scale(weights_, weights_.w2_scale));
 }
 
 // Each row into slot (token, k) of its source's combine area, then a flag to every peer.

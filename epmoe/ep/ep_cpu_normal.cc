@@ -142,7 +142,8 @@ void EpMicroBatchCpu::normal_experts() {
   n.down = Tensor(DType::kF32, {rows, H_});
   pre_reorder_cpu(sorted, n.recv_x, n.src2dst);
   experts_contiguous_cpu(n.down, sorted, seg, weights_.w13, weights_.w2, rank_ * E_loc_,
-                         desc_.threads);
+                         desc_.threads, bank_scale(weights_, weights_.w13_scale),
+                         bank_scale(weights_, weights_.w2_scale));
 }
 
 // One partial sum per received token over this rank's experts (a node of the reduction tree).

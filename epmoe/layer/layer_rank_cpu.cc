@@ -245,8 +245,12 @@ void MoeLayerRankCpu::shared_experts(MicroBatch& m) {
   std::vector<float> tmp(static_cast<size_t>(T * H));
   const int E = cfg_.n_routed_experts;
   for (int j = 0; j < ns; ++j) {
+    // FP8 banks: the shared slices carry their block scales (whole blocks: I % 128 == 0).
+    const bool fp8 = weights_.fp8();
     mlp_rows_cpu(tmp.data(), m.x, 0, T, bank_slice(weights_.w13, E + j),
-                 bank_slice(weights_.w2, E + j));
+                 bank_slice(weights_.w2, E + j),
+                 fp8 ? bank_slice(weights_.w13_scale, E + j) : TensorView{},
+                 fp8 ? bank_slice(weights_.w2_scale, E + j) : TensorView{});
     for (int64_t t = 0; t < T; ++t)
       std::memcpy(m.shared.as<float>() + (t * ns + j) * H, tmp.data() + t * H, size_t(H) * 4);
   }
