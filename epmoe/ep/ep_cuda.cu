@@ -200,7 +200,7 @@ struct EpMicroBatchCuda::Impl {
   // ---- combine ----
   void combine_send(cudaStream_t s) {
     NvtxRange r("ep.combine_send");
-    require_comm_stream(s);
+    if (ep.mode != EpMode::kNormal) require_comm_stream(s);
     require_dispatched("combine (send half)");
     if (ep.mode == EpMode::kLowLatency && !ll_host) {
       ep::ll_combine_send(window.peers, ll, expert_out.view().data, recv_count.as<int32_t>(),
@@ -223,7 +223,18 @@ struct EpMicroBatchCuda::Impl {
       count_combine(sz);
       return;
     }
-    // Normal: partial sums go back the way the tokens came, recv_counts[p] rows to p.
+    // Normal mode: nothing to issue here. The partial sums travel in combine_transfer, at the
+    // start of the receive half, so that under two-batch overlap the other micro-batch's
+    // dispatch is not queued behind this one's combine on the communicator.
+  }
+
+  // Normal mode: partial sums go back the way the tokens came, recv_counts[p] rows to p.
+  void combine_transfer(cudaStream_t s) {
+    NvtxRange r("ep.combine_transfer");
+    require_comm_stream(s);
+    require_dispatched("combine (transfer)");
+    EPMOE_CHECK(ep.mode == EpMode::kNormal, kInvalidArgument,
+                "rank {}, micro-batch {}: combine_transfer is normal mode's", d.rank, name);
     ensure_rows(back, DType::kF32, {std::max<int64_t>(1, n_send), d.hidden});
     const Sizes sz = sizes(recv_counts, send_counts, size_t(d.hidden) * 4);
     t.all_to_all_v(partial.view().data, sz.sb.data(), sz.so.data(), back.view().data,
@@ -436,6 +447,10 @@ void EpMicroBatchCuda::dispatch_send(const EpTokens& in, cudaStream_t s) {
 }
 void EpMicroBatchCuda::dispatch_recv(cudaStream_t s) { impl_->dispatch_recv(s); }
 void EpMicroBatchCuda::combine_send(cudaStream_t s) { impl_->combine_send(s); }
+bool EpMicroBatchCuda::combine_transfers_in_recv() const {
+  return impl_->ep.mode == EpMode::kNormal;
+}
+void EpMicroBatchCuda::combine_transfer(cudaStream_t s) { impl_->combine_transfer(s); }
 void EpMicroBatchCuda::combine_recv(float* y, const float* fused_shared, cudaStream_t s) {
   impl_->combine_recv(y, fused_shared, s);
 }

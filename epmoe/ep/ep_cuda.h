@@ -86,6 +86,12 @@ class EpMicroBatchCuda {
   // Expert side. Low-latency: expert_out = the masked [E_loc, R·T_max, H] bf16 down-GEMM output.
   // Normal: expert_out = partial sums [N_recv, H] f32 per received token (normal_partials()).
   void combine_send(cudaStream_t s);
+  // Normal mode sends nothing in combine_send: its partial sums travel at the start of the
+  // receive half, combine_transfer (on the transport's stream), then combine_recv reduces them
+  // (any stream, after the transfer). This keeps a micro-batch's combine from sitting between
+  // the other micro-batch's dispatch and its GEMMs on the one communicator.
+  bool combine_transfers_in_recv() const;
+  void combine_transfer(cudaStream_t s);
   // y_routed: [T_max, H] f32 (rows < T), the routed (and fused shared) part in the canonical
   // order; fused_shared: [T_max, n_shared, H] f32 or nullptr.
   void combine_recv(float* y_routed, const float* fused_shared, cudaStream_t s);

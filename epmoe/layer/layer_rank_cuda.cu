@@ -177,6 +177,7 @@ struct MoeLayerRankCuda::Impl {
     cudaEvent_t done[kNumLayerOps] = {};
     bool ran[kNumLayerOps] = {};
     cudaEvent_t split_done = nullptr;
+    cudaEvent_t xfer_fork = nullptr, xfer_join = nullptr;  // normal-mode combine transfer
   };
 
   Impl(GpuTransport& tr, const MoeWeights& w, const EpConfig& e, const EpCudaOptions& o)
@@ -303,6 +304,8 @@ struct MoeLayerRankCuda::Impl {
       }
       for (auto& ev : b.done) EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
       EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&b.split_done, cudaEventDisableTiming));
+      EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&b.xfer_fork, cudaEventDisableTiming));
+      EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&b.xfer_join, cudaEventDisableTiming));
     }
     EPMOE_CUDA_CHECK(cudaDeviceSynchronize());
     // Every rank is fully set up before any starts waiting on flags: setup allocates, and an
@@ -314,6 +317,8 @@ struct MoeLayerRankCuda::Impl {
     for (MicroBatch& b : mbs) {
       for (auto ev : b.done) if (ev) cudaEventDestroy(ev);
       if (b.split_done) cudaEventDestroy(b.split_done);
+      if (b.xfer_fork) cudaEventDestroy(b.xfer_fork);
+      if (b.xfer_join) cudaEventDestroy(b.xfer_join);
     }
     for (auto e2 : lane_join) if (e2) cudaEventDestroy(e2);
     if (fork) cudaEventDestroy(fork);
@@ -375,6 +380,7 @@ struct MoeLayerRankCuda::Impl {
     // API) are compute work; the ones that move data between ranks get the communication lane.
     if (op == LayerOp::kDispatchSend && b.ep->dispatch_send_is_local()) return OpLane::kCompute;
     if (op == LayerOp::kCombineRecv && b.ep->combine_recv_is_local()) return OpLane::kCompute;
+    if (op == LayerOp::kCombineSend && b.ep->combine_transfers_in_recv()) return OpLane::kCompute;
     if (layer_op_is_comm(op)) return OpLane::kComm;
     if (op == LayerOp::kSharedExperts && plan.concurrent && plan.shared_lane) return OpLane::kShared;
     return OpLane::kCompute;
@@ -474,6 +480,15 @@ struct MoeLayerRankCuda::Impl {
       case LayerOp::kExperts: experts(b, s); break;
       case LayerOp::kCombineSend: b.ep->combine_send(s); break;
       case LayerOp::kCombineRecv:
+        if (b.ep->combine_transfers_in_recv()) {
+          // The transfer on the communication stream (after what this op waited for), the
+          // reduction back here.
+          EPMOE_CUDA_CHECK(cudaEventRecord(b.xfer_fork, s));
+          EPMOE_CUDA_CHECK(cudaStreamWaitEvent(comm(), b.xfer_fork, 0));
+          b.ep->combine_transfer(comm());
+          EPMOE_CUDA_CHECK(cudaEventRecord(b.xfer_join, comm()));
+          EPMOE_CUDA_CHECK(cudaStreamWaitEvent(s, b.xfer_join, 0));
+        }
         b.ep->combine_recv(b.y.as<float>(), cfg.fuse_shared ? b.shared_out.as<float>() : nullptr,
                            s);
         break;
