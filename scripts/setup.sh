@@ -3,9 +3,11 @@
 # The CUDA toolkit (nvcc, cuBLAS, NCCL) is expected in /usr/local/cuda; without nvcc the build
 # still produces the CPU backend.
 set -euo pipefail
-# clang-14 + libclang-rt-14-dev + libomp-14-dev: the libFuzzer stage of scripts/test.sh.
+# clang-14 + libclang-rt-14-dev + libomp-14-dev: the libFuzzer stage of scripts/test.sh;
+# clang-format: its format stage.
 pkgs=(build-essential cmake libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
-      libfmt-dev libopenmpi-dev openmpi-bin clang-14 libclang-rt-14-dev libomp-14-dev)
+      libfmt-dev libopenmpi-dev openmpi-bin clang-14 libclang-rt-14-dev libomp-14-dev
+      clang-format)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -5,13 +5,14 @@
 #   3. tsan   the expert-parallel, overlap and communicator tests under ThreadSanitizer (CPU-only)
 #   4. fuzz   the safetensors reader + layer loader under libFuzzer (clang, ASan + UBSan) for
 #             EPMOE_FUZZ_SECONDS (default 90) from the seed corpus in tests/fuzz/corpus
+#   5. format every C++/CUDA file of the repository as .clang-format says (clang-format --dry-run)
 # Each stage prints one summary line; any test failure or sanitizer report fails the run.
 # --stages "tests asan tsan fuzz" picks a subset. Sanitizer reports go to files (log_path), so
 # reports of child processes (the CLI the tests spawn) are counted too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-stages="tests asan tsan fuzz"
+stages="tests asan tsan fuzz format"
 if [ "${1:-}" = "--stages" ]; then stages="$2"; fi
 jobs=$(nproc)
 logs=$root/build-logs
@@ -48,6 +49,20 @@ configure_cpu() {  # configure_cpu DIR FLAGS
 
 golden_dir=${EPMOE_GOLDEN_DIR:-$root/../shared/golden}
 export EPMOE_GOLDEN_DIR=$golden_dir
+
+if [[ " $stages " == *" format "* ]]; then
+  stage_start format "clang-format --dry-run --Werror on the repository's C++/CUDA files"
+  ok=0
+  cf=$(command -v clang-format || command -v clang-format-14 || true)
+  if [ -z "$cf" ]; then
+    ok=1
+    echo "clang-format not found (scripts/setup.sh installs it)" >"$logs/format.log"
+  else
+    git ls-files '*.cc' '*.h' '*.cu' '*.cuh' | xargs "$cf" --dry-run --Werror >"$logs/format.log" 2>&1 || ok=1
+  fi
+  [ "$ok" -ne 0 ] && head -20 "$logs/format.log"
+  stage_end format $ok "$(git ls-files '*.cc' '*.h' '*.cu' '*.cuh' | wc -l) files, $(grep -c 'error:' "$logs/format.log" || true) lines to reformat"
+fi
 
 if [[ " $stages " == *" tests "* ]]; then
   stage_start tests "ctest --test-dir build"

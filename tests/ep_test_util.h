@@ -14,10 +14,17 @@
 namespace epmoe::testing {
 
 inline MoeConfig small_config(int n_shared, bool fuse, bool scale_on_output = false) {
-  return MoeConfig{.hidden = 72, .moe_intermediate = 24, .n_routed_experts = 32, .top_k = 4,
-                   .n_group = 4, .topk_group = 2, .n_shared_experts = n_shared,
-                   .routed_scaling_factor = 2.5f, .norm_topk_prob = true,
-                   .scoring = Scoring::kSigmoid, .fuse_shared = fuse,
+  return MoeConfig{.hidden = 72,
+                   .moe_intermediate = 24,
+                   .n_routed_experts = 32,
+                   .top_k = 4,
+                   .n_group = 4,
+                   .topk_group = 2,
+                   .n_shared_experts = n_shared,
+                   .routed_scaling_factor = 2.5f,
+                   .norm_topk_prob = true,
+                   .scoring = Scoring::kSigmoid,
+                   .fuse_shared = fuse,
                    .scale_on_output = scale_on_output};
 }
 
@@ -34,9 +41,12 @@ inline void random_routing(const MoeConfig& c, int64_t T, std::mt19937_64& rng, 
     for (int k = 0; k < c.top_k; ++k) {
       int id;
       const int kind = int(rng() % 10);
-      if (kind == 0) id = -1;
-      else if (kind < 3) id = 5;  // hot expert
-      else id = int(rng() % uint64_t(c.n_routed_experts));
+      if (kind == 0)
+        id = -1;
+      else if (kind < 3)
+        id = 5;  // hot expert
+      else
+        id = int(rng() % uint64_t(c.n_routed_experts));
       if (id >= 0 && used.count(id)) id = -1;
       if (id >= 0) used.insert(id);
       ids->as<int32_t>()[t * Kp + k] = id;
@@ -54,7 +64,7 @@ inline void random_routing(const MoeConfig& c, int64_t T, std::mt19937_64& rng, 
 inline std::vector<int64_t> uneven_tokens(int R, int64_t t_max, std::mt19937_64& rng) {
   std::vector<int64_t> t(static_cast<size_t>(R));
   for (auto& v : t) v = int64_t(rng() % uint64_t(t_max + 1));
-  if (R > 1) t[rng() % uint64_t(R)] = 0;                        // a rank without tokens
+  if (R > 1) t[rng() % uint64_t(R)] = 0;  // a rank without tokens
   if (R > 2) t[size_t(R - 1)] = t[size_t(R - 2)] == 0 ? 1 : t[size_t(R - 1)];
   if (R > 2 && std::find(t.begin(), t.end(), 1) == t.end()) t[size_t(R - 1)] = 1;
   t[0] = std::max<int64_t>(t[0], 1);

@@ -1,12 +1,11 @@
 // The epmoe CLI as a user meets it: the bare run, --check, JSON, and one readable error line with
 // a non-zero exit for every kind of bad input.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <array>
 #include <cstdio>
 #include <fstream>
-#include <sys/wait.h>
-
 #include <nlohmann/json.hpp>
 
 #include "epmoe/core/tensor.h"
@@ -34,9 +33,7 @@ Result run_cli(const std::string& args) {
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
 }
 
-std::string tmp_path(const std::string& name) {
-  return ::testing::TempDir() + "epmoe_cli_" + name;
-}
+std::string tmp_path(const std::string& name) { return ::testing::TempDir() + "epmoe_cli_" + name; }
 
 TEST(Cli, BareRunIsCheckedAndPasses) {
   const std::string json = tmp_path("bare.json");
@@ -56,7 +53,8 @@ TEST(Cli, BareRunIsCheckedAndPasses) {
 TEST(Cli, LowLatencyGoldenSplitAcrossRanks) {
   const std::string g = testing::golden_dir() + "/dsv3_small_grouped.safetensors";
   if (!std::ifstream(g).good()) GTEST_SKIP() << "golden file not found: " << g;
-  Result r = run_cli("run --golden " + g + " --ranks 8 --tokens 5,0,0,12,1,0,19,0 --mode low-latency");
+  Result r =
+      run_cli("run --golden " + g + " --ranks 8 --tokens 5,0,0,12,1,0,19,0 --mode low-latency");
   EXPECT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("check vs golden output"), std::string::npos) << r.out;
 }
@@ -141,8 +139,8 @@ TEST(Cli, BadInputGivesOneClearLine) {
 TEST(Cli, PresetsListsEveryPreset) {
   Result r = run_cli("presets");
   EXPECT_EQ(r.code, 0);
-  for (const char* p : {"deepseek-v3", "deepseek-v3-tiny", "deepseek-v2-lite", "qwen3-30b-a3b",
-                        "mixtral-8x7b"})
+  for (const char* p :
+       {"deepseek-v3", "deepseek-v3-tiny", "deepseek-v2-lite", "qwen3-30b-a3b", "mixtral-8x7b"})
     EXPECT_NE(r.out.find(p), std::string::npos) << p;
 }
 
@@ -152,7 +150,8 @@ TEST(Cli, CudaBackendWithoutGpuSaysSo) {
   EXPECT_NE(r.out.find("epmoe: error: "), std::string::npos) << r.out;
   EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << r.out;
   EXPECT_TRUE(r.out.find("no CUDA GPU") != std::string::npos ||
-              r.out.find("without CUDA") != std::string::npos) << r.out;
+              r.out.find("without CUDA") != std::string::npos)
+      << r.out;
 }
 
 }  // namespace

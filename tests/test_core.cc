@@ -34,11 +34,11 @@ TEST(DType, Bf16RoundsToNearestEven) {
 TEST(DType, F16ExactAndRne) {
   EXPECT_EQ(f32_to_f16(1.0f).bits, 0x3c00);
   EXPECT_EQ(f32_to_f16(65504.0f).bits, 0x7bff);
-  EXPECT_EQ(f32_to_f16(65520.0f).bits, 0x7c00);  // rounds to inf
-  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -24)).bits, 0x0001);  // smallest subnormal
-  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -25)).bits, 0x0000);  // tie to even -> 0
+  EXPECT_EQ(f32_to_f16(65520.0f).bits, 0x7c00);                      // rounds to inf
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -24)).bits, 0x0001);         // smallest subnormal
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -25)).bits, 0x0000);         // tie to even -> 0
   EXPECT_EQ(f32_to_f16(1.0f + std::ldexp(1.0f, -11)).bits, 0x3c00);  // tie to even
-  for (uint32_t b = 0; b < 0x7c00; ++b)  // every finite f16 round-trips
+  for (uint32_t b = 0; b < 0x7c00; ++b)                              // every finite f16 round-trips
     ASSERT_EQ(f32_to_f16(f16_to_f32(f16{uint16_t(b)})).bits, b);
 }
 
@@ -140,7 +140,8 @@ TEST(Env, CachedUntilReloadedAndTyped) {
     ADD_FAILURE() << "a non-integer tunable was accepted";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::kInvalidConfig);
-    EXPECT_NE(std::string(e.what()).find("EPMOE_TEST_TUNABLE='9ms'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("EPMOE_TEST_TUNABLE='9ms'"), std::string::npos)
+        << e.what();
   }
   unsetenv("EPMOE_TEST_TUNABLE");
   env_reload();

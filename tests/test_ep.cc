@@ -55,7 +55,8 @@ TEST(ExpertParallel, NormalDispatchLayoutAndOnlyRealTokens) {
     for (int64_t t = 0; t < 34; ++t) {
       bool mine = false;
       int src = 0;
-      for (int64_t acc = tokens[0]; t >= acc; acc += tokens[size_t(++src)]) {}
+      for (int64_t acc = tokens[0]; t >= acc; acc += tokens[size_t(++src)]) {
+      }
       std::set<int> dests;
       for (int k = 0; k < Kp; ++k) {
         const int id = ids.as<int32_t>()[t * Kp + k];
@@ -69,17 +70,20 @@ TEST(ExpertParallel, NormalDispatchLayoutAndOnlyRealTokens) {
       if (src == r) copies += int64_t(dests.size()) - int64_t(dests.count(r));
       if (!mine) continue;
       ASSERT_EQ(std::memcmp(rank.recv_x().as<bf16>() + row * cfg.hidden,
-                            x.as<bf16>() + t * cfg.hidden, size_t(cfg.hidden) * 2), 0)
+                            x.as<bf16>() + t * cfg.hidden, size_t(cfg.hidden) * 2),
+                0)
           << "rank " << r << " row " << row;
       for (int k = 0; k < Kp; ++k) {
         const int id = ids.as<int32_t>()[t * Kp + k];
-        const int expect = (id >= 0 && id < cfg.n_routed_experts && id / E_loc == r) ? id % E_loc : -1;
+        const int expect =
+            (id >= 0 && id < cfg.n_routed_experts && id / E_loc == r) ? id % E_loc : -1;
         ASSERT_EQ(rank.recv_topk_ids().as<int32_t>()[row * Kp + k], expect);
       }
       ++row;
     }
     ASSERT_EQ(rank.recv_x().shape()[0], row);
-    for (int e = 0; e < E_loc; ++e) EXPECT_EQ(rank.recv_expert_counts().as<int32_t>()[e], counts[size_t(e)]);
+    for (int e = 0; e < E_loc; ++e)
+      EXPECT_EQ(rank.recv_expert_counts().as<int32_t>()[e], counts[size_t(e)]);
     // Only real tokens: copies sent == distinct remote destinations of this rank's tokens, and the
     // bytes are exactly those copies (row + src + ids + weights), never padding.
     const EpTraffic& tr = rank.traffic();
@@ -112,7 +116,8 @@ TEST(ExpertParallel, LowLatencyLayoutAndHalves) {
     const int64_t t0 = r == 0 ? 0 : 3, n = tokens[size_t(r)];
     EpMicroBatchCpu rank(comm, wts, ep, EpMicroBatchDesc{.index = 1, .capacity = t_max});
     TensorView xr{x.as<bf16>() + t0 * cfg.hidden, {n, cfg.hidden}, DType::kBF16, Device::kCpu};
-    rank.dispatch_send(xr, TensorView{ids.as<int32_t>() + t0 * Kp, {n, Kp}, DType::kI32, Device::kCpu},
+    rank.dispatch_send(xr,
+                       TensorView{ids.as<int32_t>() + t0 * Kp, {n, Kp}, DType::kI32, Device::kCpu},
                        TensorView{w.as<float>() + t0 * Kp, {n, Kp}, DType::kF32, Device::kCpu});
     rank.dispatch_recv();
     ASSERT_EQ(rank.recv_x().shape(), Shape({E_loc, R * t_max, cfg.hidden}));
@@ -129,9 +134,11 @@ TEST(ExpertParallel, LowLatencyLayoutAndHalves) {
         ASSERT_EQ(src[1], t - (src_rank ? 3 : 0));
         ASSERT_EQ(src[2], k);
         ASSERT_EQ(std::memcmp(rank.recv_x().as<bf16>() + (e * R * t_max + row) * cfg.hidden,
-                              x.as<bf16>() + t * cfg.hidden, size_t(cfg.hidden) * 2), 0);
+                              x.as<bf16>() + t * cfg.hidden, size_t(cfg.hidden) * 2),
+                  0);
       }
-    for (int e = 0; e < E_loc; ++e) EXPECT_EQ(rank.recv_count().as<int32_t>()[e], expect_count[size_t(e)]);
+    for (int e = 0; e < E_loc; ++e)
+      EXPECT_EQ(rank.recv_count().as<int32_t>()[e], expect_count[size_t(e)]);
     rank.experts();
     rank.combine_send();
     Tensor y(DType::kF32, {n, cfg.hidden});

@@ -80,11 +80,11 @@ TEST_P(GoldenLayer, CpuPathMatchesSingleRankAndSplit) {
           int64_t row = 0;
           for (int rk = 0; rk < R; ++rk) {
             const int64_t nr = tokens[size_t(rk)];
-            TensorView ref_r{r.y.as<float>() + row * cfg.hidden, {nr, cfg.hidden}, DType::kF32,
-                             Device::kCpu};
+            TensorView ref_r{
+                r.y.as<float>() + row * cfg.hidden, {nr, cfg.hidden}, DType::kF32, Device::kCpu};
             ASSERT_EQ(testing::first_mismatch(res.y[size_t(rk)], ref_r), -1)
-                << "R " << R << " " << ep_mode_name(mode) << " " << overlap_name(kind)
-                << " rank " << rk;
+                << "R " << R << " " << ep_mode_name(mode) << " " << overlap_name(kind) << " rank "
+                << rk;
             row += nr;
           }
         }

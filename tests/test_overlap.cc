@@ -31,8 +31,8 @@ TEST(MicroBatchRange, CoversTheTokensInTwoContiguousHalves) {
   for (SplitRule rule : {SplitRule::kHalves, SplitRule::kBalanced})
     for (int rank = 0; rank < 4; ++rank)
       for (int64_t T = 0; T <= 9; ++T) {
-        SCOPED_TRACE(::testing::Message() << "T " << T << " rank " << rank << " rule "
-                                          << int(rule));
+        SCOPED_TRACE(::testing::Message()
+                     << "T " << T << " rank " << rank << " rule " << int(rule));
         const TokenRange one = micro_batch_range(T, 1, 0, rule, rank);
         EXPECT_EQ(one.begin, 0);
         EXPECT_EQ(one.end, T);
@@ -176,8 +176,8 @@ TEST(Executor, SingleBatchListsRunInOrder) {
   for (EpMode mode : kAllModes) {
     const Strategy none = make_strategy(OverlapKind::kNone, mode, all_user_ops());
     const Strategy sbo = make_strategy(OverlapKind::kSbo, mode, all_user_ops());
-    std::vector<std::string> want_none = {"begin/1", "A:attn_prepare", "A:attn_core",
-                                          "A:mlp_prepare", "A:gate", "A:select_experts"};
+    std::vector<std::string> want_none = {"begin/1",       "A:attn_prepare", "A:attn_core",
+                                          "A:mlp_prepare", "A:gate",         "A:select_experts"};
     std::vector<std::string> want_sbo = want_none;
     for (const char* op : {"shared_experts", "dispatch_send", "dispatch_recv", "experts",
                            "combine_send", "combine_recv", "output", "layer_postprocess"})
@@ -273,8 +273,8 @@ TEST(Overlap, EveryStrategyBitwiseEqualToNoneAndOneRank) {
                                    seed, R, ep_mode_name(mode), overlap_name(kind), v.n_shared,
                                    v.fuse, v.scale, fmt::join(tokens, ",")));
           // Twice through the same layers: windows, flags and sequence numbers are reused.
-          const LayerRunResult res = run_layer_cpu(
-              wts, ep, inputs, LayerRunOptions{.overlap = kind, .iters = 2});
+          const LayerRunResult res =
+              run_layer_cpu(wts, ep, inputs, LayerRunOptions{.overlap = kind, .iters = 2});
           const Tensor y = testing::gather_rows(res.y, cfg.hidden);
           if (kind == OverlapKind::kNone) none = testing::gather_rows(res.y, cfg.hidden);
           const int64_t bad = testing::first_mismatch(y, none);
@@ -302,9 +302,8 @@ TEST(Overlap, PresetWithGateEveryStrategyBitwise) {
     std::vector<EpTraffic> none_traffic;
     for (OverlapKind kind : kAllKinds) {
       SCOPED_TRACE(fmt::format("{} {}", overlap_name(kind), ep_mode_name(mode)));
-      const LayerRunResult res =
-          run_layer_cpu(wts, EpConfig{.num_ranks = 8, .mode = mode}, inputs,
-                        LayerRunOptions{.overlap = kind});
+      const LayerRunResult res = run_layer_cpu(wts, EpConfig{.num_ranks = 8, .mode = mode}, inputs,
+                                               LayerRunOptions{.overlap = kind});
       const Tensor y = testing::gather_rows(res.y, 256);
       ASSERT_EQ(testing::first_mismatch(y, ref.y), -1);
       int64_t row = 0;
@@ -436,7 +435,8 @@ TEST(Overlap, PeerThatSkipsMicroBatchBIsNamed) {
         // The collective pairs B's dispatch counts with A's combine counts: named, not mixed.
         EXPECT_NE(what.find("different operation lists"), std::string::npos) << what;
         EXPECT_TRUE(what.find("peer 0") != std::string::npos ||
-                    what.find("peer 1") != std::string::npos) << what;
+                    what.find("peer 1") != std::string::npos)
+            << what;
       }
     }
     EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));

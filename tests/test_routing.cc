@@ -91,8 +91,8 @@ void check_against_brute(const MoeConfig& c, int64_t T, uint64_t seed) {
     brute_route(c, logits.as<float>() + t * c.n_routed_experts,
                 bias.numel() ? bias.as<float>() : nullptr, &ids, &w);
     for (int k = 0; k < c.top_k; ++k) {
-      ASSERT_EQ(r.ids.as<int32_t>()[t * Kp + k], ids[k]) << "token " << t << " slot " << k
-                                                         << " seed " << seed;
+      ASSERT_EQ(r.ids.as<int32_t>()[t * Kp + k], ids[k])
+          << "token " << t << " slot " << k << " seed " << seed;
       ASSERT_NEAR(r.w.as<float>()[t * Kp + k], w[k], 1e-6f * std::max(1.f, std::fabs(w[k])));
     }
     for (int j = 0; j < c.fused_shared(); ++j) {
@@ -113,22 +113,41 @@ TEST(Routing, EveryPresetMatchesIndependentImplementation) {
 TEST(Routing, OddShapesAndFusionConventions) {
   const uint64_t seed = fresh_seed();
   // one expert per group, many groups; and E = 512.
-  MoeConfig a{.hidden = 8, .moe_intermediate = 8, .n_routed_experts = 16, .top_k = 3,
-              .n_group = 16, .topk_group = 5, .n_shared_experts = 2,
-              .routed_scaling_factor = 2.5f, .norm_topk_prob = true};
+  MoeConfig a{.hidden = 8,
+              .moe_intermediate = 8,
+              .n_routed_experts = 16,
+              .top_k = 3,
+              .n_group = 16,
+              .topk_group = 5,
+              .n_shared_experts = 2,
+              .routed_scaling_factor = 2.5f,
+              .norm_topk_prob = true};
   check_against_brute(a, 99, seed);
-  MoeConfig b{.hidden = 8, .moe_intermediate = 8, .n_routed_experts = 512, .top_k = 8,
-              .n_group = 16, .topk_group = 4, .n_shared_experts = 1,
-              .routed_scaling_factor = 1.5f, .norm_topk_prob = false};
+  MoeConfig b{.hidden = 8,
+              .moe_intermediate = 8,
+              .n_routed_experts = 512,
+              .top_k = 8,
+              .n_group = 16,
+              .topk_group = 4,
+              .n_shared_experts = 1,
+              .routed_scaling_factor = 1.5f,
+              .norm_topk_prob = false};
   check_against_brute(b, 64, seed + 1);
   b.fuse_shared = true;
   check_against_brute(b, 64, seed + 2);
   b.scale_on_output = true;
   check_against_brute(b, 64, seed + 3);
-  MoeConfig sm{.hidden = 8, .moe_intermediate = 8, .n_routed_experts = 64, .top_k = 6,
-               .n_group = 8, .topk_group = 3, .n_shared_experts = 2,
-               .routed_scaling_factor = 1.0f, .norm_topk_prob = true,
-               .scoring = Scoring::kSoftmax, .fuse_shared = true};
+  MoeConfig sm{.hidden = 8,
+               .moe_intermediate = 8,
+               .n_routed_experts = 64,
+               .top_k = 6,
+               .n_group = 8,
+               .topk_group = 3,
+               .n_shared_experts = 2,
+               .routed_scaling_factor = 1.0f,
+               .norm_topk_prob = true,
+               .scoring = Scoring::kSoftmax,
+               .fuse_shared = true};
   check_against_brute(sm, 130, seed + 4);
 }
 
@@ -206,7 +225,8 @@ TEST(Routing, GateGemmIsRowIndependent) {
     EXPECT_EQ(std::memcmp(one.as<float>(), all.as<float>() + t * 64, 64 * 4), 0) << t;
     double ref = 0;
     for (int k = 0; k < 200; ++k)
-      ref += double(bf16_to_f32(x.as<bf16>()[t * 200 + k])) * bf16_to_f32(w.as<bf16>()[3 * 200 + k]);
+      ref +=
+          double(bf16_to_f32(x.as<bf16>()[t * 200 + k])) * bf16_to_f32(w.as<bf16>()[3 * 200 + k]);
     EXPECT_NEAR(all.as<float>()[t * 64 + 3], ref, 1e-4);
   }
 }

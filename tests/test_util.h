@@ -29,8 +29,10 @@ inline Tensor random_tensor(DType dt, const Shape& shape, std::mt19937_64& rng, 
   const int64_t n = t.numel();
   for (int64_t i = 0; i < n; ++i) {
     const float v = d(rng);
-    if (dt == DType::kF32) t.as<float>()[i] = v;
-    else if (dt == DType::kBF16) t.as<bf16>()[i] = f32_to_bf16(v);
+    if (dt == DType::kF32)
+      t.as<float>()[i] = v;
+    else if (dt == DType::kBF16)
+      t.as<bf16>()[i] = f32_to_bf16(v);
   }
   return t;
 }

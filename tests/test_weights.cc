@@ -78,8 +78,7 @@ void fill_random_bytes(const Tensor& t, uint32_t seed) {
 }
 
 bool same_bytes(const TensorView& a, const TensorView& b) {
-  return a.dtype == b.dtype && a.shape == b.shape &&
-         std::memcmp(a.data, b.data, a.nbytes()) == 0;
+  return a.dtype == b.dtype && a.shape == b.shape && std::memcmp(a.data, b.data, a.nbytes()) == 0;
 }
 
 // Row r, columns [c0, c0 + n) of a row-major [rows, cols] tensor equal to those of another.
@@ -115,9 +114,15 @@ MoeWeights clone(const MoeWeights& w) {
 }
 
 MoeConfig small_config(int n_shared) {
-  return MoeConfig{.hidden = 16, .moe_intermediate = 8, .n_routed_experts = 4, .top_k = 2,
-                   .n_group = 2, .topk_group = 1, .n_shared_experts = n_shared,
-                   .routed_scaling_factor = 2.5f, .norm_topk_prob = true,
+  return MoeConfig{.hidden = 16,
+                   .moe_intermediate = 8,
+                   .n_routed_experts = 4,
+                   .top_k = 2,
+                   .n_group = 2,
+                   .topk_group = 1,
+                   .n_shared_experts = n_shared,
+                   .routed_scaling_factor = 2.5f,
+                   .norm_topk_prob = true,
                    .scoring = Scoring::kSigmoid};
 }
 
@@ -197,9 +202,8 @@ TEST(Safetensors, MissingTensorNamesTensorAndFile) {
 TEST(Safetensors, UnalignedTensorsAreReadable) {
   // Other writers may place an F32 tensor at an odd offset; the format allows it.
   TempDir dir;
-  std::string header =
-      R"({"a": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]},)"
-      R"( "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}})";
+  std::string header = R"({"a": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]},)"
+                       R"( "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}})";
   header.append((8 - header.size() % 8) % 8, ' ');
   std::string bytes = raw_file(header, 0);
   const float v = 3.25f;
@@ -288,13 +292,22 @@ TEST(Safetensors, MalformedFilesThrowBadFile) {
 TEST(Safetensors, WriterRejectsBadTensors) {
   TempDir dir;
   Tensor t = Tensor::zeros(DType::kF32, Shape{2});
-  expect_error([&] { write_safetensors(dir.file("x"), {{"__metadata__", t.view()}}); },
-               ErrorKind::kInvalidArgument, {"__metadata__"});
+  expect_error(
+      [&] {
+        write_safetensors(dir.file("x"), {{"__metadata__", t.view()}});
+      },
+      ErrorKind::kInvalidArgument, {"__metadata__"});
   TensorView null_view{nullptr, Shape{2}, DType::kF32, Device::kCpu};
-  expect_error([&] { write_safetensors(dir.file("x"), {{"n", null_view}}); },
-               ErrorKind::kInvalidArgument, {"has no data"});
-  expect_error([&] { write_safetensors(dir.file("no/such/dir/x"), {{"t", t.view()}}); },
-               ErrorKind::kBadFile, {"no/such/dir/x"});
+  expect_error(
+      [&] {
+        write_safetensors(dir.file("x"), {{"n", null_view}});
+      },
+      ErrorKind::kInvalidArgument, {"has no data"});
+  expect_error(
+      [&] {
+        write_safetensors(dir.file("no/such/dir/x"), {{"t", t.view()}});
+      },
+      ErrorKind::kBadFile, {"no/such/dir/x"});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -508,8 +521,12 @@ float dequant(const Tensor& q, const Tensor& s, int64_t r, int64_t c) {
 TEST(Weights, Fp8WithBlockScalesDequantises) {
   TempDir dir;
   // Sizes that are not multiples of 128, and a second shared slice that starts inside a block.
-  const MoeConfig c{.hidden = 200, .moe_intermediate = 160, .n_routed_experts = 2, .top_k = 1,
-                    .n_shared_experts = 2, .scoring = Scoring::kSigmoid};
+  const MoeConfig c{.hidden = 200,
+                    .moe_intermediate = 160,
+                    .n_routed_experts = 2,
+                    .top_k = 1,
+                    .n_shared_experts = 2,
+                    .scoring = Scoring::kSigmoid};
   const int64_t E = 2, H = 200, I = 160, ns = 2;
   std::mt19937 rng(11);
   std::map<std::string, Tensor> owned;
@@ -567,8 +584,8 @@ TEST(Weights, Fp8WithBlockScalesDequantises) {
       }
     } else {
       auto* base = static_cast<uint8_t*>(w.shared_w13.view().data);
-      check(TensorView{base, Shape{ns * I, H}, DType::kF32}, "shared_experts.gate_proj.weight",
-            0, 0);
+      check(TensorView{base, Shape{ns * I, H}, DType::kF32}, "shared_experts.gate_proj.weight", 0,
+            0);
       check(TensorView{base + ns * I * H * 4, Shape{ns * I, H}, DType::kF32},
             "shared_experts.up_proj.weight", 0, 0);
       check(w.shared_w2.view(), "shared_experts.down_proj.weight", 0, 0);
@@ -588,8 +605,8 @@ TEST(Weights, Fp8WithBlockScalesDequantises) {
       const std::string base = "experts." + std::to_string(e) + ".";
       const auto* q13 = kept.w13.as<fp8e4m3>() + e * 2 * I * H;
       EXPECT_EQ(std::memcmp(q13, owned[base + "gate_proj.weight"].view().data, size_t(I * H)), 0);
-      EXPECT_EQ(std::memcmp(q13 + I * H, owned[base + "up_proj.weight"].view().data,
-                            size_t(I * H)), 0);
+      EXPECT_EQ(std::memcmp(q13 + I * H, owned[base + "up_proj.weight"].view().data, size_t(I * H)),
+                0);
       const float* s13 = kept.w13_scale.as<float>() + e * 8;
       EXPECT_EQ(std::memcmp(s13, owned[base + "gate_proj.weight_scale_inv"].view().data, 16), 0);
       EXPECT_EQ(std::memcmp(s13 + 4, owned[base + "up_proj.weight_scale_inv"].view().data, 16), 0);
@@ -600,7 +617,8 @@ TEST(Weights, Fp8WithBlockScalesDequantises) {
     EXPECT_EQ(std::memcmp(deq.w13.view().data, plain.w13.view().data, plain.w13.nbytes()), 0);
     EXPECT_EQ(std::memcmp(deq.w2.view().data, plain.w2.view().data, plain.w2.nbytes()), 0);
     EXPECT_EQ(std::memcmp(kept.shared_w13.view().data, plain.shared_w13.view().data,
-                          plain.shared_w13.nbytes()), 0);
+                          plain.shared_w13.nbytes()),
+              0);
     MoeConfig cf = c;
     cf.fuse_shared = true;
     expect_error([&] { load_moe_weights(path, cf, LoadOptions{.keep_fp8 = true}); },
@@ -811,8 +829,8 @@ TEST(Weights, SharedFusionRoundTrip) {
   const MoeWeights none = random_moe_weights(small_config(0), 9);
   expect_error([&] { with_shared_fusion(clone(none), true, false); }, ErrorKind::kInvalidConfig,
                {"n_shared_experts"});
-  expect_error([&] { with_shared_fusion(clone(unfused), false, true); },
-               ErrorKind::kInvalidConfig, {"scale_on_output"});
+  expect_error([&] { with_shared_fusion(clone(unfused), false, true); }, ErrorKind::kInvalidConfig,
+               {"scale_on_output"});
   // Inconsistent weights are named.
   MoeWeights broken = clone(unfused);
   broken.shared_w2 = Tensor(DType::kBF16, Shape{H, I});
@@ -822,8 +840,8 @@ TEST(Weights, SharedFusionRoundTrip) {
 
 TEST(Weights, HostMemoryCheck) {
   EXPECT_GT(available_host_memory(), 0u);
-  expect_error([] { check_host_memory(uint64_t(1) << 60, "a test bank"); },
-               ErrorKind::kUnsupported, {"a test bank", "1073741824.00 GiB"});
+  expect_error([] { check_host_memory(uint64_t(1) << 60, "a test bank"); }, ErrorKind::kUnsupported,
+               {"a test bank", "1073741824.00 GiB"});
   check_host_memory(1 << 20, "one MiB");  // fits anywhere
   // The full DeepSeek-V3 bank (~21 GiB bf16) must fail cleanly where it does not fit, before
   // allocating; where it would fit, this test does not spend the memory.
@@ -865,13 +883,14 @@ TEST(Fp8Block, QuantiseDequantiseRules) {
   }
   EXPECT_LT(std::sqrt(num / den), 0.05);  // e4m3: 3 mantissa bits
   // Rows: one scale per row per 128 values.
-  const Fp8Tensor fr = quantize_fp8_rows128(TensorView{w.as<float>(), Shape{400, 300}, DType::kF32});
+  const Fp8Tensor fr =
+      quantize_fp8_rows128(TensorView{w.as<float>(), Shape{400, 300}, DType::kF32});
   ASSERT_EQ(fr.scale.shape(), (Shape{400, 3}));
   const Tensor rb = dequantize_fp8_rows128(fr.q.view(), fr.scale.view());
   for (int64_t r = 0; r < 400; r += 37)
     for (int64_t c = 0; c < 300; ++c)
-      ASSERT_EQ(rb.as<float>()[r * 300 + c],
-                fp8e4m3_to_f32(fr.q.as<fp8e4m3>()[r * 300 + c]) * fr.scale.as<float>()[r * 3 + c / 128]);
+      ASSERT_EQ(rb.as<float>()[r * 300 + c], fp8e4m3_to_f32(fr.q.as<fp8e4m3>()[r * 300 + c]) *
+                                                 fr.scale.as<float>()[r * 3 + c / 128]);
 }
 
 // The golden FP8 checkpoint: the default load is the exact f32 dequantisation; keep_fp8 keeps the
@@ -912,17 +931,22 @@ TEST(Weights, GoldenFp8KeptAsFp8) {
     experts_contiguous_cpu(b.view(), x.view(), seg.view(), kept.w13.view(), kept.w2.view(), 0, 0,
                            kept.w13_scale.view(), kept.w2_scale.view());
     EXPECT_TRUE(same_bytes(a.view(), b.view())) << "FP8 bank differs from its f32 dequantisation";
-    EXPECT_THROW(experts_contiguous_cpu(b.view(), x.view(), seg.view(), kept.w13.view(),
-                                        kept.w2.view(), 0),
-                 Error);  // an FP8 bank without its scales
+    EXPECT_THROW(
+        experts_contiguous_cpu(b.view(), x.view(), seg.view(), kept.w13.view(), kept.w2.view(), 0),
+        Error);  // an FP8 bank without its scales
     (void)E;
   }
 }
 
 // bf16 banks quantised at load (FP8 runs on bf16 checkpoints): shapes, validation, closeness.
 TEST(Weights, QuantiseBankToFp8) {
-  const MoeConfig c{.hidden = 256, .moe_intermediate = 128, .n_routed_experts = 4, .top_k = 2,
-                    .n_shared_experts = 1, .scoring = Scoring::kSigmoid, .fuse_shared = true};
+  const MoeConfig c{.hidden = 256,
+                    .moe_intermediate = 128,
+                    .n_routed_experts = 4,
+                    .top_k = 2,
+                    .n_shared_experts = 1,
+                    .scoring = Scoring::kSigmoid,
+                    .fuse_shared = true};
   const MoeWeights w = random_moe_weights(c, 17);
   const MoeWeights q = quantize_moe_weights_fp8(clone(w));
   ASSERT_TRUE(q.fp8());

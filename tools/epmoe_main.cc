@@ -1,10 +1,10 @@
 // The epmoe command-line tool: thin front end over the library.
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
-
-#include <CLI/CLI.hpp>
-#include <fmt/format.h>
 
 #include "epmoe/core/checked.h"
 #include "epmoe/core/config.h"
@@ -71,8 +71,9 @@ int main(int argc, char** argv) {
   auto* presets = app.add_subcommand("presets", "list the built-in model presets");
 
   epmoe::cli::RunOptions run;
-  auto* run_cmd = app.add_subcommand("run", "run one MoE layer forward (default: deepseek-v3-tiny, "
-                                            "4 CPU ranks, uneven tokens, checked)");
+  auto* run_cmd = app.add_subcommand("run",
+                                     "run one MoE layer forward (default: deepseek-v3-tiny, "
+                                     "4 CPU ranks, uneven tokens, checked)");
   run_cmd->add_option("--preset", run.preset, "model preset (see `epmoe presets`)");
   run_cmd->add_option("--golden", run.golden, "safetensors layer file with expected outputs");
   run_cmd->add_option("--ranks", run.ranks, "expert-parallel ranks");
@@ -81,15 +82,18 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--max-tokens", run.max_tokens, "T_max, the per-rank buffer capacity");
   run_cmd->add_option("--mode", run.mode, "normal | low-latency");
   run_cmd->add_option("--backend", run.backend, "cpu | cuda");
-  run_cmd->add_option("--transport", run.transport,
-                      "cuda ranks: auto (nccl with a GPU per rank, else loopback) | nccl | loopback");
+  run_cmd->add_option(
+      "--transport", run.transport,
+      "cuda ranks: auto (nccl with a GPU per rank, else loopback) | nccl | loopback");
   run_cmd->add_flag("--fp8-dispatch", run.fp8_dispatch, "cuda ranks: FP8 dispatch payload");
-  run_cmd->add_option("--ll-transfer", run.ll_transfer,
-                      "cuda ranks, low-latency: auto (load/store when every peer is reachable, "
-                      "else host API) | device | host")
+  run_cmd
+      ->add_option("--ll-transfer", run.ll_transfer,
+                   "cuda ranks, low-latency: auto (load/store when every peer is reachable, "
+                   "else host API) | device | host")
       ->check(CLI::IsMember({"auto", "device", "host"}));
-  run_cmd->add_option("--overlap", run.overlap,
-                      "none | tbo (two-batch overlap) | sbo (single-batch overlap) | auto")
+  run_cmd
+      ->add_option("--overlap", run.overlap,
+                   "none | tbo (two-batch overlap) | sbo (single-batch overlap) | auto")
       ->check(CLI::IsMember({"none", "tbo", "sbo", "auto"}));
   run_cmd->add_option("--iters", run.iters, "timed iterations (median reported)");
   run_cmd->add_flag("--check,!--no-check", run.check,
@@ -112,32 +116,39 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--json", run.json, "write machine-readable results to this file");
 
   epmoe::cli::BenchOptions bench;
-  auto* bench_cmd = app.add_subcommand("bench", "GPU benchmarks: kernels, grouped GEMM, dispatch/combine");
-  bench_cmd->add_option("--kernel", bench.kernel,
-                        "gate | permute | post_reorder | silu | grouped_gemm | all | gemm | dispatch | combine");
+  auto* bench_cmd =
+      app.add_subcommand("bench", "GPU benchmarks: kernels, grouped GEMM, dispatch/combine");
+  bench_cmd->add_option(
+      "--kernel", bench.kernel,
+      "gate | permute | post_reorder | silu | grouped_gemm | all | gemm | dispatch | combine");
   bench_cmd->add_option("--preset", bench.preset, "model preset");
-  bench_cmd->add_option("--tokens", bench.tokens, "comma list of token counts (per rank for dispatch/combine)");
+  bench_cmd->add_option("--tokens", bench.tokens,
+                        "comma list of token counts (per rank for dispatch/combine)");
   bench_cmd->add_option("--iters", bench.iters, "timed iterations (median reported)");
   bench_cmd->add_option("--warmup", bench.warmup, "untimed iterations first");
   bench_cmd->add_option("--ranks", bench.ranks, "dispatch/combine: ranks");
   bench_cmd->add_option("--transport", bench.transport, "dispatch/combine: loopback | nccl");
   bench_cmd->add_option("--mode", bench.mode, "dispatch/combine: low-latency | normal");
   bench_cmd->add_flag("--fp8", bench.fp8, "dispatch/combine: FP8 dispatch payload");
-  bench_cmd->add_option("--ll-transfer", bench.ll_transfer,
-                        "dispatch/combine, low-latency: auto | device | host")
+  bench_cmd
+      ->add_option("--ll-transfer", bench.ll_transfer,
+                   "dispatch/combine, low-latency: auto | device | host")
       ->check(CLI::IsMember({"auto", "device", "host"}));
   bench_cmd->add_option("--overlap", bench.overlap,
                         "layer: strategies to compare with none (none,tbo,sbo | all)");
-  bench_cmd->add_option("--attn-us", bench.attn_us,
-                        "layer: attention stand-in (us per layer at the full batch; -1: as long "
-                        "as the sequential MoE layer)")
+  bench_cmd
+      ->add_option("--attn-us", bench.attn_us,
+                   "layer: attention stand-in (us per layer at the full batch; -1: as long "
+                   "as the sequential MoE layer)")
       ->check(CLI::Range(-1.0, 1e7));
-  bench_cmd->add_option("--experts-per-rank", bench.experts_per_rank,
-                        "layer: the large-EP slice (ranks x N routed experts of the preset's size)")
+  bench_cmd
+      ->add_option("--experts-per-rank", bench.experts_per_rank,
+                   "layer: the large-EP slice (ranks x N routed experts of the preset's size)")
       ->check(CLI::Range(0, 4096));
   bench_cmd->add_flag("--graph", bench.graph, "layer: capture each strategy in a CUDA graph");
-  bench_cmd->add_option("--comm-blocks", bench.comm_blocks,
-                        "layer: blocks per communication kernel (0 = unbounded)")
+  bench_cmd
+      ->add_option("--comm-blocks", bench.comm_blocks,
+                   "layer: blocks per communication kernel (0 = unbounded)")
       ->check(CLI::Range(0, 4096));
   bench_cmd->add_option("--trace", bench.trace,
                         "layer: write a Chrome/Perfetto trace of the first overlapped strategy");

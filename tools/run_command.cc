@@ -1,6 +1,7 @@
 #include "tools/run_command.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -9,12 +10,10 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <set>
 #include <sstream>
-
-#include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 #include "epmoe/core/checked.h"
 #include "epmoe/layer/layer_job.h"
@@ -99,7 +98,6 @@ void print_op_table(const std::vector<std::vector<std::pair<std::string, double>
   fmt::print("{}\n", line);
 }
 
-
 }  // namespace
 
 int run_command(const RunOptions& o) {
@@ -127,8 +125,9 @@ int run_command(const RunOptions& o) {
   fmt::print("epmoe run: {} | {}\n", r.source, cfg.summary());
   std::string tok;
   for (size_t i = 0; i < r.tokens.size(); ++i) tok += (i ? "," : "") + std::to_string(r.tokens[i]);
-  fmt::print("backend {} | {} rank(s), mode {} | tokens per rank [{}], T_max {} | {} iteration(s)\n",
-             o.backend, o.ranks, ep_mode_name(r.ep.mode), tok, r.ep.max_tokens_per_rank, o.iters);
+  fmt::print(
+      "backend {} | {} rank(s), mode {} | tokens per rank [{}], T_max {} | {} iteration(s)\n",
+      o.backend, o.ranks, ep_mode_name(r.ep.mode), tok, r.ep.max_tokens_per_rank, o.iters);
   if (!r.device.empty()) fmt::print("device: {}\n", r.device);
   std::string how;
   if (o.backend == "cuda" && r.ep.mode == EpMode::kLowLatency)
@@ -136,9 +135,10 @@ int run_command(const RunOptions& o) {
                              : ", low-latency transfers by load/store into peer windows";
   fmt::print("transport: {}{}{}\n", r.transport, o.fp8_dispatch ? ", FP8 dispatch" : "", how);
   if (!r.tree_ranks)
-    fmt::print("note: {} ranks do not split the {} experts along the reduction tree; results "
-               "match the single-rank layer to rounding, not bitwise\n",
-               o.ranks, cfg.n_routed_experts);
+    fmt::print(
+        "note: {} ranks do not split the {} experts along the reduction tree; results "
+        "match the single-rank layer to rounding, not bitwise\n",
+        o.ranks, cfg.n_routed_experts);
   fmt::print("overlap {}\n", r.strategy);
   print_op_table(r.op_us, r.layer_us);
   fmt::print("{:<6} {:>8} {:>13} {:>15} {:>15}\n", "rank", "tokens", "copies sent",
@@ -150,21 +150,29 @@ int run_command(const RunOptions& o) {
                tr.dispatch_bytes, tr.combine_bytes);
     json us;
     for (const auto& [name, v] : r.op_us[rk]) us[name] = v;
-    per_rank.push_back({{"rank", rk}, {"tokens", r.tokens[rk]},
+    per_rank.push_back({{"rank", rk},
+                        {"tokens", r.tokens[rk]},
                         {"dispatch_token_copies", tr.dispatch_tokens},
-                        {"dispatch_bytes", tr.dispatch_bytes}, {"combine_bytes", tr.combine_bytes},
-                        {"op_us", us}, {"layer_us", r.layer_us[rk]}});
+                        {"dispatch_bytes", tr.dispatch_bytes},
+                        {"combine_bytes", tr.combine_bytes},
+                        {"op_us", us},
+                        {"layer_us", r.layer_us[rk]}});
   }
 
   json out;
   out["source"] = r.source;
-  out["config"] = {{"hidden", cfg.hidden}, {"moe_intermediate", cfg.moe_intermediate},
-                   {"n_routed_experts", cfg.n_routed_experts}, {"top_k", cfg.top_k},
-                   {"n_group", cfg.n_group}, {"topk_group", cfg.topk_group},
+  out["config"] = {{"hidden", cfg.hidden},
+                   {"moe_intermediate", cfg.moe_intermediate},
+                   {"n_routed_experts", cfg.n_routed_experts},
+                   {"top_k", cfg.top_k},
+                   {"n_group", cfg.n_group},
+                   {"topk_group", cfg.topk_group},
                    {"n_shared_experts", cfg.n_shared_experts},
                    {"routed_scaling_factor", cfg.routed_scaling_factor},
-                   {"norm_topk_prob", cfg.norm_topk_prob}, {"scoring", scoring_name(cfg.scoring)},
-                   {"fuse_shared", cfg.fuse_shared}, {"scale_on_output", cfg.scale_on_output}};
+                   {"norm_topk_prob", cfg.norm_topk_prob},
+                   {"scoring", scoring_name(cfg.scoring)},
+                   {"fuse_shared", cfg.fuse_shared},
+                   {"scale_on_output", cfg.scale_on_output}};
   out["backend"] = o.backend;
   out["ranks"] = o.ranks;
   out["mode"] = ep_mode_name(r.ep.mode);
@@ -181,10 +189,11 @@ int run_command(const RunOptions& o) {
     const int64_t rows = r.row_end - r.row_begin;
     json check;
     if (r.vs_none.run) {
-      fmt::print("check {} vs none (same tokens, same run): {} of {} values differ (bitwise "
-                 "required) -> {}\n",
-                 overlap_name(r.overlap), r.vs_none.mismatches, r.vs_none.values,
-                 r.vs_none.pass ? "ok" : "MISMATCH");
+      fmt::print(
+          "check {} vs none (same tokens, same run): {} of {} values differ (bitwise "
+          "required) -> {}\n",
+          overlap_name(r.overlap), r.vs_none.mismatches, r.vs_none.values,
+          r.vs_none.pass ? "ok" : "MISMATCH");
       out["overlap_vs_none_mismatches"] = r.vs_none.mismatches;
     }
     const OutputCheck& c = r.vs_reference;
@@ -192,23 +201,25 @@ int run_command(const RunOptions& o) {
     for (int64_t t : r.tokens) total += t;
     if (rows < total)
       fmt::print("checking rows [{}, {}) of this process\n", r.row_begin, r.row_end);
-    fmt::print("check vs single-rank CPU reference: rel L2 {:.3e}, {} of {} values differ{} -> {}\n",
-               c.rel_l2, c.mismatches, c.values, c.bitwise_required ? " (bitwise required)" : "",
-               (c.bitwise_required ? c.mismatches == 0 : c.rel_l2 <= c.tolerance) ? "ok"
-                                                                                   : "MISMATCH");
-    fmt::print("routing vs CPU reference: {} token(s) with different expert sets, max weight "
-               "diff {:.2e}\n",
-               c.tokens_with_other_ids, c.max_weight_diff);
+    fmt::print(
+        "check vs single-rank CPU reference: rel L2 {:.3e}, {} of {} values differ{} -> {}\n",
+        c.rel_l2, c.mismatches, c.values, c.bitwise_required ? " (bitwise required)" : "",
+        (c.bitwise_required ? c.mismatches == 0 : c.rel_l2 <= c.tolerance) ? "ok" : "MISMATCH");
+    fmt::print(
+        "routing vs CPU reference: {} token(s) with different expert sets, max weight "
+        "diff {:.2e}\n",
+        c.tokens_with_other_ids, c.max_weight_diff);
     check["ref_rel_l2"] = c.rel_l2;
     check["ref_mismatches"] = c.mismatches;
     check["bitwise_required"] = c.bitwise_required;
     check["routing_tokens_differing"] = c.tokens_with_other_ids;
     if (r.vs_golden.run) {
       const OutputCheck& g = r.vs_golden;
-      fmt::print("check vs golden output: rel L2 {:.3e} (tolerance {:.0e}); id sets: {} of {} "
-                 "tokens differ; max weight diff {:.2e} -> {}\n",
-                 g.rel_l2, g.tolerance, g.tokens_with_other_ids, rows, g.max_weight_diff,
-                 g.pass ? "ok" : "MISMATCH");
+      fmt::print(
+          "check vs golden output: rel L2 {:.3e} (tolerance {:.0e}); id sets: {} of {} "
+          "tokens differ; max weight diff {:.2e} -> {}\n",
+          g.rel_l2, g.tolerance, g.tokens_with_other_ids, rows, g.max_weight_diff,
+          g.pass ? "ok" : "MISMATCH");
       check["golden_rel_l2"] = g.rel_l2;
       check["golden_tokens_with_different_ids"] = g.tokens_with_other_ids;
       check["golden_max_weight_diff"] = g.max_weight_diff;
@@ -255,7 +266,8 @@ int bench_command(const BenchOptions& o) {
     lo.overlap.clear();
     std::stringstream ss(o.overlap == "all" ? std::string("none,tbo,sbo") : o.overlap);
     for (std::string item; std::getline(ss, item, ',');) lo.overlap.push_back(item);
-    if (lo.overlap.empty() || lo.overlap[0] != "none") lo.overlap.insert(lo.overlap.begin(), "none");
+    if (lo.overlap.empty() || lo.overlap[0] != "none")
+      lo.overlap.insert(lo.overlap.begin(), "none");
     lo.attn_us = o.attn_us;
     lo.graph = o.graph;
     lo.comm_blocks = o.comm_blocks;

@@ -8,23 +8,23 @@ namespace epmoe::cli {
 
 struct RunOptions {
   std::string preset = "deepseek-v3-tiny";
-  std::string golden;             // safetensors layer file; overrides preset
+  std::string golden;  // safetensors layer file; overrides preset
   int ranks = 4;
-  std::string tokens;             // "N" (each rank) or "a,b,c" (per rank); empty: uneven default
-  int64_t max_tokens = 0;         // T_max; 0 = largest T_r
-  std::string mode = "normal";    // normal | low-latency
-  std::string backend = "cpu";    // cpu | cuda
-  std::string transport = "auto"; // cuda EP: auto | nccl | loopback
-  bool fp8_dispatch = false;      // cuda EP: FP8 dispatch payload
-  std::string ll_transfer = "auto"; // cuda EP, low-latency: auto | device | host
-  std::string overlap = "none";   // none | tbo | sbo | auto (overlap/executor.h)
+  std::string tokens;                // "N" (each rank) or "a,b,c" (per rank); empty: uneven default
+  int64_t max_tokens = 0;            // T_max; 0 = largest T_r
+  std::string mode = "normal";       // normal | low-latency
+  std::string backend = "cpu";       // cpu | cuda
+  std::string transport = "auto";    // cuda EP: auto | nccl | loopback
+  bool fp8_dispatch = false;         // cuda EP: FP8 dispatch payload
+  std::string ll_transfer = "auto";  // cuda EP, low-latency: auto | device | host
+  std::string overlap = "none";      // none | tbo | sbo | auto (overlap/executor.h)
   int iters = 3;
   bool check = true;
   bool fuse_shared = false;
   bool scale_on_output = false;
-  int threads = 0;                // CPU threads in all (0 = all cores)
+  int threads = 0;  // CPU threads in all (0 = all cores)
   uint64_t seed = 1;
-  std::string json;               // write results here
+  std::string json;  // write results here
 };
 
 // The most ranks `epmoe run` accepts (checked before any per-rank work).
@@ -40,23 +40,24 @@ int run_command(const RunOptions& opts);
 
 // `epmoe bench`: kernel benchmarks on the GPU (see docs/benchmarks/).
 struct BenchOptions {
-  std::string kernel = "all";     // gate|permute|post_reorder|silu|grouped_gemm|all|gemm|dispatch|combine
+  std::string kernel =
+      "all";  // gate|permute|post_reorder|silu|grouped_gemm|all|gemm|dispatch|combine
   std::string preset = "deepseek-v3";
-  std::string tokens;             // comma list; default per kernel
+  std::string tokens;  // comma list; default per kernel
   int iters = 20;
   int warmup = 5;
-  int ranks = 8;                  // dispatch/combine
+  int ranks = 8;  // dispatch/combine
   std::string transport = "loopback";
   std::string mode = "low-latency";
   bool fp8 = false;
   std::string ll_transfer = "auto";
   // --kernel layer
-  std::string overlap = "all";    // none | tbo | sbo | all (comma list allowed)
-  double attn_us = 0;             // attention stand-in per layer at the full batch
-  int experts_per_rank = 0;       // > 0: the large-EP slice
+  std::string overlap = "all";  // none | tbo | sbo | all (comma list allowed)
+  double attn_us = 0;           // attention stand-in per layer at the full batch
+  int experts_per_rank = 0;     // > 0: the large-EP slice
   bool graph = false;
   int comm_blocks = 24;
-  std::string trace;              // Chrome trace file
+  std::string trace;  // Chrome trace file
   std::string json;
 };
 int bench_command(const BenchOptions& opts);

@@ -1,11 +1,10 @@
-#include "epmoe/bench/bench_stream.cuh"
+#include <cuda_bf16.h>
 
 #include <algorithm>
 #include <random>
 #include <vector>
 
-#include <cuda_bf16.h>
-
+#include "epmoe/bench/bench_stream.cuh"
 #include "epmoe/cuda/cuda_check.h"
 
 namespace epmoe::cuda {

@@ -3,10 +3,10 @@
 // (gemm_bench.cu).
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
 #include <functional>
-
-#include <cuda_runtime.h>
 
 #include "epmoe/core/tensor.h"
 #include "epmoe/cuda/device.h"

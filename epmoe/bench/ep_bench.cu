@@ -1,4 +1,4 @@
-#include "epmoe/bench/ep_bench.h"
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <atomic>
@@ -6,13 +6,12 @@
 #include <random>
 #include <vector>
 
-#include <fmt/format.h>
-
+#include "epmoe/bench/ep_bench.h"
 #include "epmoe/comm/gpu_transport.h"
+#include "epmoe/comm/launch.h"
 #include "epmoe/core/stats.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
-#include "epmoe/comm/launch.h"
 #include "epmoe/ep/ep_cuda.h"
 #include "epmoe/layer/run_layer_cuda.h"
 #include "epmoe/weights/moe_weights.h"
@@ -41,7 +40,8 @@ double copy_gbps(int dst_dev, int src_dev) {
   std::vector<double> ms;
   for (int i = 0; i < 8; ++i) {
     EPMOE_CUDA_CHECK(cudaEventRecord(e0));
-    EPMOE_CUDA_CHECK(cudaMemcpyPeerAsync(dst.view().data, dst_dev, src.view().data, src_dev, bytes));
+    EPMOE_CUDA_CHECK(
+        cudaMemcpyPeerAsync(dst.view().data, dst_dev, src.view().data, src_dev, bytes));
     EPMOE_CUDA_CHECK(cudaEventRecord(e1));
     EPMOE_CUDA_CHECK(cudaEventSynchronize(e1));
     float t;
@@ -84,8 +84,8 @@ nlohmann::json run_ep_bench(const EpBenchOptions& o) {
   sp.tokens.assign(size_t(R), T);
   sp.x_all = &x;
   sp.transport = o.transport;
-  sp.options = EpCudaOptions{.fp8_dispatch = o.fp8,
-                             .ll_transfer = parse_ll_transfer(o.ll_transfer)};
+  sp.options =
+      EpCudaOptions{.fp8_dispatch = o.fp8, .ll_transfer = parse_ll_transfer(o.ll_transfer)};
   sp.iters = std::max(1, o.warmup);
   sp.trace_iters = o.iters;
   const CudaRunResult run = run_layer_cuda(sp);
@@ -101,7 +101,8 @@ nlohmann::json run_ep_bench(const EpBenchOptions& o) {
   const Tensor& ids = run.strategies[0].ids;
   for (int64_t i = 0; i < ids.numel(); ++i)
     total_pairs += ids.as<int32_t>()[i] >= 0 && ids.as<int32_t>()[i] < cfg.n_routed_experts;
-  for (const EpCudaTraffic& tr : run.traffic) total_wd += tr.dispatch_bytes, total_wc += tr.combine_bytes;
+  for (const EpCudaTraffic& tr : run.traffic)
+    total_wd += tr.dispatch_bytes, total_wc += tr.combine_bytes;
 
   // Baseline: a plain all-to-all through the transport's host API of the same dispatch bytes,
   // split evenly over the peers.
@@ -111,7 +112,8 @@ nlohmann::json run_ep_bench(const EpBenchOptions& o) {
     const int me = t.rank();
     const size_t per_peer =
         size_t(std::max<int64_t>(16, total_wd / std::max(1, R * (R - 1))) / 16 * 16);
-    DeviceTensor sbuf(DType::kI32, {int64_t(per_peer * size_t(R) / 4 + 1)}), rbuf(sbuf.dtype(), sbuf.shape());
+    DeviceTensor sbuf(DType::kI32, {int64_t(per_peer * size_t(R) / 4 + 1)}),
+        rbuf(sbuf.dtype(), sbuf.shape());
     sbuf.fill_bytes(0x11);
     std::vector<size_t> bytes(static_cast<size_t>(R), per_peer), offs(static_cast<size_t>(R));
     for (int q = 0; q < R; ++q) offs[size_t(q)] = size_t(q) * per_peer;
@@ -123,7 +125,8 @@ nlohmann::json run_ep_bench(const EpBenchOptions& o) {
     for (int it = 0; it < o.warmup + o.iters; ++it) {
       t.barrier();
       EPMOE_CUDA_CHECK(cudaEventRecord(ev[0], s));
-      t.all_to_all_v(sbuf.view().data, bytes.data(), offs.data(), rbuf.view().data, bytes.data(), offs.data());
+      t.all_to_all_v(sbuf.view().data, bytes.data(), offs.data(), rbuf.view().data, bytes.data(),
+                     offs.data());
       EPMOE_CUDA_CHECK(cudaEventRecord(ev[1], s));
       t.synchronize("all-to-all baseline");
       float ms;
@@ -139,7 +142,8 @@ nlohmann::json run_ep_bench(const EpBenchOptions& o) {
   const double disp_us = *std::max_element(disp_r.begin(), disp_r.end());
   const double comb_us = *std::max_element(comb_r.begin(), comb_r.end());
   const double a2a_us = *std::max_element(a2a_r.begin(), a2a_r.end());
-  const double disp_bytes_per_pair = o.fp8 ? double(H) + double((H + 127) / 128) * 4 : double(H) * 2;
+  const double disp_bytes_per_pair =
+      o.fp8 ? double(H) + double((H + 127) / 128) * 4 : double(H) * 2;
   const double disp_bytes = double(total_pairs) * disp_bytes_per_pair;
   const double comb_bytes = double(total_pairs) * double(H) * 2;
   // Per-rank algorithmic bandwidth (DeepEP style) and the aggregate over ranks.
@@ -162,17 +166,28 @@ nlohmann::json run_ep_bench(const EpBenchOptions& o) {
   out["d2d_copy_GBps"] = d2d_gbps;
   out["peer_copy_GBps"] = peer_gbps;
   out["pairs_total"] = total_pairs;
-  out["rows"] = {
-      {{"kernel", "dispatch"}, {"us", disp_us}, {"bytes_deepep", disp_bytes},
-       {"wire_bytes", total_wd}, {"GBps_per_rank", disp_gbps}, {"GBps_aggregate", agg_disp}},
-      {{"kernel", "combine"}, {"us", comb_us}, {"bytes_deepep", comb_bytes},
-       {"wire_bytes", total_wc}, {"GBps_per_rank", comb_gbps}, {"GBps_aggregate", agg_comb}},
-      {{"kernel", "all_to_all baseline"}, {"us", a2a_us}, {"wire_bytes", total_wd},
-       {"GBps_aggregate", a2a_gbps}}};
+  out["rows"] = {{{"kernel", "dispatch"},
+                  {"us", disp_us},
+                  {"bytes_deepep", disp_bytes},
+                  {"wire_bytes", total_wd},
+                  {"GBps_per_rank", disp_gbps},
+                  {"GBps_aggregate", agg_disp}},
+                 {{"kernel", "combine"},
+                  {"us", comb_us},
+                  {"bytes_deepep", comb_bytes},
+                  {"wire_bytes", total_wc},
+                  {"GBps_per_rank", comb_gbps},
+                  {"GBps_aggregate", agg_comb}},
+                 {{"kernel", "all_to_all baseline"},
+                  {"us", a2a_us},
+                  {"wire_bytes", total_wd},
+                  {"GBps_aggregate", a2a_gbps}}};
   fmt::print("device: {} | transport {} | {} ranks | {}{} | {} tokens/rank | dispatch {}\n",
              device_description(0), o.transport, R, ep_mode_name(mode),
-             mode != EpMode::kLowLatency ? "" : ll_host ? " (host API)" : " (load/store)", T,
-             o.fp8 ? "fp8" : "bf16");
+             mode != EpMode::kLowLatency ? ""
+             : ll_host                   ? " (host API)"
+                                         : " (load/store)",
+             T, o.fp8 ? "fp8" : "bf16");
   fmt::print("ceilings: device copy {:.0f} GB/s{}\n", d2d_gbps,
              peer_gbps > 0 ? fmt::format(", peer copy {:.0f} GB/s", peer_gbps) : std::string());
   fmt::print("{:<22} {:>10} {:>14} {:>14} {:>16} {:>10}\n", "kernel", "median us", "GB/s per rank",

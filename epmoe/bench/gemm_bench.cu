@@ -1,4 +1,7 @@
-#include "epmoe/bench/gemm_bench.cuh"
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
@@ -6,12 +9,8 @@
 #include <random>
 #include <string>
 
-#include <cublasLt.h>
-#include <cuda_bf16.h>
-#include <cuda_fp8.h>
-#include <fmt/format.h>
-
 #include "epmoe/bench/bench_stream.cuh"
+#include "epmoe/bench/gemm_bench.cuh"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
 #include "epmoe/experts/experts.cuh"
@@ -24,7 +23,7 @@ namespace {
 
 constexpr int64_t kHidden = 7168, kInter = 2048, kExperts = 256, kTopK = 8;
 constexpr int64_t kFlushBytes = int64_t(256) << 20;  // written before every timed run
-constexpr int64_t kDense = 8192;                      // the dense ceilings: kDense³ GEMMs
+constexpr int64_t kDense = 8192;                     // the dense ceilings: kDense³ GEMMs
 constexpr int64_t kScaleBlock = 128;
 
 // Rows per local expert [0, e_loc) when `tokens` tokens each pick kTopK distinct experts of
@@ -121,8 +120,8 @@ Ceilings measure_ceilings(BenchStream& bs, cublasHandle_t handle,
     DeviceTensor a = bs.random(DType::kBF16, {kDense, kDense}),
                  b = bs.random(DType::kBF16, {kDense, kDense}), d(DType::kBF16, {kDense, kDense});
     c.dense_bf16_tflops =
-        flops / (median_us([&] { dense_gemm(d.view(), a.view(), b.view(), 0.f, handle, stream); }) *
-                 1e6);
+        flops /
+        (median_us([&] { dense_gemm(d.view(), a.view(), b.view(), 0.f, handle, stream); }) * 1e6);
   }
   {
     // D [M, N] row-major = column-major N x M; A = the weight [N, K] (op T), B = in [M, K].
@@ -192,7 +191,9 @@ struct Row {
 
 nlohmann::json row_json(const Row& r, const Ceilings& c) {
   const double rb = r.bytes_bf16 / (c.copy_gbps * 1e3), rf = r.bytes_fp8 / (c.copy_gbps * 1e3);
-  auto pct = [](double part, double whole) { return whole > 0 && part > 0 ? 100.0 * part / whole : 0.0; };
+  auto pct = [](double part, double whole) {
+    return whole > 0 && part > 0 ? 100.0 * part / whole : 0.0;
+  };
   return {{"gemm", r.gemm},
           {"layout", r.layout},
           {"e_loc", r.e_loc},
@@ -222,8 +223,7 @@ nlohmann::json row_json(const Row& r, const Ceilings& c) {
 
 nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int iters, int warmup) {
   EPMOE_CHECK(iters >= 1 && warmup >= 0, kInvalidArgument,
-              "grouped GEMM bench: iters must be >= 1 and warmup >= 0, got {} / {}", iters,
-              warmup);
+              "grouped GEMM bench: iters must be >= 1 and warmup >= 0, got {} / {}", iters, warmup);
   for (int64_t t : tokens)
     EPMOE_CHECK(t >= 1, kInvalidArgument, "grouped GEMM bench: token counts must be >= 1, got {}",
                 t);
@@ -300,8 +300,8 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
         }
         EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
         // sm90 bf16 (or cuBLAS without it) against the deterministic kernel.
-        r.check = sample_rel_l2(out.view().data, out_ref.view().data, std::min<int64_t>(N, 512),
-                                g.n_out);
+        r.check =
+            sample_rel_l2(out.view().data, out_ref.view().data, std::min<int64_t>(N, 512), g.n_out);
         rows.push_back(r);
 
         if (T > 512) continue;
@@ -333,8 +333,8 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
           DeviceTensor m_in8_scale = random_scales({e_loc, m_max, g.k / kScaleBlock}, 0.01f, rng);
           DeviceTensor mout8(DType::kBF16, {e_loc, m_max, g.n_out});
           m.sm90_fp8_us = median_us([&] {
-            sm90_grouped_gemm_fp8_masked(mout8.view(), m_in8.view(), m_in8_scale.view(),
-                                         w8.view(), w8_scale.view(), dcount.view(), 0, ws, stream);
+            sm90_grouped_gemm_fp8_masked(mout8.view(), m_in8.view(), m_in8_scale.view(), w8.view(),
+                                         w8_scale.view(), dcount.view(), 0, ws, stream);
           });
         }
         EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -347,24 +347,27 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
   }
 
   const std::string dev_name = device_description(dev);
-  fmt::print("device: {}\ngrouped GEMM, DeepSeek-V3 experts (H={}, I={}), top-{} random routing; "
-             "median of {} runs after {} warm-up, 256 MB L2 flush\n"
-             "ceilings (same run): dense bf16 {:.0f} TFLOP/s, dense FP8 {:.0f} TFLOP/s ({}^3), "
-             "copy {:.0f} GB/s{}\n",
-             dev_name, kHidden, kInter, kTopK, iters, warmup, ceil.dense_bf16_tflops,
-             ceil.dense_fp8_tflops, kDense, ceil.copy_gbps,
-             sm90 ? "" : "; no sm90 kernels in this build/device");
-  fmt::print("{:<8} {:<10} {:>5} {:>6} {:>7} | {:>8} {:>6} | {:>8} {:>6} {:>5} {:>5} | {:>8} {:>6} "
-             "{:>5} {:>5} | {:>8} {:>6} | {:>7}\n",
-             "gemm", "layout", "E_loc", "T", "rows", "det_us", "TF/s", "bf16_us", "TF/s", "%dns",
-             "%roof", "fp8_us", "TF/s", "%dns", "%roof", "cublas", "TF/s", "rel_l2");
+  fmt::print(
+      "device: {}\ngrouped GEMM, DeepSeek-V3 experts (H={}, I={}), top-{} random routing; "
+      "median of {} runs after {} warm-up, 256 MB L2 flush\n"
+      "ceilings (same run): dense bf16 {:.0f} TFLOP/s, dense FP8 {:.0f} TFLOP/s ({}^3), "
+      "copy {:.0f} GB/s{}\n",
+      dev_name, kHidden, kInter, kTopK, iters, warmup, ceil.dense_bf16_tflops,
+      ceil.dense_fp8_tflops, kDense, ceil.copy_gbps,
+      sm90 ? "" : "; no sm90 kernels in this build/device");
+  fmt::print(
+      "{:<8} {:<10} {:>5} {:>6} {:>7} | {:>8} {:>6} | {:>8} {:>6} {:>5} {:>5} | {:>8} {:>6} "
+      "{:>5} {:>5} | {:>8} {:>6} | {:>7}\n",
+      "gemm", "layout", "E_loc", "T", "rows", "det_us", "TF/s", "bf16_us", "TF/s", "%dns", "%roof",
+      "fp8_us", "TF/s", "%dns", "%roof", "cublas", "TF/s", "rel_l2");
   nlohmann::json j{{"device", dev_name},
                    {"iters", iters},
                    {"warmup", warmup},
-                   {"notes", "det = deterministic mma.sync kernel; bf16/fp8 = sm90 kernels; cuBLAS "
-                             "grouped times exclude the host fetch of the counts; %dns = share of "
-                             "the dense ceiling of the same dtype; %roof = (bytes moved / copy "
-                             "bandwidth) / time; rel_l2 = sm90 bf16 vs det on sampled rows"},
+                   {"notes",
+                    "det = deterministic mma.sync kernel; bf16/fp8 = sm90 kernels; cuBLAS "
+                    "grouped times exclude the host fetch of the counts; %dns = share of "
+                    "the dense ceiling of the same dtype; %roof = (bytes moved / copy "
+                    "bandwidth) / time; rel_l2 = sm90 bf16 vs det on sampled rows"},
                    {"ceilings",
                     {{"dense_bf16_tflops", ceil.dense_bf16_tflops},
                      {"dense_fp8_tflops", ceil.dense_fp8_tflops},
@@ -373,14 +376,14 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
   j["rows"] = nlohmann::json::array();
   for (const Row& r : rows) {
     const nlohmann::json rj = row_json(r, ceil);
-    fmt::print("{:<8} {:<10} {:>5} {:>6} {:>7} | {:>8.1f} {:>6.0f} | {:>8.1f} {:>6.0f} {:>5.0f} "
-               "{:>5.0f} | {:>8.1f} {:>6.0f} {:>5.0f} {:>5.0f} | {:>8.1f} {:>6.0f} | {:>7.1e}\n",
-               r.gemm, r.layout, r.e_loc, r.tokens, r.rows, r.det_us, r.tflops(r.det_us),
-               r.sm90_bf16_us, r.tflops(r.sm90_bf16_us), rj["sm90_bf16_pct_dense"].get<double>(),
-               rj["sm90_bf16_pct_roofline"].get<double>(), r.sm90_fp8_us,
-               r.tflops(r.sm90_fp8_us), rj["sm90_fp8_pct_dense"].get<double>(),
-               rj["sm90_fp8_pct_roofline"].get<double>(), r.grouped_us, r.tflops(r.grouped_us),
-               r.check);
+    fmt::print(
+        "{:<8} {:<10} {:>5} {:>6} {:>7} | {:>8.1f} {:>6.0f} | {:>8.1f} {:>6.0f} {:>5.0f} "
+        "{:>5.0f} | {:>8.1f} {:>6.0f} {:>5.0f} {:>5.0f} | {:>8.1f} {:>6.0f} | {:>7.1e}\n",
+        r.gemm, r.layout, r.e_loc, r.tokens, r.rows, r.det_us, r.tflops(r.det_us), r.sm90_bf16_us,
+        r.tflops(r.sm90_bf16_us), rj["sm90_bf16_pct_dense"].get<double>(),
+        rj["sm90_bf16_pct_roofline"].get<double>(), r.sm90_fp8_us, r.tflops(r.sm90_fp8_us),
+        rj["sm90_fp8_pct_dense"].get<double>(), rj["sm90_fp8_pct_roofline"].get<double>(),
+        r.grouped_us, r.tflops(r.grouped_us), r.check);
     j["rows"].push_back(rj);
   }
   return j;

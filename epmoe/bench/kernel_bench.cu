@@ -1,13 +1,12 @@
-#include "epmoe/bench/kernel_bench.h"
+#include <cuda_bf16.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <functional>
 #include <random>
 
-#include <cuda_bf16.h>
-#include <fmt/format.h>
-
 #include "epmoe/bench/bench_stream.cuh"
+#include "epmoe/bench/kernel_bench.h"
 #include "epmoe/core/config.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
@@ -22,7 +21,8 @@ namespace {
 // The benchmark's stream (flush buffer: 2x the L2 bytes) and the options' iteration counts.
 class Bench {
  public:
-  explicit Bench(const KernelBenchOptions& o) : opts_(o), bs_((require_device(), l2_flush_bytes())) {}
+  explicit Bench(const KernelBenchOptions& o)
+      : opts_(o), bs_((require_device(), l2_flush_bytes())) {}
   cudaStream_t stream() const { return bs_.stream(); }
   GroupedGemmRunner& gemm() { return gemm_; }
   DeviceTensor random(DType dt, const Shape& s, float amp = 1.f) { return bs_.random(dt, s, amp); }
@@ -59,8 +59,8 @@ Ceilings measure_ceilings(Bench& b) {
   const int64_t n = 8192;
   DeviceTensor a = b.random(DType::kBF16, {n, n}), w = b.random(DType::kBF16, {n, n});
   DeviceTensor o(DType::kBF16, {n, n});
-  const double gemm_us =
-      b.time_us([&] { dense_gemm(o.view(), a.view(), w.view(), 0.f, b.gemm().handle(), b.stream()); }, 20);
+  const double gemm_us = b.time_us(
+      [&] { dense_gemm(o.view(), a.view(), w.view(), 0.f, b.gemm().handle(), b.stream()); }, 20);
   c.gemm_tflops = 2.0 * double(n) * n * n / (gemm_us * 1e6);
   return c;
 }
@@ -70,17 +70,21 @@ struct Row {
   int64_t tokens;
   std::string shape;
   double us;
-  double rate;      // GB/s or TFLOP/s
+  double rate;  // GB/s or TFLOP/s
   bool is_flops;
-  double ceiling;   // same unit
+  double ceiling;  // same unit
   std::string baseline;
   double baseline_us = 0;
 };
 
 nlohmann::json row_json(const Row& r) {
-  nlohmann::json j{{"kernel", r.kernel}, {"tokens", r.tokens}, {"shape", r.shape},
-                   {"median_us", r.us}, {r.is_flops ? "tflops" : "gbps", r.rate},
-                   {"ceiling", r.ceiling}, {"ratio", r.ceiling > 0 ? r.rate / r.ceiling : 0.0}};
+  nlohmann::json j{{"kernel", r.kernel},
+                   {"tokens", r.tokens},
+                   {"shape", r.shape},
+                   {"median_us", r.us},
+                   {r.is_flops ? "tflops" : "gbps", r.rate},
+                   {"ceiling", r.ceiling},
+                   {"ratio", r.ceiling > 0 ? r.rate / r.ceiling : 0.0}};
   if (!r.baseline.empty()) {
     j["baseline"] = r.baseline;
     j["baseline_us"] = r.baseline_us;
@@ -126,11 +130,13 @@ Layout make_layout(Bench& b, const Routing& r, int bank) {
   return l;
 }
 
-void bench_gate(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, std::vector<Row>& rows) {
+void bench_gate(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce,
+                std::vector<Row>& rows) {
   const int64_t H = c.hidden, E = c.n_routed_experts, Kp = c.num_slots();
   DeviceTensor x = b.random(DType::kBF16, {T, H}), w = b.random(DType::kBF16, {E, H}, 0.05f);
   DeviceTensor logits(DType::kF32, {T, E});
-  const double gemm_us = b.time_us([&] { gate_gemm(logits.view(), x.view(), w.view(), b.gemm().handle(), b.stream()); });
+  const double gemm_us = b.time_us(
+      [&] { gate_gemm(logits.view(), x.view(), w.view(), b.gemm().handle(), b.stream()); });
   rows.push_back({"gate_gemm", T, fmt::format("[{},{}]x[{},{}]^T", T, H, E, H), gemm_us,
                   2.0 * T * H * E / (gemm_us * 1e6), true, ce.gemm_tflops});
   Routing r = make_routing(b, c, T);
@@ -141,15 +147,24 @@ void bench_gate(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, std
   DeviceTensor ws(DType::kI32, {int64_t(unfused_gate_workspace_bytes(T, c) / 4) + 1});
   const UnfusedGateWorkspace uw = carve_unfused_gate_workspace(ws.view().data, T, c);
   const double unfused_us = b.time_us([&] {
-    select_experts_unfused(r.ids.view(), r.weights.view(), r.logits.view(), bias, c, uw, b.stream());
+    select_experts_unfused(r.ids.view(), r.weights.view(), r.logits.view(), bias, c, uw,
+                           b.stream());
   });
   const double bytes = double(T) * E * 4 + double(T) * Kp * 8 + E * 4;
-  Row row{"fused_gate", T, fmt::format("E={} G={}/{} K'={}", E, c.topk_group, c.n_group, Kp),
-          fused_us, bytes / (fused_us * 1e3), false, ce.copy_gbps, "unfused (5 kernels)", unfused_us};
+  Row row{"fused_gate",
+          T,
+          fmt::format("E={} G={}/{} K'={}", E, c.topk_group, c.n_group, Kp),
+          fused_us,
+          bytes / (fused_us * 1e3),
+          false,
+          ce.copy_gbps,
+          "unfused (5 kernels)",
+          unfused_us};
   rows.push_back(row);
 }
 
-void bench_permute(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, std::vector<Row>& rows) {
+void bench_permute(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce,
+                   std::vector<Row>& rows) {
   const int64_t H = c.hidden, Kp = c.num_slots();
   const int bank = c.n_routed_experts + c.fused_shared();
   Routing r = make_routing(b, c, T);
@@ -161,18 +176,21 @@ void bench_permute(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, 
                   (8.0 * T * Kp + 4.0 * (bank + 1)) / (pre_us * 1e3), false, ce.copy_gbps});
   DeviceTensor x = b.random(DType::kBF16, {T, H});
   DeviceTensor sorted(DType::kBF16, {T * Kp, H});
-  const double re_us = b.time_us([&] { pre_reorder(sorted.view(), x.view(), l.s2d.view(), b.stream()); });
+  const double re_us =
+      b.time_us([&] { pre_reorder(sorted.view(), x.view(), l.s2d.view(), b.stream()); });
   const double re_bytes = 2.0 * T * H + 2.0 * l.rows * H + 4.0 * T * Kp;
   rows.push_back({"pre_reorder", T, fmt::format("H={} K'={} rows={}", H, Kp, l.rows), re_us,
                   re_bytes / (re_us * 1e3), false, ce.copy_gbps});
   DeviceTensor q(DType::kF8E4M3, {T * Kp, H}), sc(DType::kF32, {T * Kp, (H + 127) / 128});
-  const double q_us = b.time_us([&] { pre_reorder_fp8(q.view(), sc.view(), x.view(), l.s2d.view(), b.stream()); });
+  const double q_us =
+      b.time_us([&] { pre_reorder_fp8(q.view(), sc.view(), x.view(), l.s2d.view(), b.stream()); });
   const double q_bytes = 2.0 * T * H + l.rows * (H + 4.0 * ((H + 127) / 128)) + 4.0 * T * Kp;
   rows.push_back({"pre_reorder_fp8", T, fmt::format("H={} K'={} rows={}", H, Kp, l.rows), q_us,
                   q_bytes / (q_us * 1e3), false, ce.copy_gbps});
 }
 
-void bench_post(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, std::vector<Row>& rows) {
+void bench_post(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce,
+                std::vector<Row>& rows) {
   const int64_t H = c.hidden, Kp = c.num_slots();
   const int bank = c.n_routed_experts + c.fused_shared();
   Routing r = make_routing(b, c, T);
@@ -184,11 +202,12 @@ void bench_post(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, std
                  c.n_routed_experts, 0, b.stream());
   });
   const double bytes = 2.0 * l.rows * H + 2.0 * T * H + 12.0 * T * Kp;
-  rows.push_back({"post_reorder", T, fmt::format("H={} K'={} rows={} bf16->bf16", H, Kp, l.rows), us,
-                  bytes / (us * 1e3), false, ce.copy_gbps});
+  rows.push_back({"post_reorder", T, fmt::format("H={} K'={} rows={} bf16->bf16", H, Kp, l.rows),
+                  us, bytes / (us * 1e3), false, ce.copy_gbps});
 }
 
-void bench_silu(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, std::vector<Row>& rows) {
+void bench_silu(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce,
+                std::vector<Row>& rows) {
   const int64_t I = c.moe_intermediate, M = T * c.num_slots();
   DeviceTensor in = b.random(DType::kBF16, {M, 2 * I}, 3.f);
   DeviceTensor out(DType::kBF16, {M, I});
@@ -196,19 +215,24 @@ void bench_silu(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, std
   rows.push_back({"silu_and_mul", T, fmt::format("[{},{}] -> bf16", M, 2 * I), us,
                   6.0 * M * I / (us * 1e3), false, ce.copy_gbps});
   DeviceTensor q(DType::kF8E4M3, {M, I}), sc(DType::kF32, {M, (I + 127) / 128});
-  const double qus = b.time_us([&] { silu_and_mul_fp8(q.view(), sc.view(), in.view(), nullptr, b.stream()); });
+  const double qus =
+      b.time_us([&] { silu_and_mul_fp8(q.view(), sc.view(), in.view(), nullptr, b.stream()); });
   rows.push_back({"silu_and_mul_fp8", T, fmt::format("[{},{}] -> fp8", M, 2 * I), qus,
                   (5.0 * M * I + 4.0 * M * ((I + 127) / 128)) / (qus * 1e3), false, ce.copy_gbps});
 }
 
-void bench_grouped(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, std::vector<Row>& rows) {
+void bench_grouped(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce,
+                   std::vector<Row>& rows) {
   const int bank = c.n_routed_experts + c.fused_shared();
   Routing r = make_routing(b, c, T);
   Layout l = make_layout(b, r, bank);
   const int64_t N = l.rows, H = c.hidden, I = c.moe_intermediate;
   int busy = 0;  // experts with at least one row
   for (int e = 0; e < bank; ++e) busy += l.seg_host[e + 1] > l.seg_host[e];
-  struct Gemm { const char* name; int64_t n_out, k; };
+  struct Gemm {
+    const char* name;
+    int64_t n_out, k;
+  };
   for (const Gemm g : {Gemm{"grouped_gemm_gate_up", 2 * I, H}, Gemm{"grouped_gemm_down", H, I}}) {
     DeviceTensor w = b.random(DType::kBF16, {bank, g.n_out, g.k}, 0.05f);
     DeviceTensor in = b.random(DType::kBF16, {std::max<int64_t>(N, 1), g.k});
@@ -225,7 +249,8 @@ void bench_grouped(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, 
     const double base_us = timed(GroupedGemmImpl::kPerExpert);
     // Same-shape dense GEMM: all N rows through one expert's weight (the rate cuBLAS reaches).
     TensorView w0{w.view().data, {g.n_out, g.k}, DType::kBF16, Device::kCuda};
-    const double dense_us = b.time_us([&] { dense_gemm(outv, inv, w0, 0.f, b.gemm().handle(), b.stream()); });
+    const double dense_us =
+        b.time_us([&] { dense_gemm(outv, inv, w0, 0.f, b.gemm().handle(), b.stream()); });
     const double flops = 2.0 * N * g.n_out * g.k, dense_tflops = flops / (dense_us * 1e6);
     const std::string shape =
         fmt::format("rows={} N={} K={} experts with rows={}/{}{}", N, g.n_out, g.k, busy, bank,
@@ -251,9 +276,8 @@ void bench_grouped(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, 
     DeviceTensor w = b.random(DType::kBF16, {bank, 2 * I, H}, 0.05f);
     DeviceTensor in = b.random(DType::kBF16, {bank, m_max, H});
     DeviceTensor out(DType::kBF16, {bank, m_max, 2 * I});
-    const double us = b.time_us([&] {
-      b.gemm().masked(out.view(), in.view(), w.view(), count.data(), 0, b.stream());
-    });
+    const double us = b.time_us(
+        [&] { b.gemm().masked(out.view(), in.view(), w.view(), count.data(), 0, b.stream()); });
     const double flops = 2.0 * N * 2 * I * H;
     // Decode is weight-bound: the ceiling is reading every expert's weights once.
     const double wbytes = 2.0 * busy * 2 * I * H;
@@ -267,7 +291,8 @@ void bench_grouped(Bench& b, const MoeConfig& c, int64_t T, const Ceilings& ce, 
 }  // namespace
 
 nlohmann::json run_kernel_bench(const KernelBenchOptions& opts) {
-  static const char* kKernels[] = {"gate", "permute", "post_reorder", "silu", "grouped_gemm", "all"};
+  static const char* kKernels[] = {"gate", "permute",      "post_reorder",
+                                   "silu", "grouped_gemm", "all"};
   bool known = false;
   for (const char* k : kKernels) known |= opts.kernel == k;
   EPMOE_CHECK(known, kInvalidArgument,
@@ -290,21 +315,23 @@ nlohmann::json run_kernel_bench(const KernelBenchOptions& opts) {
     if (want("grouped_gemm")) bench_grouped(b, cfg, T, ce, rows);
   }
   const std::string dev = device_description(0);
-  fmt::print("device: {}\npreset: {} ({})\nceilings: copy {:.0f} GB/s (read+write), cuBLAS bf16 "
-             "GEMM {:.0f} TFLOP/s (8192^3)\n",
-             dev, opts.preset, cfg.summary(), ce.copy_gbps, ce.gemm_tflops);
-  fmt::print("{:<28} {:>6} {:>10} {:>14} {:>7}  {:<26} {}\n", "kernel", "T", "median_us",
-             "rate", "ratio", "baseline", "shape");
-  nlohmann::json j{{"device", dev}, {"preset", opts.preset}, {"iters", opts.iters},
+  fmt::print(
+      "device: {}\npreset: {} ({})\nceilings: copy {:.0f} GB/s (read+write), cuBLAS bf16 "
+      "GEMM {:.0f} TFLOP/s (8192^3)\n",
+      dev, opts.preset, cfg.summary(), ce.copy_gbps, ce.gemm_tflops);
+  fmt::print("{:<28} {:>6} {:>10} {:>14} {:>7}  {:<26} {}\n", "kernel", "T", "median_us", "rate",
+             "ratio", "baseline", "shape");
+  nlohmann::json j{{"device", dev},
+                   {"preset", opts.preset},
+                   {"iters", opts.iters},
                    {"warmup", opts.warmup},
                    {"ceilings", {{"copy_gbps", ce.copy_gbps}, {"gemm_tflops", ce.gemm_tflops}}}};
   j["rows"] = nlohmann::json::array();
   for (const Row& r : rows) {
     const std::string rate = fmt::format("{:.1f} {}", r.rate, r.is_flops ? "TFLOP/s" : "GB/s");
-    const std::string base = r.baseline.empty()
-                                 ? std::string("-")
-                                 : fmt::format("{:.1f}us ({:.2f}x)", r.baseline_us,
-                                               r.baseline_us / r.us);
+    const std::string base =
+        r.baseline.empty() ? std::string("-")
+                           : fmt::format("{:.1f}us ({:.2f}x)", r.baseline_us, r.baseline_us / r.us);
     fmt::print("{:<28} {:>6} {:>10.2f} {:>14} {:>6.0f}%  {:<26} {}\n", r.kernel, r.tokens, r.us,
                rate, r.ceiling > 0 ? 100.0 * r.rate / r.ceiling : 0.0, base, r.shape);
     j["rows"].push_back(row_json(r));

@@ -1,12 +1,11 @@
-#include "epmoe/bench/layer_bench.h"
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <fstream>
 #include <map>
 #include <random>
 
-#include <fmt/format.h>
-
+#include "epmoe/bench/layer_bench.h"
 #include "epmoe/cuda/device.h"
 #include "epmoe/layer/run_layer_cuda.h"
 #include "epmoe/weights/moe_weights.h"
@@ -84,10 +83,12 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& o) {
     // Communication time of the sequential layer (rank 0's breakdown): what overlap can hide.
     double comm_us = 0;
     for (const auto& kv : base.op_us[0])
-      if (kv.first.rfind("dispatch", 0) == 0 || kv.first.rfind("combine", 0) == 0) comm_us += kv.second;
-    fmt::print("\n{} tokens/rank | transport {} | attention stand-in {:.0f} us | sequential "
-               "communication {:.1f} us\n",
-               T, r.transport, sp.attn_us, comm_us);
+      if (kv.first.rfind("dispatch", 0) == 0 || kv.first.rfind("combine", 0) == 0)
+        comm_us += kv.second;
+    fmt::print(
+        "\n{} tokens/rank | transport {} | attention stand-in {:.0f} us | sequential "
+        "communication {:.1f} us\n",
+        T, r.transport, sp.attn_us, comm_us);
     fmt::print("{:<6} {:>12} {:>9} {:>8}  {}\n", "overlap", "layer us", "speedup", "hidden",
                "per-op median us (rank 0)");
     nlohmann::json row;
@@ -106,12 +107,15 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& o) {
                  100 * hidden, slower ? "[SLOWER than none] " : "", ops);
       nlohmann::json ops_json;
       for (const auto& kv : s.op_us[0]) ops_json[kv.first] = kv.second;
-      row["strategies"].push_back({{"overlap", overlap_name(s.kind)}, {"layer_us", us},
-                                   {"per_rank_us", s.layer_us}, {"speedup_vs_none", speedup},
-                                   {"hidden_comm_share", hidden}, {"slower_than_none", slower},
+      row["strategies"].push_back({{"overlap", overlap_name(s.kind)},
+                                   {"layer_us", us},
+                                   {"per_rank_us", s.layer_us},
+                                   {"speedup_vs_none", speedup},
+                                   {"hidden_comm_share", hidden},
+                                   {"slower_than_none", slower},
                                    {"op_us_rank0", ops_json}});
-      if (!traced && !o.trace_file.empty() && s.kind != OverlapKind::kNone &&
-          !s.trace.empty() && !s.trace[0].empty()) {
+      if (!traced && !o.trace_file.empty() && s.kind != OverlapKind::kNone && !s.trace.empty() &&
+          !s.trace[0].empty()) {
         std::ofstream f(o.trace_file);
         EPMOE_CHECK(f.good(), kInvalidArgument, "cannot write --trace file '{}'", o.trace_file);
         f << chrome_trace_json(s.trace, fmt::format("{} {} tokens", overlap_name(s.kind), T));

@@ -5,10 +5,9 @@
 #pragma once
 
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace epmoe::cuda {
 
@@ -18,19 +17,19 @@ struct LayerBenchOptions {
   // experts (few local experts per rank, as at EP32-EP72).
   int experts_per_rank = 0;
   int ranks = 2;
-  std::string transport = "auto";      // auto | nccl | loopback
-  std::string mode = "low-latency";    // low-latency (decode) | normal (prefill)
-  std::vector<int64_t> tokens = {128}; // per rank
+  std::string transport = "auto";       // auto | nccl | loopback
+  std::string mode = "low-latency";     // low-latency (decode) | normal (prefill)
+  std::vector<int64_t> tokens = {128};  // per rank
   std::vector<std::string> overlap = {"none", "tbo", "sbo"};
   // Attention stand-in per layer at the rank's full batch, µs; < 0: as long as the sequential
   // MoE layer measured first ("about the MoE's own cost").
   double attn_us = 0;
-  bool graph = false;                  // capture each strategy once, replay
+  bool graph = false;  // capture each strategy once, replay
   int comm_blocks = 24;
   bool fp8 = false;
   int iters = 20;
   int trace_iters = 5;
-  std::string trace_file;              // Chrome trace of the first overlapped strategy
+  std::string trace_file;  // Chrome trace of the first overlapped strategy
   uint64_t seed = 1;
 };
 

@@ -34,8 +34,8 @@ uint64_t Communicator::wait_flag(const uint64_t* flag, uint64_t expected, int pe
     if ((spin & 63) == 63) {
       const int failed = failed_peer();
       if (failed >= 0)
-        EPMOE_FAIL(kTimeout, "rank {} stopped waiting for {} from peer {}: rank {} failed",
-                   rank(), what, peer, failed);
+        EPMOE_FAIL(kTimeout, "rank {} stopped waiting for {} from peer {}: rank {} failed", rank(),
+                   what, peer, failed);
       if (Clock::now() > deadline)
         EPMOE_FAIL(kTimeout,
                    "rank {} waited {} ms for {} from peer {}: expected {:#x}, observed {:#x}",

@@ -8,21 +8,21 @@
 //                 holds plain device pointers (NCCL refuses two ranks on one GPU).
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
 
-#include <cuda_runtime.h>
-
 namespace epmoe::cuda {
 
 // Memory every rank of the group allocated with the same size, reachable by load/store from every
 // rank's kernels. Zero-initialised. Freed (collectively for nccl) when the last handle goes.
 struct SymmetricBuffer {
-  void* local = nullptr;        // this rank's buffer (device memory)
-  void* const* peers = nullptr; // device array [R]: peers[r] = rank r's buffer, as seen from here
+  void* local = nullptr;         // this rank's buffer (device memory)
+  void* const* peers = nullptr;  // device array [R]: peers[r] = rank r's buffer, as seen from here
   size_t bytes = 0;
   std::shared_ptr<void> owner;  // keeps the allocation alive
 };
@@ -30,7 +30,7 @@ struct SymmetricBuffer {
 // Where a device-side wait that ran out of time reports what it waited for (pinned host memory,
 // written by the kernel, read by the host after the stream synchronises).
 struct DeviceWaitError {
-  int failed;              // 0 = fine
+  int failed;  // 0 = fine
   int rank, peer;
   unsigned long long expected, observed;
   char what[40];
@@ -41,9 +41,9 @@ class GpuTransport {
   virtual ~GpuTransport() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  virtual int device() const = 0;            // CUDA device this rank's work runs on
-  virtual std::string name() const = 0;      // "nccl" | "loopback"
-  virtual cudaStream_t stream() const = 0;   // this rank's stream (the transport's own work too)
+  virtual int device() const = 0;           // CUDA device this rank's work runs on
+  virtual std::string name() const = 0;     // "nccl" | "loopback"
+  virtual cudaStream_t stream() const = 0;  // this rank's stream (the transport's own work too)
 
   // Collective: every rank asks for the same size.
   virtual SymmetricBuffer alloc_symmetric(size_t bytes) = 0;

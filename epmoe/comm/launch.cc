@@ -1,8 +1,8 @@
 #include "epmoe/comm/launch.h"
 
-#include <cstdlib>
-
 #include <fmt/format.h>
+
+#include <cstdlib>
 
 #include "epmoe/core/error.h"
 #include "epmoe/cuda/device.h"

@@ -21,9 +21,9 @@ namespace epmoe::cuda {
 void apply_process_settings();
 
 struct LaunchInfo {
-  std::string transport;   // "nccl (mpirun, one process per GPU)", "loopback (4 virtual ...)"
-  bool mpi = false;        // this process is one rank of an mpirun job
-  int local_rank = -1;     // mpirun: the rank this process runs; -1 otherwise (all ranks here)
+  std::string transport;  // "nccl (mpirun, one process per GPU)", "loopback (4 virtual ...)"
+  bool mpi = false;       // this process is one rank of an mpirun job
+  int local_rank = -1;    // mpirun: the rank this process runs; -1 otherwise (all ranks here)
 };
 
 // Runs fn(transport) for every rank this process hosts and joins; the first failure is rethrown

@@ -1,6 +1,8 @@
 // R virtual ranks on one GPU: the whole expert-parallel protocol, with the same kernels as the
 // NCCL transport, on a machine with a single GPU. Each virtual rank has its own host thread,
 // stream and buffers; peer tables hold plain device pointers.
+#include <fmt/ranges.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <exception>
@@ -10,8 +12,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <fmt/ranges.h>
 
 #include "epmoe/comm/gpu_transport.h"
 #include "epmoe/core/env.h"
@@ -38,8 +38,8 @@ struct LoopbackWindowSet {
   LoopbackWindowSet(const LoopbackWindowSet&) = delete;
   LoopbackWindowSet& operator=(const LoopbackWindowSet&) = delete;
   int device;
-  std::vector<void*> local;    // [R]
-  std::vector<void**> peers;   // [R] device tables
+  std::vector<void*> local;   // [R]
+  std::vector<void**> peers;  // [R] device tables
 };
 
 struct LoopbackState {
@@ -151,8 +151,8 @@ class LoopbackTransport final : public GpuTransport {
       std::lock_guard<std::mutex> lock(s_->mutex);
       set->peers[size_t(rank_)] = peers;
     }
-    EPMOE_CUDA_CHECK(cudaMemcpy(peers, table.data(), sizeof(void*) * table.size(),
-                                cudaMemcpyHostToDevice));
+    EPMOE_CUDA_CHECK(
+        cudaMemcpy(peers, table.data(), sizeof(void*) * table.size(), cudaMemcpyHostToDevice));
     EPMOE_CUDA_CHECK(cudaDeviceSynchronize());
     s_->barrier(rank_);  // every rank holds the set: the table forgets it
     {
@@ -183,15 +183,17 @@ class LoopbackTransport final : public GpuTransport {
       const auto& peer = s_->slots[size_t(p)];
       if (peer.send_bytes[rank_] != recv_bytes[p]) {
         if (mismatch.empty())
-          mismatch = fmt::format("all_to_all_v: rank {} sends {} bytes to rank {}, which expects {}",
-                                 p, peer.send_bytes[rank_], rank_, recv_bytes[p]);
+          mismatch =
+              fmt::format("all_to_all_v: rank {} sends {} bytes to rank {}, which expects {}", p,
+                          peer.send_bytes[rank_], rank_, recv_bytes[p]);
         continue;
       }
       if (!recv_bytes[p]) continue;
       EPMOE_CUDA_CHECK(cudaStreamWaitEvent(stream_, peer.ready, 0));
-      EPMOE_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(recv) + recv_offsets[p],
-                                       static_cast<const char*>(peer.send) + peer.send_offsets[rank_],
-                                       recv_bytes[p], cudaMemcpyDeviceToDevice, stream_));
+      EPMOE_CUDA_CHECK(
+          cudaMemcpyAsync(static_cast<char*>(recv) + recv_offsets[p],
+                          static_cast<const char*>(peer.send) + peer.send_offsets[rank_],
+                          recv_bytes[p], cudaMemcpyDeviceToDevice, stream_));
       if (p != rank_) host_api_remote_bytes_ += int64_t(recv_bytes[p]);  // counted at the receiver
     }
     // Senders may reuse their buffers once every receiver's copies are done.

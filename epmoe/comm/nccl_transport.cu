@@ -1,8 +1,8 @@
 // NCCL transport: communicators, symmetric windows with device peer tables, host-API exchange,
 // bounded waits. See nccl_transport.h for the peer-table contract and the teardown order.
-#include "epmoe/comm/nccl_transport.h"
-
 #include <dlfcn.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nccl_device/core.h>
 #include <nccl_device/impl/core__funcs.h>
 #include <nccl_device/impl/ptr__funcs.h>
@@ -21,9 +21,7 @@
 #include <thread>
 #include <vector>
 
-#include <fmt/format.h>
-#include <fmt/ranges.h>
-
+#include "epmoe/comm/nccl_transport.h"
 #include "epmoe/core/env.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
@@ -157,11 +155,11 @@ namespace detail {
 NcclCommState::~NcclCommState() {
   if (comm == nullptr) return;
   DeviceGuard guard(device);
-  if (stream != nullptr && !aborted.load() &&
-      !drain_stream_bounded(stream, wait_timeout_ms())) {
-    warn(fmt::format("rank {}: work still pending on the stream at teardown after {} ms; "
-                     "aborting the communicator",
-                     rank, wait_timeout_ms()));
+  if (stream != nullptr && !aborted.load() && !drain_stream_bounded(stream, wait_timeout_ms())) {
+    warn(
+        fmt::format("rank {}: work still pending on the stream at teardown after {} ms; "
+                    "aborting the communicator",
+                    rank, wait_timeout_ms()));
     abort();
   }
   if (!aborted.load()) {
@@ -194,8 +192,8 @@ NcclTransport::NcclTransport(ncclComm_t comm, int device, std::shared_ptr<NcclTh
   int comm_device = -1;
   EPMOE_NCCL_CHECK(ncclCommCuDevice(comm, &comm_device));
   EPMOE_CHECK(comm_device == device_, kInvalidArgument,
-              "NcclTransport: rank {}'s communicator is on GPU {}, not GPU {}", rank_,
-              comm_device, device_);
+              "NcclTransport: rank {}'s communicator is on GPU {}, not GPU {}", rank_, comm_device,
+              device_);
   EPMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&state_->stream, cudaStreamNonBlocking));
 
   // NOTES: NCCL's LSA team is the block of consecutive world ranks whose memory NCCL maps into
@@ -206,9 +204,10 @@ NcclTransport::NcclTransport(ncclComm_t comm, int device, std::shared_ptr<NcclTh
     lsa_base_ = rank_ - lsa.rank;
     lsa_size_ = lsa.nRanks;
   } else {
-    warn(fmt::format("rank {}: NCCL reported no LSA team ({} ranks, rank {}, stride {}); peers "
-                     "are not load/store reachable",
-                     rank_, lsa.nRanks, lsa.rank, lsa.stride));
+    warn(
+        fmt::format("rank {}: NCCL reported no LSA team ({} ranks, rank {}, stride {}); peers "
+                    "are not load/store reachable",
+                    rank_, lsa.nRanks, lsa.rank, lsa.stride));
     lsa_base_ = rank_;
     lsa_size_ = 1;
   }
@@ -256,8 +255,10 @@ void NcclTransport::wait_stream(const char* what, uint64_t collective_seq) {
       int failed = group_->failed_rank.load();
       if (failed >= 0 && failed != rank_) {
         state_->abort();
-        EPMOE_FAIL(kTimeout, "rank {}: {} abandoned: rank {} of the group failed; communicator "
-                   "aborted", rank_, what, failed);
+        EPMOE_FAIL(kTimeout,
+                   "rank {}: {} abandoned: rank {} of the group failed; communicator "
+                   "aborted",
+                   rank_, what, failed);
       }
     }
     if (Clock::now() > deadline) {
@@ -319,9 +320,10 @@ SymmetricBuffer NcclTransport::alloc_symmetric(size_t bytes) {
   }
   if (win == nullptr && size_ > 1) {
     if (all_reachable_) {
-      warn(fmt::format("rank {}: NCCL registered no symmetric window (communicator without "
-                       "symmetric-memory support); peers are not load/store reachable",
-                       rank_));
+      warn(
+          fmt::format("rank {}: NCCL registered no symmetric window (communicator without "
+                      "symmetric-memory support); peers are not load/store reachable",
+                      rank_));
     }
     all_reachable_ = false;
   }
@@ -367,9 +369,10 @@ SymmetricBuffer NcclTransport::alloc_symmetric(size_t bytes) {
       return;
     }
     if (!state->aborted.load() && !drain_stream_bounded(state->stream, wait_timeout_ms())) {
-      warn(fmt::format("rank {}: stream still busy when a symmetric buffer was released; "
-                       "aborting the communicator",
-                       state->rank));
+      warn(
+          fmt::format("rank {}: stream still busy when a symmetric buffer was released; "
+                      "aborting the communicator",
+                      state->rank));
       state->abort();
     }
     {
@@ -443,8 +446,8 @@ void NcclTransport::all_to_all_v(const void* send, const size_t* send_bytes,
     for (int p = 0; p < size_; ++p) {
       if (p == rank_) continue;
       if (send_bytes[p] > 0) {
-        EPMOE_NCCL_CHECK(ncclSend(src + send_offsets[p], send_bytes[p], ncclUint8, p,
-                                  state_->comm, s));
+        EPMOE_NCCL_CHECK(
+            ncclSend(src + send_offsets[p], send_bytes[p], ncclUint8, p, state_->comm, s));
         remote += int64_t(send_bytes[p]);
       }
       if (recv_bytes[p] > 0) {
@@ -530,8 +533,7 @@ void nccl_default_environment() {
 }
 
 void run_nccl_threads(int num_ranks, const std::function<void(GpuTransport&)>& fn) {
-  EPMOE_CHECK(num_ranks >= 1, kInvalidArgument, "run_nccl_threads: num_ranks = {} < 1",
-              num_ranks);
+  EPMOE_CHECK(num_ranks >= 1, kInvalidArgument, "run_nccl_threads: num_ranks = {} < 1", num_ranks);
   const int gpus = device_count();
   EPMOE_CHECK(gpus >= num_ranks, kUnsupported,
               "run_nccl_threads: {} ranks need {} GPUs (one rank per GPU); this machine has {}",
@@ -618,8 +620,7 @@ std::unique_ptr<NcclTransport> make_nccl_transport_mpi() {
   if (const char* v = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) local_rank = std::atoi(v);
   {
     MPI_Comm node;
-    mpi_check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL,
-                                  &node),
+    mpi_check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node),
               "MPI_Comm_split_type");
     int node_rank = 0;
     MPI_Comm_rank(node, &node_rank);

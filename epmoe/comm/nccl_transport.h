@@ -43,20 +43,20 @@ std::string nccl_error_text(ncclResult_t result);
 
 // EPMOE_NCCL_CHECK(ncclCall(...)): throws epmoe::Error(kNccl) naming the call, NCCL's error
 // string and ncclGetLastError's message.
-#define EPMOE_NCCL_CHECK(expr)                                                                 \
-  do {                                                                                         \
-    ncclResult_t epmoe_nres_ = (expr);                                                         \
-    if (epmoe_nres_ != ncclSuccess) {                                                          \
-      EPMOE_FAIL(kNccl, "{} failed: {}", #expr,                                                \
-                 ::epmoe::cuda::detail::nccl_error_text(epmoe_nres_));                         \
-    }                                                                                          \
+#define EPMOE_NCCL_CHECK(expr)                                         \
+  do {                                                                 \
+    ncclResult_t epmoe_nres_ = (expr);                                 \
+    if (epmoe_nres_ != ncclSuccess) {                                  \
+      EPMOE_FAIL(kNccl, "{} failed: {}", #expr,                        \
+                 ::epmoe::cuda::detail::nccl_error_text(epmoe_nres_)); \
+    }                                                                  \
   } while (0)
 
 namespace epmoe::cuda {
 
 namespace detail {
-struct NcclCommState;   // the communicator, its device and stream; shared with live buffers
-struct NcclThreadGroup; // run_nccl_threads' shared state: first failure, barrier arrivals
+struct NcclCommState;    // the communicator, its device and stream; shared with live buffers
+struct NcclThreadGroup;  // run_nccl_threads' shared state: first failure, barrier arrivals
 }  // namespace detail
 
 class NcclTransport final : public GpuTransport {

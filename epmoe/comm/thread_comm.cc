@@ -30,7 +30,7 @@ struct WindowSet {
   }
   WindowSet(const WindowSet&) = delete;
   WindowSet& operator=(const WindowSet&) = delete;
-  std::vector<void*> ptrs;  // [R]
+  std::vector<void*> ptrs;                // [R]
   std::vector<BufferReservation> budget;  // [R] each block's share of the buffer budget
 };
 
@@ -90,8 +90,9 @@ struct ThreadGroup::State {
         const int arrived_now = arrived;
         leave();
         mark_failed_locked(rank);
-        EPMOE_FAIL(kTimeout, "rank {} waited {} ms at a barrier: {} of {} ranks arrived, missing {}",
-                   rank, timeout_ms, arrived_now, num_ranks, missing);
+        EPMOE_FAIL(kTimeout,
+                   "rank {} waited {} ms at a barrier: {} of {} ranks arrived, missing {}", rank,
+                   timeout_ms, arrived_now, num_ranks, missing);
       }
     }
   }
@@ -150,8 +151,9 @@ class ThreadComm final : public Communicator {
       const auto& post = s_->posts[size_t(p)];
       if (post.send_bytes[rank_] != recv_bytes[p]) {
         if (mismatch.empty())
-          mismatch = fmt::format("all_to_all_v: rank {} sends {} bytes to rank {}, which expects {}",
-                                 p, post.send_bytes[rank_], rank_, recv_bytes[p]);
+          mismatch =
+              fmt::format("all_to_all_v: rank {} sends {} bytes to rank {}, which expects {}", p,
+                          post.send_bytes[rank_], rank_, recv_bytes[p]);
         continue;
       }
       if (recv_bytes[p])

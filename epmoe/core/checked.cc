@@ -25,15 +25,15 @@ int64_t checked_add(int64_t a, int64_t b, const char* what) {
 
 size_t checked_mul(size_t a, size_t b, const char* what) {
   size_t r = 0;
-  EPMOE_CHECK(!__builtin_mul_overflow(a, b, &r), kInvalidArgument, "{} overflows: {} x {}", what,
-              a, b);
+  EPMOE_CHECK(!__builtin_mul_overflow(a, b, &r), kInvalidArgument, "{} overflows: {} x {}", what, a,
+              b);
   return r;
 }
 
 size_t checked_add(size_t a, size_t b, const char* what) {
   size_t r = 0;
-  EPMOE_CHECK(!__builtin_add_overflow(a, b, &r), kInvalidArgument, "{} overflows: {} + {}", what,
-              a, b);
+  EPMOE_CHECK(!__builtin_add_overflow(a, b, &r), kInvalidArgument, "{} overflows: {} + {}", what, a,
+              b);
   return r;
 }
 
@@ -94,8 +94,7 @@ BufferReservation::~BufferReservation() {
   if (bytes_ > 0) g_reserved.fetch_sub(bytes_);
 }
 
-BufferReservation::BufferReservation(BufferReservation&& other) noexcept
-    : bytes_(other.bytes_) {
+BufferReservation::BufferReservation(BufferReservation&& other) noexcept : bytes_(other.bytes_) {
   other.bytes_ = 0;
 }
 

@@ -22,7 +22,8 @@ size_t checked_add(size_t a, size_t b, const char* what);
 // Parses a whole decimal integer in [lo, hi]; `what` names it in the error ("--tokens",
 // "EPMOE_TIMEOUT_MS"). Rejects empty strings, signs where lo >= 0 forbids them, trailing
 // characters and values that do not fit (a 20-digit number is an error, not INT64_MAX).
-int64_t parse_int_in_range(const std::string& text, int64_t lo, int64_t hi, const std::string& what);
+int64_t parse_int_in_range(const std::string& text, int64_t lo, int64_t hi,
+                           const std::string& what);
 
 // The budget of host buffers sized from the input (receive buffers, low-latency windows, token
 // activations): EPMOE_MAX_BUFFER_BYTES, default 16 GiB. Weights are not counted (they are checked

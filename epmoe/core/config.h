@@ -16,13 +16,13 @@ Scoring parse_scoring(const std::string& s);
 constexpr int kMaxSlots = 32;
 
 struct MoeConfig {
-  int64_t hidden = 0;            // H
-  int64_t moe_intermediate = 0;  // I, per routed expert
-  int n_routed_experts = 0;      // E
-  int top_k = 0;                 // K
-  int n_group = 1;               // G: experts form G consecutive groups of E/G
-  int topk_group = 1;            // groups kept per token
-  int n_shared_experts = 0;      // shared MLP has intermediate n_shared * I
+  int64_t hidden = 0;                  // H
+  int64_t moe_intermediate = 0;        // I, per routed expert
+  int n_routed_experts = 0;            // E
+  int top_k = 0;                       // K
+  int n_group = 1;                     // G: experts form G consecutive groups of E/G
+  int topk_group = 1;                  // groups kept per token
+  int n_shared_experts = 0;            // shared MLP has intermediate n_shared * I
   float routed_scaling_factor = 1.0f;  // rsf
   bool norm_topk_prob = false;
   Scoring scoring = Scoring::kSigmoid;
@@ -37,7 +37,7 @@ struct MoeConfig {
 
   int experts_per_group() const { return n_routed_experts / n_group; }
   int fused_shared() const { return fuse_shared ? n_shared_experts : 0; }
-  int num_slots() const { return top_k + fused_shared(); }            // K'
+  int num_slots() const { return top_k + fused_shared(); }                  // K'
   int num_expert_ids() const { return n_routed_experts + fused_shared(); }  // ids in topk_ids
   std::string summary() const;
 };
@@ -47,9 +47,9 @@ const char* ep_mode_name(EpMode m);
 EpMode parse_ep_mode(const std::string& s);
 
 struct EpConfig {
-  int num_ranks = 1;                 // R
+  int num_ranks = 1;  // R
   EpMode mode = EpMode::kNormal;
-  int64_t max_tokens_per_rank = 0;   // T_max: fixed buffer shapes, never traffic
+  int64_t max_tokens_per_rank = 0;  // T_max: fixed buffer shapes, never traffic
   void validate(const MoeConfig& moe) const;
   int local_experts(const MoeConfig& moe) const { return moe.n_routed_experts / num_ranks; }
 };
@@ -61,9 +61,9 @@ struct EpConfig {
 // `none` at every decode size (32-256 tokens per rank, both shapes); TBO was slower than `none`
 // at every decode size (splitting the batch reads the expert weights twice) and so stays off.
 struct OverlapConfig {
-  int64_t decode_tbo_min_tokens = 0;    // low-latency: TBO from this many tokens per rank
-  int64_t decode_sbo_min_tokens = 1;    // low-latency: SBO from this many (below TBO's threshold)
-  int64_t prefill_tbo_min_tokens = 0;   // normal: TBO from this many tokens per rank
+  int64_t decode_tbo_min_tokens = 0;   // low-latency: TBO from this many tokens per rank
+  int64_t decode_sbo_min_tokens = 1;   // low-latency: SBO from this many (below TBO's threshold)
+  int64_t prefill_tbo_min_tokens = 0;  // normal: TBO from this many tokens per rank
 };
 
 struct Preset {

@@ -8,24 +8,36 @@ namespace epmoe {
 
 size_t dtype_size(DType t) {
   switch (t) {
-    case DType::kF32: return 4;
-    case DType::kBF16: return 2;
-    case DType::kF16: return 2;
-    case DType::kF8E4M3: return 1;
-    case DType::kI32: return 4;
-    case DType::kI64: return 8;
+    case DType::kF32:
+      return 4;
+    case DType::kBF16:
+      return 2;
+    case DType::kF16:
+      return 2;
+    case DType::kF8E4M3:
+      return 1;
+    case DType::kI32:
+      return 4;
+    case DType::kI64:
+      return 8;
   }
   EPMOE_FAIL(kInternal, "unknown dtype {}", int(t));
 }
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::kF32: return "f32";
-    case DType::kBF16: return "bf16";
-    case DType::kF16: return "f16";
-    case DType::kF8E4M3: return "fp8_e4m3";
-    case DType::kI32: return "i32";
-    case DType::kI64: return "i64";
+    case DType::kF32:
+      return "f32";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kF16:
+      return "f16";
+    case DType::kF8E4M3:
+      return "fp8_e4m3";
+    case DType::kI32:
+      return "i32";
+    case DType::kI64:
+      return "i64";
   }
   return "?";
 }
@@ -50,8 +62,8 @@ uint32_t round_to_small(float a, int man_bits, int bias, uint32_t max_finite_bit
   *overflow = false;
   if (a == 0.0f) return 0;
   int e;
-  std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
-  int exp_unbiased = e - 1;          // a = 1.f * 2^exp_unbiased
+  std::frexp(a, &e);         // a = m * 2^e, m in [0.5, 1)
+  int exp_unbiased = e - 1;  // a = 1.f * 2^exp_unbiased
   int min_normal_exp = 1 - bias;
   // Quantum (spacing of representable values) near a.
   int q_exp = (exp_unbiased < min_normal_exp ? min_normal_exp : exp_unbiased) - man_bits;
@@ -79,9 +91,12 @@ uint32_t round_to_small(float a, int man_bits, int bias, uint32_t max_finite_bit
 float f16_to_f32(f16 v) {
   uint32_t sign = (v.bits >> 15) & 1, exp = (v.bits >> 10) & 0x1f, man = v.bits & 0x3ff;
   float mag;
-  if (exp == 0) mag = std::ldexp(float(man), -24);
-  else if (exp == 31) mag = man ? NAN : INFINITY;
-  else mag = std::ldexp(float(man | 0x400), int(exp) - 25);
+  if (exp == 0)
+    mag = std::ldexp(float(man), -24);
+  else if (exp == 31)
+    mag = man ? NAN : INFINITY;
+  else
+    mag = std::ldexp(float(man | 0x400), int(exp) - 25);
   return sign ? -mag : mag;
 }
 
@@ -99,9 +114,12 @@ f16 f32_to_f16(float f) {
 float fp8e4m3_to_f32(fp8e4m3 v) {
   uint32_t sign = (v.bits >> 7) & 1, exp = (v.bits >> 3) & 0xf, man = v.bits & 0x7;
   float mag;
-  if (exp == 15 && man == 7) mag = NAN;
-  else if (exp == 0) mag = std::ldexp(float(man), -9);
-  else mag = std::ldexp(float(man | 0x8), int(exp) - 10);
+  if (exp == 15 && man == 7)
+    mag = NAN;
+  else if (exp == 0)
+    mag = std::ldexp(float(man), -9);
+  else
+    mag = std::ldexp(float(man | 0x8), int(exp) - 10);
   return sign ? -mag : mag;
 }
 

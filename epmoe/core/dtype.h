@@ -18,12 +18,26 @@ const char* dtype_name(DType t);
 DType parse_dtype(const std::string& s);
 
 // Storage-only 16-bit / 8-bit types: arithmetic always happens in f32.
-struct bf16 { uint16_t bits; };
-struct f16 { uint16_t bits; };
-struct fp8e4m3 { uint8_t bits; };
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
+};
+struct fp8e4m3 {
+  uint8_t bits;
+};
 
-inline float bits_to_f32(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
-inline uint32_t f32_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
+inline float bits_to_f32(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline uint32_t f32_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
 
 inline float bf16_to_f32(bf16 v) { return bits_to_f32(uint32_t(v.bits) << 16); }
 inline bf16 f32_to_bf16(float f) {

@@ -6,16 +6,26 @@ namespace epmoe {
 
 const char* error_kind_name(ErrorKind kind) {
   switch (kind) {
-    case ErrorKind::kInvalidArgument: return "invalid argument";
-    case ErrorKind::kInvalidConfig: return "invalid configuration";
-    case ErrorKind::kBadFile: return "bad file";
-    case ErrorKind::kMissingTensor: return "missing tensor";
-    case ErrorKind::kNumeric: return "numeric error";
-    case ErrorKind::kTimeout: return "timeout";
-    case ErrorKind::kCuda: return "CUDA error";
-    case ErrorKind::kNccl: return "NCCL error";
-    case ErrorKind::kUnsupported: return "unsupported";
-    case ErrorKind::kInternal: return "internal error";
+    case ErrorKind::kInvalidArgument:
+      return "invalid argument";
+    case ErrorKind::kInvalidConfig:
+      return "invalid configuration";
+    case ErrorKind::kBadFile:
+      return "bad file";
+    case ErrorKind::kMissingTensor:
+      return "missing tensor";
+    case ErrorKind::kNumeric:
+      return "numeric error";
+    case ErrorKind::kTimeout:
+      return "timeout";
+    case ErrorKind::kCuda:
+      return "CUDA error";
+    case ErrorKind::kNccl:
+      return "NCCL error";
+    case ErrorKind::kUnsupported:
+      return "unsupported";
+    case ErrorKind::kInternal:
+      return "internal error";
   }
   return "error";
 }

@@ -2,10 +2,10 @@
 // category and a message that names the bad value. The library never exits the process.
 #pragma once
 
+#include <fmt/format.h>
+
 #include <stdexcept>
 #include <string>
-
-#include <fmt/format.h>
 
 namespace epmoe {
 
@@ -40,14 +40,14 @@ namespace detail {
 }  // namespace epmoe
 
 // EPMOE_CHECK(cond, kind, "fmt", args...): throws epmoe::Error(kind, "file:line: message").
-#define EPMOE_CHECK(cond, kind, ...)                                                           \
-  do {                                                                                         \
-    if (!(cond)) {                                                                             \
-      ::epmoe::detail::throw_error(::epmoe::ErrorKind::kind, __FILE__, __LINE__,               \
-                                   ::fmt::format(__VA_ARGS__));                                \
-    }                                                                                          \
+#define EPMOE_CHECK(cond, kind, ...)                                             \
+  do {                                                                           \
+    if (!(cond)) {                                                               \
+      ::epmoe::detail::throw_error(::epmoe::ErrorKind::kind, __FILE__, __LINE__, \
+                                   ::fmt::format(__VA_ARGS__));                  \
+    }                                                                            \
   } while (0)
 
-#define EPMOE_FAIL(kind, ...)                                                                  \
-  ::epmoe::detail::throw_error(::epmoe::ErrorKind::kind, __FILE__, __LINE__,                   \
+#define EPMOE_FAIL(kind, ...)                                                \
+  ::epmoe::detail::throw_error(::epmoe::ErrorKind::kind, __FILE__, __LINE__, \
                                ::fmt::format(__VA_ARGS__))

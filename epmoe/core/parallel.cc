@@ -32,7 +32,7 @@ void parallel_for(int64_t n, int64_t grain, int threads,
   }
   std::exception_ptr error;
   std::mutex error_mutex;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(int(std::min<int64_t>(threads, chunks)))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(int(std::min <int64_t>(threads, chunks)))
   for (int64_t c = 0; c < chunks; ++c) {
     try {
       fn(c * grain, std::min(n, (c + 1) * grain));

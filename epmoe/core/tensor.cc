@@ -77,22 +77,37 @@ Tensor Tensor::zeros(DType dtype, const Shape& shape) {
 namespace {
 float load_as_f32(const void* p, DType dt, int64_t i) {
   switch (dt) {
-    case DType::kF32: return static_cast<const float*>(p)[i];
-    case DType::kBF16: return bf16_to_f32(static_cast<const bf16*>(p)[i]);
-    case DType::kF16: return f16_to_f32(static_cast<const f16*>(p)[i]);
-    case DType::kF8E4M3: return fp8e4m3_to_f32(static_cast<const fp8e4m3*>(p)[i]);
-    case DType::kI32: return float(static_cast<const int32_t*>(p)[i]);
-    case DType::kI64: return float(static_cast<const int64_t*>(p)[i]);
+    case DType::kF32:
+      return static_cast<const float*>(p)[i];
+    case DType::kBF16:
+      return bf16_to_f32(static_cast<const bf16*>(p)[i]);
+    case DType::kF16:
+      return f16_to_f32(static_cast<const f16*>(p)[i]);
+    case DType::kF8E4M3:
+      return fp8e4m3_to_f32(static_cast<const fp8e4m3*>(p)[i]);
+    case DType::kI32:
+      return float(static_cast<const int32_t*>(p)[i]);
+    case DType::kI64:
+      return float(static_cast<const int64_t*>(p)[i]);
   }
   return 0.0f;
 }
 void store_from_f32(void* p, DType dt, int64_t i, float v) {
   switch (dt) {
-    case DType::kF32: static_cast<float*>(p)[i] = v; break;
-    case DType::kBF16: static_cast<bf16*>(p)[i] = f32_to_bf16(v); break;
-    case DType::kF16: static_cast<f16*>(p)[i] = f32_to_f16(v); break;
-    case DType::kF8E4M3: static_cast<fp8e4m3*>(p)[i] = f32_to_fp8e4m3(v); break;
-    default: EPMOE_FAIL(kInvalidArgument, "cannot convert floats to {}", dtype_name(dt));
+    case DType::kF32:
+      static_cast<float*>(p)[i] = v;
+      break;
+    case DType::kBF16:
+      static_cast<bf16*>(p)[i] = f32_to_bf16(v);
+      break;
+    case DType::kF16:
+      static_cast<f16*>(p)[i] = f32_to_f16(v);
+      break;
+    case DType::kF8E4M3:
+      static_cast<fp8e4m3*>(p)[i] = f32_to_fp8e4m3(v);
+      break;
+    default:
+      EPMOE_FAIL(kInvalidArgument, "cannot convert floats to {}", dtype_name(dt));
   }
 }
 }  // namespace
@@ -108,7 +123,8 @@ Tensor to_dtype(const TensorView& t, DType dtype) {
     return out;
   }
   const int64_t n = t.numel();
-  for (int64_t i = 0; i < n; ++i) store_from_f32(out.view().data, dtype, i, load_as_f32(t.data, t.dtype, i));
+  for (int64_t i = 0; i < n; ++i)
+    store_from_f32(out.view().data, dtype, i, load_as_f32(t.data, t.dtype, i));
   return out;
 }
 

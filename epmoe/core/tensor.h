@@ -34,13 +34,32 @@ struct Shape {
   std::string str() const;  // "[37, 256]"
 };
 
-template <typename T> constexpr DType dtype_of();
-template <> constexpr DType dtype_of<float>() { return DType::kF32; }
-template <> constexpr DType dtype_of<bf16>() { return DType::kBF16; }
-template <> constexpr DType dtype_of<f16>() { return DType::kF16; }
-template <> constexpr DType dtype_of<fp8e4m3>() { return DType::kF8E4M3; }
-template <> constexpr DType dtype_of<int32_t>() { return DType::kI32; }
-template <> constexpr DType dtype_of<int64_t>() { return DType::kI64; }
+template <typename T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() {
+  return DType::kF32;
+}
+template <>
+constexpr DType dtype_of<bf16>() {
+  return DType::kBF16;
+}
+template <>
+constexpr DType dtype_of<f16>() {
+  return DType::kF16;
+}
+template <>
+constexpr DType dtype_of<fp8e4m3>() {
+  return DType::kF8E4M3;
+}
+template <>
+constexpr DType dtype_of<int32_t>() {
+  return DType::kI32;
+}
+template <>
+constexpr DType dtype_of<int64_t>() {
+  return DType::kI64;
+}
 
 struct TensorView {
   void* data = nullptr;
@@ -52,7 +71,8 @@ struct TensorView {
   size_t nbytes() const;  // checked: throws Error(kInvalidArgument) when it overflows
   int64_t size(int i) const { return shape[i]; }
 
-  template <typename T> T* as() const {
+  template <typename T>
+  T* as() const {
     EPMOE_CHECK(dtype_of<T>() == dtype, kInvalidArgument, "tensor holds {}, accessed as {}",
                 dtype_name(dtype), dtype_name(dtype_of<T>()));
     return static_cast<T*>(data);
@@ -69,7 +89,10 @@ class Tensor {
 
   TensorView view() const { return TensorView{data_.get(), shape_, dtype_, Device::kCpu}; }
   operator TensorView() const { return view(); }
-  template <typename T> T* as() const { return view().as<T>(); }
+  template <typename T>
+  T* as() const {
+    return view().as<T>();
+  }
   const Shape& shape() const { return shape_; }
   DType dtype() const { return dtype_; }
   int64_t numel() const { return shape_.numel(); }
@@ -78,7 +101,9 @@ class Tensor {
   bool defined() const { return data_ != nullptr; }
 
  private:
-  struct Free { void operator()(void* p) const; };
+  struct Free {
+    void operator()(void* p) const;
+  };
   std::unique_ptr<void, Free> data_;
   Shape shape_{0};  // a default tensor holds no elements
   DType dtype_ = DType::kF32;

@@ -1,8 +1,7 @@
-#include "epmoe/cuda/device.h"
-
 #include <fmt/format.h>
 
 #include "epmoe/cuda/cuda_check.h"
+#include "epmoe/cuda/device.h"
 
 namespace epmoe::cuda {
 
@@ -50,12 +49,14 @@ void DeviceTensor::copy_from_host(const TensorView& host) {
   EPMOE_CHECK(host.dtype == dtype_ && host.shape == shape_, kInvalidArgument,
               "copy_from_host: host tensor {} {} does not match device tensor {} {}",
               dtype_name(host.dtype), host.shape.str(), dtype_name(dtype_), shape_.str());
-  if (nbytes()) EPMOE_CUDA_CHECK(cudaMemcpy(data_.get(), host.data, nbytes(), cudaMemcpyHostToDevice));
+  if (nbytes())
+    EPMOE_CUDA_CHECK(cudaMemcpy(data_.get(), host.data, nbytes(), cudaMemcpyHostToDevice));
 }
 
 Tensor DeviceTensor::to_host() const {
   Tensor h(dtype_, shape_);
-  if (nbytes()) EPMOE_CUDA_CHECK(cudaMemcpy(h.view().data, data_.get(), nbytes(), cudaMemcpyDeviceToHost));
+  if (nbytes())
+    EPMOE_CUDA_CHECK(cudaMemcpy(h.view().data, data_.get(), nbytes(), cudaMemcpyDeviceToHost));
   return h;
 }
 

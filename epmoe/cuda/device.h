@@ -25,7 +25,10 @@ class DeviceTensor {
 
   TensorView view() const { return TensorView{data_.get(), shape_, dtype_, Device::kCuda}; }
   operator TensorView() const { return view(); }
-  template <typename T> T* as() const { return view().as<T>(); }
+  template <typename T>
+  T* as() const {
+    return view().as<T>();
+  }
   const Shape& shape() const { return shape_; }
   DType dtype() const { return dtype_; }
   int64_t numel() const { return shape_.numel(); }
@@ -37,7 +40,9 @@ class DeviceTensor {
   void fill_bytes(int byte);
 
  private:
-  struct Free { void operator()(void* p) const; };
+  struct Free {
+    void operator()(void* p) const;
+  };
   std::unique_ptr<void, Free> data_;
   Shape shape_;
   DType dtype_ = DType::kF32;

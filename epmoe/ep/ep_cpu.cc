@@ -18,9 +18,12 @@ bool ep_ranks_are_tree_nodes(int num_routed, int num_ranks) {
     while (!(lo == want_lo && hi == want_hi)) {
       if (hi - lo <= 1) return false;
       const int mid = lo + (hi - lo) / 2;
-      if (want_hi <= mid) hi = mid;
-      else if (want_lo >= mid) lo = mid;
-      else return false;
+      if (want_hi <= mid)
+        hi = mid;
+      else if (want_lo >= mid)
+        lo = mid;
+      else
+        return false;
     }
   }
   return true;
@@ -39,16 +42,17 @@ EpMicroBatchCpu::Record::Record(int64_t h, DType dt, int kp) {
   bytes = (w_off + 4 * size_t(kp) + 7) / 8 * 8;
 }
 
-EpMicroBatchCpu::EpMicroBatchCpu(Communicator& comm, const MoeWeights& weights,
-                                 const EpConfig& ep, const EpMicroBatchDesc& desc)
+EpMicroBatchCpu::EpMicroBatchCpu(Communicator& comm, const MoeWeights& weights, const EpConfig& ep,
+                                 const EpMicroBatchDesc& desc)
     : comm_(comm), weights_(weights), cfg_(weights.config), ep_(ep), desc_(desc) {
   cfg_.validate();
   ep_.validate(cfg_);
   EPMOE_CHECK(comm_.size() == ep_.num_ranks, kInvalidConfig,
               "the communicator has {} ranks, the EP config {}", comm_.size(), ep_.num_ranks);
-  EPMOE_CHECK(desc_.capacity >= 0 && desc_.capacity <= std::max<int64_t>(ep_.max_tokens_per_rank, 1),
-              kInvalidArgument, "micro-batch {} capacity {} outside [0, max_tokens_per_rank = {}]",
-              micro_batch_name(desc_.index), desc_.capacity, ep_.max_tokens_per_rank);
+  EPMOE_CHECK(
+      desc_.capacity >= 0 && desc_.capacity <= std::max<int64_t>(ep_.max_tokens_per_rank, 1),
+      kInvalidArgument, "micro-batch {} capacity {} outside [0, max_tokens_per_rank = {}]",
+      micro_batch_name(desc_.index), desc_.capacity, ep_.max_tokens_per_rank);
   R_ = ep_.num_ranks;
   rank_ = comm_.rank();
   E_ = cfg_.n_routed_experts;
@@ -65,8 +69,8 @@ const Tensor& EpMicroBatchCpu::recv_x() const {
 }
 
 void EpMicroBatchCpu::expect_phase(Phase want, const char* op) const {
-  static const char* const kAfter[] = {"nothing (a new forward)", "dispatch_send",
-                                       "dispatch_recv", "experts", "combine_send"};
+  static const char* const kAfter[] = {"nothing (a new forward)", "dispatch_send", "dispatch_recv",
+                                       "experts", "combine_send"};
   EPMOE_CHECK(phase_ == want, kInvalidArgument,
               "rank {}, micro-batch {}: {} must follow {}, but the last step was {}", rank_,
               micro_batch_name(desc_.index), op, kAfter[int(want)], kAfter[int(phase_)]);
@@ -92,29 +96,37 @@ void EpMicroBatchCpu::dispatch_send(const TensorView& x, const TensorView& ids,
   rec_ = Record(H_, x.dtype, Kp_);
   traffic_ = EpTraffic{};
   ++seq_;
-  if (ep_.mode == EpMode::kNormal) normal_dispatch_send();
-  else ll_dispatch_send();
+  if (ep_.mode == EpMode::kNormal)
+    normal_dispatch_send();
+  else
+    ll_dispatch_send();
   phase_ = Phase::kDispatchSent;
 }
 
 void EpMicroBatchCpu::dispatch_recv() {
   expect_phase(Phase::kDispatchSent, "dispatch_recv");
-  if (ep_.mode == EpMode::kNormal) normal_dispatch_recv();
-  else ll_dispatch_recv();
+  if (ep_.mode == EpMode::kNormal)
+    normal_dispatch_recv();
+  else
+    ll_dispatch_recv();
   phase_ = Phase::kDispatched;
 }
 
 void EpMicroBatchCpu::experts() {
   expect_phase(Phase::kDispatched, "experts");
-  if (ep_.mode == EpMode::kNormal) normal_experts();
-  else ll_experts();
+  if (ep_.mode == EpMode::kNormal)
+    normal_experts();
+  else
+    ll_experts();
   phase_ = Phase::kExpertsDone;
 }
 
 void EpMicroBatchCpu::combine_send() {
   expect_phase(Phase::kExpertsDone, "combine_send");
-  if (ep_.mode == EpMode::kNormal) normal_combine_send();
-  else ll_combine_send();
+  if (ep_.mode == EpMode::kNormal)
+    normal_combine_send();
+  else
+    ll_combine_send();
   phase_ = Phase::kCombineSent;
 }
 
@@ -122,8 +134,10 @@ void EpMicroBatchCpu::combine_recv(const TensorView& routed, std::vector<uint8_t
   expect_phase(Phase::kCombineSent, "combine_recv");
   routed.expect("routed output", DType::kF32, {T_, H_});
   has_routed->assign(size_t(T_), 0);
-  if (ep_.mode == EpMode::kNormal) normal_combine_recv(routed, has_routed);
-  else ll_combine_recv(routed, has_routed);
+  if (ep_.mode == EpMode::kNormal)
+    normal_combine_recv(routed, has_routed);
+  else
+    ll_combine_recv(routed, has_routed);
   phase_ = Phase::kIdle;
 }
 

@@ -155,11 +155,11 @@ class EpMicroBatchCpu {
   EpTraffic traffic_;
 
   struct Normal {
-    std::vector<uint8_t> visits;              // [T, R]: token t goes to rank r (deduplicated)
+    std::vector<uint8_t> visits;  // [T, R]: token t goes to rank r (deduplicated)
     std::vector<uint64_t> send_tokens, recv_tokens;  // [R]
-    std::vector<char> send_buf;               // records, per destination in token order
+    std::vector<char> send_buf;                      // records, per destination in token order
     Tensor recv_x, recv_ids, recv_w, recv_counts;
-    Tensor src2dst, down, partial;            // [N_recv, K'] i32, [rows, H] f32, [N_recv, H] f32
+    Tensor src2dst, down, partial;  // [N_recv, K'] i32, [rows, H] f32, [N_recv, H] f32
   } n_;
 
   struct LowLatency {
@@ -167,7 +167,7 @@ class EpMicroBatchCpu {
     //         [combine rows capacity × K' × H f32].
     std::unique_ptr<Window> window;
     size_t disp_flags_off = 0, comb_flags_off = 0, staging_off = 0, combine_off = 0;
-    size_t slot_bytes = 0;  // staging stride per token (room for an f32 payload)
+    size_t slot_bytes = 0;           // staging stride per token (room for an f32 payload)
     Tensor recv_x, count, src, out;  // [E_loc, R·cap, H], [E_loc], [E_loc, R·cap, 3], f32 rows
   } ll_;
 };

@@ -60,8 +60,7 @@ void EpMicroBatchCpu::ll_dispatch_send() {
     for (int d = 0; d < R_; ++d) {
       if (!visits[size_t(d)]) continue;
       char* dst = static_cast<char*>(l.window->peer(d)) + l.staging_off +
-                  (size_t(rank_) * size_t(desc_.capacity) + size_t(sent[size_t(d)])) *
-                      l.slot_bytes;
+                  (size_t(rank_) * size_t(desc_.capacity) + size_t(sent[size_t(d)])) * l.slot_bytes;
       write_record(dst, t, d);
       ++sent[size_t(d)];
       comm_.traffic().bytes_to_peer[size_t(d)] += int64_t(rec_.bytes);
@@ -94,8 +93,8 @@ void EpMicroBatchCpu::ll_dispatch_recv() {
         comm_.wait_flag(mine + s, seq_ << 32, s, "dispatch flag", ~uint64_t(0xffffffffu));
     from[size_t(s)] = int64_t(v & 0xffffffffu);
     EPMOE_CHECK(from[size_t(s)] <= desc_.capacity, kInternal,
-                "rank {}, micro-batch {}: peer {} sent {} tokens, more than the capacity {}",
-                rank_, micro_batch_name(desc_.index), s, from[size_t(s)], desc_.capacity);
+                "rank {}, micro-batch {}: peer {} sent {} tokens, more than the capacity {}", rank_,
+                micro_batch_name(desc_.index), s, from[size_t(s)], desc_.capacity);
   }
   int32_t* cnt = l.count.as<int32_t>();
   std::fill(cnt, cnt + E_loc_, 0);
@@ -149,13 +148,12 @@ void EpMicroBatchCpu::ll_combine_send() {
 }
 
 // Waits for every peer's combine flag; y per token over its routed slots, canonical order.
-void EpMicroBatchCpu::ll_combine_recv(const TensorView& routed,
-                                      std::vector<uint8_t>* has_routed) {
+void EpMicroBatchCpu::ll_combine_recv(const TensorView& routed, std::vector<uint8_t>* has_routed) {
   LowLatency& l = ll_;
   uint64_t* mine = ll_flags(rank_, l.comb_flags_off);
   for (int s = 0; s < R_; ++s) comm_.wait_flag(mine + s, seq_, s, "combine flag");
-  const float* rows = reinterpret_cast<const float*>(
-      static_cast<const char*>(l.window->local()) + l.combine_off);
+  const float* rows =
+      reinterpret_cast<const float*>(static_cast<const char*>(l.window->local()) + l.combine_off);
   std::vector<ReduceTerm> terms(static_cast<size_t>(Kp_));
   std::vector<float> acc;
   const int32_t* id = ids_.as<int32_t>();

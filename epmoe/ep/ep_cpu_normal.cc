@@ -50,13 +50,13 @@ std::vector<uint64_t> EpMicroBatchCpu::exchange_counts(int step,
   std::vector<uint64_t> out(static_cast<size_t>(R_));
   for (int p = 0; p < R_; ++p) {
     const CountMsg& m = recv[size_t(p)];
-    EPMOE_CHECK(m.step == uint64_t(step) && m.micro_batch == uint64_t(desc_.index) &&
-                    m.forward == seq_,
-                kInvalidArgument,
-                "rank {}, micro-batch {}: expected the {} of peer {} (forward {}), but the peer "
-                "sent micro-batch {}'s {} (forward {}): the ranks run different operation lists",
-                rank_, micro_batch_name(desc_.index), step_name(uint64_t(step)), p, seq_,
-                micro_batch_name(int(m.micro_batch)), step_name(m.step), m.forward);
+    EPMOE_CHECK(
+        m.step == uint64_t(step) && m.micro_batch == uint64_t(desc_.index) && m.forward == seq_,
+        kInvalidArgument,
+        "rank {}, micro-batch {}: expected the {} of peer {} (forward {}), but the peer "
+        "sent micro-batch {}'s {} (forward {}): the ranks run different operation lists",
+        rank_, micro_batch_name(desc_.index), step_name(uint64_t(step)), p, seq_,
+        micro_batch_name(int(m.micro_batch)), step_name(m.step), m.forward);
     out[size_t(p)] = m.value;
   }
   return out;
@@ -98,8 +98,7 @@ void EpMicroBatchCpu::normal_dispatch_recv() {
     EPMOE_CHECK(n.recv_tokens[size_t(p)] <= uint64_t(std::max<int64_t>(desc_.capacity, 0)),
                 kInvalidArgument,
                 "rank {}, micro-batch {}: peer {} announces {} tokens, more than the capacity {}",
-                rank_, micro_batch_name(desc_.index), p, n.recv_tokens[size_t(p)],
-                desc_.capacity);
+                rank_, micro_batch_name(desc_.index), p, n.recv_tokens[size_t(p)], desc_.capacity);
   const A2aLayout send(n.send_tokens, rec_.bytes), recv(n.recv_tokens, rec_.bytes);
   check_buffer_budget(int64_t(recv.total),
                       fmt::format("rank {}'s normal-mode receive buffer", rank_));

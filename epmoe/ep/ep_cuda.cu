@@ -1,16 +1,14 @@
-#include "epmoe/ep/ep_cuda.h"
-
 #include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <thread>
 #include <vector>
 
-
 #include "epmoe/core/env.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/device.h"
 #include "epmoe/cuda/nvtx.h"
+#include "epmoe/ep/ep_cuda.h"
 #include "epmoe/ep/ep_kernels.cuh"
 
 namespace epmoe::cuda {
@@ -104,7 +102,7 @@ struct EpMicroBatchCuda::Impl {
   std::vector<int32_t> send_counts, recv_counts, send_pairs, recv_pairs;
   int64_t n_recv = 0, n_send = 0;
   DeviceTensor send_buf, recv_buf, n_recv_x, n_recv_ids, n_recv_w, partial, back;
-  int32_t* pinned_i32 = nullptr;  // [8R]: counts read back [2R], host_meta's upload [3R]
+  int32_t* pinned_i32 = nullptr;       // [8R]: counts read back [2R], host_meta's upload [3R]
   cudaEvent_t counts_ready = nullptr;  // after dispatch_send's count read-back
   EpCudaTraffic traffic;
 
@@ -122,7 +120,6 @@ struct EpMicroBatchCuda::Impl {
                 name);
   }
 
-
   // ---- dispatch ----
   void dispatch_send(const EpTokens& tokens, cudaStream_t s) {
     NvtxRange r("ep.dispatch_send");
@@ -132,9 +129,8 @@ struct EpMicroBatchCuda::Impl {
     if (ep.mode == EpMode::kLowLatency && !ll_host) {
       ep::route_layout(dest_slot.as<int32_t>(), dest_count.as<int32_t>(), nullptr, in.topk_ids,
                        in.num_tokens, d, s);
-      ep::ll_dispatch_send(window.peers, ll, rec, in.x, in.topk_ids, in.topk_weights,
-                           in.num_tokens, dest_slot.as<int32_t>(), dest_count.as<int32_t>(),
-                           seq_ptr(), d, s);
+      ep::ll_dispatch_send(window.peers, ll, rec, in.x, in.topk_ids, in.topk_weights, in.num_tokens,
+                           dest_slot.as<int32_t>(), dest_count.as<int32_t>(), seq_ptr(), d, s);
       serial_point("dispatch send half");
       return;
     }
@@ -146,9 +142,10 @@ struct EpMicroBatchCuda::Impl {
                      dest_count.as<int32_t>() + R, in.topk_ids, in.num_tokens, d, s);
     ep::dest_offsets(dest_offset_ptr(), dest_count.as<int32_t>(), R, s);
     // At most T_max records to each destination: a fixed-size send buffer.
-    ensure_rows(send_buf, DType::kI32, {std::max<int64_t>(1, d.t_max * R * int64_t(rec.bytes) / 4)});
-    ep::normal_pack(send_buf.view().data, rec, in.x, in.topk_ids, in.topk_weights,
-                    in.num_tokens, dest_slot.as<int32_t>(), dest_offset_ptr(), d, s);
+    ensure_rows(send_buf, DType::kI32,
+                {std::max<int64_t>(1, d.t_max * R * int64_t(rec.bytes) / 4)});
+    ep::normal_pack(send_buf.view().data, rec, in.x, in.topk_ids, in.topk_weights, in.num_tokens,
+                    dest_slot.as<int32_t>(), dest_offset_ptr(), d, s);
     EPMOE_CUDA_CHECK(cudaMemcpyAsync(pinned_i32, dest_count.view().data, 8 * size_t(R),
                                      cudaMemcpyDeviceToHost, s));
     EPMOE_CUDA_CHECK(cudaEventRecord(counts_ready, s));
@@ -177,9 +174,9 @@ struct EpMicroBatchCuda::Impl {
         ep::ll_wait_dispatch(src_count.as<int32_t>(), win_local, ll, seq_ptr(), err_ptr(),
                              timeout_ns, d, s);
       }
-      ep::ll_expand_received(recv_x.view().data, recv_count.as<int32_t>(),
-                             recv_src.as<int32_t>(), recv_record.as<int32_t>(),
-                             recv_seg.as<int32_t>(), counts, win_local, ll, rec, err_ptr(), d, s);
+      ep::ll_expand_received(recv_x.view().data, recv_count.as<int32_t>(), recv_src.as<int32_t>(),
+                             recv_record.as<int32_t>(), recv_seg.as<int32_t>(), counts, win_local,
+                             ll, rec, err_ptr(), d, s);
       return;
     }
     exchange_counts("normal dispatch (receive half)");
@@ -216,8 +213,8 @@ struct EpMicroBatchCuda::Impl {
       ensure_rows(ret_out, DType::kI32, {std::max<int64_t>(1, n_out * int64_t(rb) / 4)});
       ensure_rows(ret_in, DType::kI32, {std::max<int64_t>(1, n_in * int64_t(rb) / 4)});
       ep::ll_return_pack(ret_out.view().data, src_base_ptr(), expert_out.view().data,
-                         recv_count.as<int32_t>(), recv_src.as<int32_t>(),
-                         recv_seg.as<int32_t>(), d, s);
+                         recv_count.as<int32_t>(), recv_src.as<int32_t>(), recv_seg.as<int32_t>(),
+                         d, s);
       t.all_to_all_v(ret_out.view().data, sz.sb.data(), sz.so.data(), ret_in.view().data,
                      sz.rb.data(), sz.ro.data());
       count_combine(sz);
@@ -237,8 +234,8 @@ struct EpMicroBatchCuda::Impl {
                 "rank {}, micro-batch {}: combine_transfer is normal mode's", d.rank, name);
     ensure_rows(back, DType::kF32, {std::max<int64_t>(1, n_send), d.hidden});
     const Sizes sz = sizes(recv_counts, send_counts, size_t(d.hidden) * 4);
-    t.all_to_all_v(partial.view().data, sz.sb.data(), sz.so.data(), back.view().data,
-                   sz.rb.data(), sz.ro.data());
+    t.all_to_all_v(partial.view().data, sz.sb.data(), sz.so.data(), back.view().data, sz.rb.data(),
+                   sz.ro.data());
     count_combine(sz);
   }
 
@@ -289,10 +286,9 @@ struct EpMicroBatchCuda::Impl {
   void require_dispatched(const char* what) const {
     EPMOE_CHECK(in.num_tokens != nullptr, kInvalidArgument,
                 "rank {}, micro-batch {}: {} before any dispatch", d.rank, name, what);
-    EPMOE_CHECK((ep.mode == EpMode::kLowLatency && !ll_host) ||
-                    send_pairs.size() == size_t(d.num_ranks),
-                kInvalidArgument, "rank {}, micro-batch {}: {} before dispatch_recv", d.rank,
-                name, what);
+    EPMOE_CHECK(
+        (ep.mode == EpMode::kLowLatency && !ll_host) || send_pairs.size() == size_t(d.num_ranks),
+        kInvalidArgument, "rank {}, micro-batch {}: {} before dispatch_recv", d.rank, name, what);
   }
 
   // ---- sizes learned on the host ----
@@ -409,8 +405,8 @@ struct EpMicroBatchCuda::Impl {
     const int R = d.num_ranks;
     // Load/store path: the kernels' counts say what they stored into other ranks' windows.
     std::vector<int32_t> counts(static_cast<size_t>(R));
-    EPMOE_CUDA_CHECK(cudaMemcpy(counts.data(), dest_count.view().data, 4 * size_t(R),
-                                cudaMemcpyDeviceToHost));
+    EPMOE_CUDA_CHECK(
+        cudaMemcpy(counts.data(), dest_count.view().data, 4 * size_t(R), cudaMemcpyDeviceToHost));
     for (int p = 0; p < R; ++p)
       if (p != d.rank) {
         tr.dispatch_tokens += counts[size_t(p)];
@@ -418,8 +414,8 @@ struct EpMicroBatchCuda::Impl {
       }
     const int64_t E_loc = d.local_experts, m_max = int64_t(R) * d.t_max;
     std::vector<int32_t> cnt(static_cast<size_t>(E_loc));
-    EPMOE_CUDA_CHECK(cudaMemcpy(cnt.data(), recv_count.view().data, 4 * size_t(E_loc),
-                                cudaMemcpyDeviceToHost));
+    EPMOE_CUDA_CHECK(
+        cudaMemcpy(cnt.data(), recv_count.view().data, 4 * size_t(E_loc), cudaMemcpyDeviceToHost));
     Tensor src = recv_src.to_host();
     for (int64_t e = 0; e < E_loc; ++e)
       for (int64_t r = 0; r < cnt[size_t(e)]; ++r)
@@ -460,29 +456,34 @@ TensorView EpMicroBatchCuda::recv_src() const { return impl_->recv_src.view(); }
 TensorView EpMicroBatchCuda::ll_expert_out() const { return impl_->expert_out.view(); }
 int64_t EpMicroBatchCuda::normal_num_recv() const { return impl_->n_recv; }
 TensorView EpMicroBatchCuda::normal_recv_x() const {
-  return TensorView{impl_->n_recv_x.view().data, {impl_->n_recv, impl_->d.hidden}, DType::kBF16,
-                    Device::kCuda};
+  return TensorView{
+      impl_->n_recv_x.view().data, {impl_->n_recv, impl_->d.hidden}, DType::kBF16, Device::kCuda};
 }
 TensorView EpMicroBatchCuda::normal_recv_ids() const {
-  return TensorView{impl_->n_recv_ids.view().data, {impl_->n_recv, impl_->d.num_slots},
-                    DType::kI32, Device::kCuda};
+  return TensorView{impl_->n_recv_ids.view().data,
+                    {impl_->n_recv, impl_->d.num_slots},
+                    DType::kI32,
+                    Device::kCuda};
 }
 TensorView EpMicroBatchCuda::normal_recv_weights() const {
-  return TensorView{impl_->n_recv_w.view().data, {impl_->n_recv, impl_->d.num_slots},
-                    DType::kF32, Device::kCuda};
+  return TensorView{
+      impl_->n_recv_w.view().data, {impl_->n_recv, impl_->d.num_slots}, DType::kF32, Device::kCuda};
 }
 TensorView EpMicroBatchCuda::normal_partials() {
-  return TensorView{impl_->partial.view().data, {impl_->n_recv, impl_->d.hidden}, DType::kF32,
-                    Device::kCuda};
+  return TensorView{
+      impl_->partial.view().data, {impl_->n_recv, impl_->d.hidden}, DType::kF32, Device::kCuda};
 }
 void EpMicroBatchCuda::check(cudaStream_t s) { impl_->check(s); }
 EpCudaTraffic EpMicroBatchCuda::last_traffic(cudaStream_t s) { return impl_->last_traffic(s); }
 
 const char* ll_transfer_name(LlTransfer t) {
   switch (t) {
-    case LlTransfer::kAuto: return "auto";
-    case LlTransfer::kDevice: return "device";
-    case LlTransfer::kHostApi: return "host";
+    case LlTransfer::kAuto:
+      return "auto";
+    case LlTransfer::kDevice:
+      return "device";
+    case LlTransfer::kHostApi:
+      return "host";
   }
   return "?";
 }

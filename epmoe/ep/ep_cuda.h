@@ -38,8 +38,8 @@ const char* ll_transfer_name(LlTransfer t);  // "auto" | "device" | "host"
 LlTransfer parse_ll_transfer(const std::string& s);
 
 struct EpCudaOptions {
-  bool fp8_dispatch = false;   // FP8 e4m3 payload with one f32 scale per 128 values
-  int64_t timeout_ms = -1;     // device waits; -1 = EPMOE_TIMEOUT_MS
+  bool fp8_dispatch = false;  // FP8 e4m3 payload with one f32 scale per 128 values
+  int64_t timeout_ms = -1;    // device waits; -1 = EPMOE_TIMEOUT_MS
   LlTransfer ll_transfer = LlTransfer::kAuto;
   // Blocks each communication kernel may use (DeepEP's num_sms); 0 = as many as the work has.
   int comm_blocks = 24;

@@ -1,6 +1,3 @@
-#include "epmoe/cuda/nvtx.h"
-#include "epmoe/ep/ep_kernels.cuh"
-
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -10,14 +7,16 @@
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/flags.cuh"
 #include "epmoe/cuda/fp8.cuh"
+#include "epmoe/cuda/nvtx.h"
 #include "epmoe/cuda/vec8.cuh"
+#include "epmoe/ep/ep_kernels.cuh"
 #include "epmoe/permute/reduce_plan.h"
 
 namespace epmoe::cuda::ep {
 
 RecordLayout make_record_layout(int64_t hidden, int num_slots, bool fp8) {
-  EPMOE_CHECK(hidden % 8 == 0, kUnsupported, "expert parallelism on the GPU needs H % 8 == 0, got {}",
-              hidden);
+  EPMOE_CHECK(hidden % 8 == 0, kUnsupported,
+              "expert parallelism on the GPU needs H % 8 == 0, got {}", hidden);
   EPMOE_CHECK(num_slots <= kMaxDeviceSlots, kUnsupported,
               "expert parallelism on the GPU supports up to {} slots per token, got {}",
               kMaxDeviceSlots, num_slots);
@@ -141,14 +140,14 @@ __device__ void write_record(char* rec_ptr, const RecordLayout& rec, const __nv_
       float scale;
       const uint2 packed = quantize8_fp8_group128(v, &scale);
       if (live) *reinterpret_cast<uint2*>(rec_ptr + c) = packed;
-      if (b < nblocks && sub == 0)
-        reinterpret_cast<float*>(rec_ptr + rec.scales_off)[b] = scale;
+      if (b < nblocks && sub == 0) reinterpret_cast<float*>(rec_ptr + rec.scales_off)[b] = scale;
     }
   }
   if (lane < d.num_slots) {
     const int id = ids[lane];
     const bool mine = id >= 0 && id < d.num_routed && id / d.local_experts == dst;
-    reinterpret_cast<int32_t*>(rec_ptr + rec.ids_off)[lane] = mine ? id - dst * d.local_experts : -1;
+    reinterpret_cast<int32_t*>(rec_ptr + rec.ids_off)[lane] =
+        mine ? id - dst * d.local_experts : -1;
     reinterpret_cast<float*>(rec_ptr + rec.w_off)[lane] = w[lane];
   }
   if (lane == 0) *reinterpret_cast<int32_t*>(rec_ptr + rec.src_off) = t;
@@ -184,9 +183,9 @@ __device__ void payload_to_row(__nv_bfloat16* row, const char* rec_ptr, const Re
 struct Item {
   const void* row;  // nullptr = absent
   float weight;
-  int is_f32;       // row holds f32 (else bf16)
-  int is_sum;       // a finished partial: added as it is
-  int key;          // reduce_plan key (expert id, or a rank's first expert)
+  int is_f32;  // row holds f32 (else bf16)
+  int is_sum;  // a finished partial: added as it is
+  int key;     // reduce_plan key (expert id, or a rank's first expert)
 };
 
 // items/plan in shared memory (per warp); acc: [kMaxDeviceSlots][8][32] floats of this warp.
@@ -204,8 +203,10 @@ __device__ void reduce_token_warp(float* y, const Item* items, int n, const Redu
         const Item& it = items[k];
         if (!it.row) continue;
         float v[8];
-        if (it.is_f32) load8(v, static_cast<const float*>(it.row) + c);
-        else load8(v, static_cast<const __nv_bfloat16*>(it.row) + c);
+        if (it.is_f32)
+          load8(v, static_cast<const float*>(it.row) + c);
+        else
+          load8(v, static_cast<const __nv_bfloat16*>(it.row) + c);
 #pragma unroll
         for (int i = 0; i < 8; ++i) slot(k, i) = it.is_sum ? v[i] : it.weight * v[i];
       }
@@ -219,7 +220,6 @@ constexpr int kMaxItems = kMaxRanks + kMaxDeviceSlots;
 // Columns one warp reduces per token: the token's H is split over gridDim.y blocks, so a small
 // decode batch still spreads over the machine.
 constexpr int64_t kCombineCols = 1024;
-
 
 // Lane 0 plans; the whole warp reduces. Items beyond n are ignored.
 __device__ void plan_and_reduce(float* y, Item* items, int n, ReducePlan* plan_smem, int E,
@@ -246,10 +246,9 @@ __device__ void plan_and_reduce(float* y, Item* items, int n, ReducePlan* plan_s
 }
 
 // ---------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(1024) route_layout_kernel(int32_t* dest_slot, int32_t* dest_count,
-                                                            int32_t* dest_pairs,
-                                                            const int32_t* ids,
-                                                            const int32_t* num_tokens, EpDims d) {
+__global__ void __launch_bounds__(1024)
+    route_layout_kernel(int32_t* dest_slot, int32_t* dest_count, int32_t* dest_pairs,
+                        const int32_t* ids, const int32_t* num_tokens, EpDims d) {
   __shared__ int carry[kMaxRanks];
   __shared__ int pairs[kMaxRanks];
   const int T = min(int64_t(*num_tokens), d.t_max);
@@ -289,9 +288,10 @@ __global__ void __launch_bounds__(1024) route_layout_kernel(int32_t* dest_slot, 
 //                     peers[dst] + peer_off + (d.rank * T_max + slot) * rec.bytes;
 //   peers == nullptr: into the local send buffer at send + (dest_offset[dst] + slot) * rec.bytes.
 __global__ void __launch_bounds__(kWarps * 32)
-pack_records_kernel(void* const* peers, size_t peer_off, char* send, const int32_t* dest_offset,
-                    RecordLayout rec, const __nv_bfloat16* x, const int32_t* ids, const float* w,
-                    const int32_t* num_tokens, const int32_t* dest_slot, EpDims d) {
+    pack_records_kernel(void* const* peers, size_t peer_off, char* send, const int32_t* dest_offset,
+                        RecordLayout rec, const __nv_bfloat16* x, const int32_t* ids,
+                        const float* w, const int32_t* num_tokens, const int32_t* dest_slot,
+                        EpDims d) {
   const int lane = threadIdx.x & 31;
   const int64_t T = min(int64_t(*num_tokens), d.t_max);
   const int64_t nw = int64_t(gridDim.x) * kWarps;
@@ -304,8 +304,8 @@ pack_records_kernel(void* const* peers, size_t peer_off, char* send, const int32
     char* rp = peers ? static_cast<char*>(peers[dst]) + peer_off +
                            (size_t(d.rank) * size_t(d.t_max) + size_t(slot)) * rec.bytes
                      : send + (size_t(dest_offset[dst]) + size_t(slot)) * rec.bytes;
-    write_record(rp, rec, x + t * d.hidden, ids + t * d.num_slots, w + t * d.num_slots, int(t),
-                 dst, d, lane);
+    write_record(rp, rec, x + t * d.hidden, ids + t * d.num_slots, w + t * d.num_slots, int(t), dst,
+                 d, lane);
   }
   if (peers) __threadfence_system();
 }
@@ -316,7 +316,8 @@ __global__ void raise_flags_kernel(void* const* peers, size_t flags_off, const i
   const uint64_t s = *seq + uint64_t(increment);
   __syncthreads();
   if (int(threadIdx.x) < R) {
-    uint64_t* f = reinterpret_cast<uint64_t*>(static_cast<char*>(peers[threadIdx.x]) + flags_off) + rank;
+    uint64_t* f =
+        reinterpret_cast<uint64_t*>(static_cast<char*>(peers[threadIdx.x]) + flags_off) + rank;
     st_release_sys(f, counts ? (s << 32) | uint32_t(counts[threadIdx.x]) : s);
   }
   __syncthreads();
@@ -328,8 +329,9 @@ __global__ void raise_flags_kernel(void* const* peers, size_t flags_off, const i
 // starve the peers they wait for. Thread r waits for rank r's flag; dispatch flags carry
 // (sequence << 32 | count) and counts[r] receives the count.
 __global__ void __launch_bounds__(kMaxRanks)
-wait_flags_kernel(int32_t* counts, const char* window, size_t flags_off, bool with_count,
-                  const uint64_t* seq, DeviceWaitError* err, int64_t timeout_ns, int rank, int R) {
+    wait_flags_kernel(int32_t* counts, const char* window, size_t flags_off, bool with_count,
+                      const uint64_t* seq, DeviceWaitError* err, int64_t timeout_ns, int rank,
+                      int R) {
   __shared__ int s_fail;
   if (threadIdx.x == 0) s_fail = err->failed;
   __syncthreads();
@@ -349,80 +351,81 @@ wait_flags_kernel(int32_t* counts, const char* window, size_t flags_off, bool wi
 }
 
 __global__ void __launch_bounds__(256)
-ll_recv_index_kernel(int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
-                     int32_t* recv_seg, const char* window, LowLatencyLayout ll,
-                     RecordLayout rec, const int32_t* src_count, DeviceWaitError* err,
-                     EpDims d) {
+    ll_recv_index_kernel(int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
+                         int32_t* recv_seg, const char* window, LowLatencyLayout ll,
+                         RecordLayout rec, const int32_t* src_count, DeviceWaitError* err,
+                         EpDims d) {
   __shared__ int s_count[kMaxRanks];
   __shared__ int s_fail, s_running;
   const int R = d.num_ranks;
   const int64_t m_max = int64_t(R) * d.t_max;
   // Blocks stride over the local experts (a bounded grid on the communication stream).
   for (int e = blockIdx.x; e < d.local_experts; e += gridDim.x) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    s_fail = err->failed;
-    s_running = 0;
-  }
-  if (int(threadIdx.x) < R) s_count[threadIdx.x] = src_count[threadIdx.x];
-  __syncthreads();
-  if (s_fail) {
-    if (threadIdx.x == 0) recv_count[e] = 0;
-    if (int(threadIdx.x) <= R) recv_seg[e * (R + 1) + threadIdx.x] = 0;
-    continue;
-  }
-  // Ordered compaction of the (source, token, slot) triples that hit expert e.
-  for (int s = 0; s < R; ++s) {
-    const int n = s_count[s];
-    if (threadIdx.x == 0) recv_seg[e * (R + 1) + s] = min(s_running, int(m_max));
-    for (int base = 0; base < n; base += blockDim.x) {
-      const int i = base + threadIdx.x;
-      const char* rp = window + ll.staging + (size_t(s) * size_t(d.t_max) + size_t(i)) * rec.bytes;
-      int c = 0;
-      if (i < n) {
-        const int32_t* lid = reinterpret_cast<const int32_t*>(rp + rec.ids_off);
-        for (int k = 0; k < d.num_slots; ++k) c += lid[k] == e;
-      }
-      int total;
-      const int pos = block_exclusive_scan(c, &total);
-      if (c) {
-        const int32_t* lid = reinterpret_cast<const int32_t*>(rp + rec.ids_off);
-        const int32_t src_token = *reinterpret_cast<const int32_t*>(rp + rec.src_off);
-        int row = s_running + pos;
-        for (int k = 0; k < d.num_slots; ++k) {
-          if (lid[k] != e) continue;
-          if (row < m_max) {
-            int32_t* o = recv_src + (int64_t(e) * m_max + row) * 3;
-            o[0] = s;
-            o[1] = src_token;
-            o[2] = k;
-            recv_record[int64_t(e) * m_max + row] = s * int(d.t_max) + i;
-          }
-          ++row;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      s_fail = err->failed;
+      s_running = 0;
+    }
+    if (int(threadIdx.x) < R) s_count[threadIdx.x] = src_count[threadIdx.x];
+    __syncthreads();
+    if (s_fail) {
+      if (threadIdx.x == 0) recv_count[e] = 0;
+      if (int(threadIdx.x) <= R) recv_seg[e * (R + 1) + threadIdx.x] = 0;
+      continue;
+    }
+    // Ordered compaction of the (source, token, slot) triples that hit expert e.
+    for (int s = 0; s < R; ++s) {
+      const int n = s_count[s];
+      if (threadIdx.x == 0) recv_seg[e * (R + 1) + s] = min(s_running, int(m_max));
+      for (int base = 0; base < n; base += blockDim.x) {
+        const int i = base + threadIdx.x;
+        const char* rp =
+            window + ll.staging + (size_t(s) * size_t(d.t_max) + size_t(i)) * rec.bytes;
+        int c = 0;
+        if (i < n) {
+          const int32_t* lid = reinterpret_cast<const int32_t*>(rp + rec.ids_off);
+          for (int k = 0; k < d.num_slots; ++k) c += lid[k] == e;
         }
+        int total;
+        const int pos = block_exclusive_scan(c, &total);
+        if (c) {
+          const int32_t* lid = reinterpret_cast<const int32_t*>(rp + rec.ids_off);
+          const int32_t src_token = *reinterpret_cast<const int32_t*>(rp + rec.src_off);
+          int row = s_running + pos;
+          for (int k = 0; k < d.num_slots; ++k) {
+            if (lid[k] != e) continue;
+            if (row < m_max) {
+              int32_t* o = recv_src + (int64_t(e) * m_max + row) * 3;
+              o[0] = s;
+              o[1] = src_token;
+              o[2] = k;
+              recv_record[int64_t(e) * m_max + row] = s * int(d.t_max) + i;
+            }
+            ++row;
+          }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) s_running += total;
+        __syncthreads();
       }
-      __syncthreads();
-      if (threadIdx.x == 0) s_running += total;
-      __syncthreads();
     }
-  }
-  if (threadIdx.x == 0) {
-    recv_count[e] = min(s_running, int(m_max));
-    recv_seg[e * (R + 1) + R] = min(s_running, int(m_max));
-    if (s_running > m_max && atomicCAS(&err->failed, 0, kOverflowedExpert) == 0) {
-      err->rank = d.rank;
-      err->peer = e;
-      err->expected = uint64_t(m_max);
-      err->observed = uint64_t(s_running);
-      __threadfence();
+    if (threadIdx.x == 0) {
+      recv_count[e] = min(s_running, int(m_max));
+      recv_seg[e * (R + 1) + R] = min(s_running, int(m_max));
+      if (s_running > m_max && atomicCAS(&err->failed, 0, kOverflowedExpert) == 0) {
+        err->rank = d.rank;
+        err->peer = e;
+        err->expected = uint64_t(m_max);
+        err->observed = uint64_t(s_running);
+        __threadfence();
+      }
     }
-  }
   }
 }
 
 __global__ void __launch_bounds__(kWarps * 32)
-ll_expand_kernel(__nv_bfloat16* recv_x, const int32_t* recv_count, const int32_t* recv_record,
-                 const char* window, LowLatencyLayout ll, RecordLayout rec, EpDims d) {
+    ll_expand_kernel(__nv_bfloat16* recv_x, const int32_t* recv_count, const int32_t* recv_record,
+                     const char* window, LowLatencyLayout ll, RecordLayout rec, EpDims d) {
   const int lane = threadIdx.x & 31;
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
   for (int e = blockIdx.x; e < d.local_experts; e += gridDim.x) {
@@ -437,8 +440,8 @@ ll_expand_kernel(__nv_bfloat16* recv_x, const int32_t* recv_count, const int32_t
 }
 
 __global__ void __launch_bounds__(kWarps * 32)
-ll_combine_send_kernel(void* const* peers, LowLatencyLayout ll, const __nv_bfloat16* expert_out,
-                       const int32_t* recv_count, const int32_t* recv_src, EpDims d) {
+    ll_combine_send_kernel(void* const* peers, LowLatencyLayout ll, const __nv_bfloat16* expert_out,
+                           const int32_t* recv_count, const int32_t* recv_src, EpDims d) {
   const int lane = threadIdx.x & 31;
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
   for (int e = blockIdx.x; e < d.local_experts; e += gridDim.x) {
@@ -462,9 +465,9 @@ ll_combine_send_kernel(void* const* peers, LowLatencyLayout ll, const __nv_bfloa
 // source s start at row src_base[s], expert-major within, in the expert's row order.
 // recv_seg: [E_loc, R + 1] first row of each source in each expert's rows (ll_recv_index).
 __global__ void __launch_bounds__(kWarps * 32)
-ll_return_pack_kernel(char* out, size_t ret_bytes, const int32_t* src_base,
-                      const __nv_bfloat16* expert_out, const int32_t* recv_count,
-                      const int32_t* recv_src, const int32_t* recv_seg, EpDims d) {
+    ll_return_pack_kernel(char* out, size_t ret_bytes, const int32_t* src_base,
+                          const __nv_bfloat16* expert_out, const int32_t* recv_count,
+                          const int32_t* recv_src, const int32_t* recv_seg, EpDims d) {
   __shared__ int s_first[kMaxRanks];  // first return row of (source s, expert e)
   const int lane = threadIdx.x & 31, R = d.num_ranks;
   const int64_t m_max = int64_t(R) * d.t_max;
@@ -496,8 +499,8 @@ ll_return_pack_kernel(char* out, size_t ret_bytes, const int32_t* src_base,
 // Host-API path, source side: n return records → the window's combine rows [T_max][K'] (the
 // place the load/store path writes them).
 __global__ void __launch_bounds__(kWarps * 32)
-ll_return_unpack_kernel(char* window, LowLatencyLayout ll, const char* in, size_t ret_bytes,
-                        int64_t n, EpDims d) {
+    ll_return_unpack_kernel(char* window, LowLatencyLayout ll, const char* in, size_t ret_bytes,
+                            int64_t n, EpDims d) {
   const int lane = threadIdx.x & 31;
   for (int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); i < n;
        i += int64_t(gridDim.x) * kWarps) {
@@ -513,9 +516,9 @@ ll_return_unpack_kernel(char* window, LowLatencyLayout ll, const char* in, size_
 }
 
 __global__ void __launch_bounds__(kWarps * 32)
-ll_combine_recv_kernel(float* y, const char* window, LowLatencyLayout ll, const int32_t* ids,
-                       const float* w, const float* shared_out, const int32_t* num_tokens,
-                       const DeviceWaitError* err, EpDims d) {
+    ll_combine_recv_kernel(float* y, const char* window, LowLatencyLayout ll, const int32_t* ids,
+                           const float* w, const float* shared_out, const int32_t* num_tokens,
+                           const DeviceWaitError* err, EpDims d) {
   extern __shared__ float s_acc[];
   __shared__ Item s_items[kWarps][kMaxDeviceSlots];
   __shared__ alignas(ReducePlan) unsigned char s_plan_raw[kWarps * sizeof(ReducePlan)];
@@ -529,28 +532,28 @@ ll_combine_recv_kernel(float* y, const char* window, LowLatencyLayout ll, const 
   const int64_t T = min(int64_t(*num_tokens), d.t_max);
   Item* items = s_items[warp];
   for (int64_t t = int64_t(blockIdx.x) * kWarps + warp; t < T; t += int64_t(gridDim.x) * kWarps) {
-  if (lane < d.num_slots) {
-    const int id = ids[t * d.num_slots + lane];
-    Item it{nullptr, w[t * d.num_slots + lane], 0, 0, id};
-    if (id >= 0 && id < d.num_routed) {
-      it.row = window + ll.combine + (size_t(t) * d.num_slots + size_t(lane)) * d.hidden * 2;
-    } else if (id >= d.num_routed && id < d.num_routed + d.n_shared_fused && shared_out) {
-      it.row = shared_out + (t * d.n_shared_fused + (id - d.num_routed)) * d.hidden;
-      it.is_f32 = 1;
+    if (lane < d.num_slots) {
+      const int id = ids[t * d.num_slots + lane];
+      Item it{nullptr, w[t * d.num_slots + lane], 0, 0, id};
+      if (id >= 0 && id < d.num_routed) {
+        it.row = window + ll.combine + (size_t(t) * d.num_slots + size_t(lane)) * d.hidden * 2;
+      } else if (id >= d.num_routed && id < d.num_routed + d.n_shared_fused && shared_out) {
+        it.row = shared_out + (t * d.n_shared_fused + (id - d.num_routed)) * d.hidden;
+        it.is_f32 = 1;
+      }
+      items[lane] = it;
     }
-    items[lane] = it;
-  }
-  __syncwarp();
-  const int64_t c0 = int64_t(blockIdx.y) * kCombineCols;
-  plan_and_reduce(y + t * d.hidden, items, d.num_slots, plan, d.num_routed, c0,
-                  min(d.hidden, c0 + kCombineCols), acc, lane);
+    __syncwarp();
+    const int64_t c0 = int64_t(blockIdx.y) * kCombineCols;
+    plan_and_reduce(y + t * d.hidden, items, d.num_slots, plan, d.num_routed, c0,
+                    min(d.hidden, c0 + kCombineCols), acc, lane);
   }
 }
 
 // ---- normal mode ----
 __global__ void __launch_bounds__(kWarps * 32)
-normal_unpack_kernel(__nv_bfloat16* recv_x, int32_t* recv_ids, float* recv_w, const char* recv,
-                     RecordLayout rec, int64_t n) {
+    normal_unpack_kernel(__nv_bfloat16* recv_x, int32_t* recv_ids, float* recv_w, const char* recv,
+                         RecordLayout rec, int64_t n) {
   const int lane = threadIdx.x & 31;
   for (int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); i < n;
        i += int64_t(gridDim.x) * kWarps) {
@@ -564,9 +567,9 @@ normal_unpack_kernel(__nv_bfloat16* recv_x, int32_t* recv_ids, float* recv_w, co
 }
 
 __global__ void __launch_bounds__(kWarps * 32)
-normal_combine_kernel(float* y, const float* partials, const int32_t* dest_slot,
-                      const int32_t* dest_offset, const int32_t* ids, const float* w,
-                      const float* shared_out, const int32_t* num_tokens, EpDims d) {
+    normal_combine_kernel(float* y, const float* partials, const int32_t* dest_slot,
+                          const int32_t* dest_offset, const int32_t* ids, const float* w,
+                          const float* shared_out, const int32_t* num_tokens, EpDims d) {
   extern __shared__ float s_acc[];
   __shared__ Item s_items[kWarps][kMaxItems];
   __shared__ alignas(ReducePlan) unsigned char s_plan_raw[kWarps * sizeof(ReducePlan)];
@@ -574,25 +577,25 @@ normal_combine_kernel(float* y, const float* partials, const int32_t* dest_slot,
   const int64_t T = min(int64_t(*num_tokens), d.t_max);
   Item* items = s_items[warp];
   for (int64_t t = int64_t(blockIdx.x) * kWarps + warp; t < T; t += int64_t(gridDim.x) * kWarps) {
-  for (int r = lane; r < d.num_ranks; r += 32) {
-    const int slot = dest_slot[t * d.num_ranks + r];
-    Item it{nullptr, 1.f, 1, 1, r * d.local_experts};
-    if (slot >= 0) it.row = partials + (int64_t(dest_offset[r]) + slot) * d.hidden;
-    items[r] = it;
-  }
-  if (lane < d.num_slots) {
-    const int id = ids[t * d.num_slots + lane];
-    Item it{nullptr, w[t * d.num_slots + lane], 1, 0, id};
-    if (id >= d.num_routed && id < d.num_routed + d.n_shared_fused && shared_out)
-      it.row = shared_out + (t * d.n_shared_fused + (id - d.num_routed)) * d.hidden;
-    items[d.num_ranks + lane] = it;
-  }
-  __syncwarp();
-  ReducePlan* plan = reinterpret_cast<ReducePlan*>(s_plan_raw) + warp;
-  float* acc = s_acc + size_t(warp) * kMaxDeviceSlots * 8 * 32;
-  const int64_t c0 = int64_t(blockIdx.y) * kCombineCols;
-  plan_and_reduce(y + t * d.hidden, items, d.num_ranks + d.num_slots, plan, d.num_routed, c0,
-                  min(d.hidden, c0 + kCombineCols), acc, lane);
+    for (int r = lane; r < d.num_ranks; r += 32) {
+      const int slot = dest_slot[t * d.num_ranks + r];
+      Item it{nullptr, 1.f, 1, 1, r * d.local_experts};
+      if (slot >= 0) it.row = partials + (int64_t(dest_offset[r]) + slot) * d.hidden;
+      items[r] = it;
+    }
+    if (lane < d.num_slots) {
+      const int id = ids[t * d.num_slots + lane];
+      Item it{nullptr, w[t * d.num_slots + lane], 1, 0, id};
+      if (id >= d.num_routed && id < d.num_routed + d.n_shared_fused && shared_out)
+        it.row = shared_out + (t * d.n_shared_fused + (id - d.num_routed)) * d.hidden;
+      items[d.num_ranks + lane] = it;
+    }
+    __syncwarp();
+    ReducePlan* plan = reinterpret_cast<ReducePlan*>(s_plan_raw) + warp;
+    float* acc = s_acc + size_t(warp) * kMaxDeviceSlots * 8 * 32;
+    const int64_t c0 = int64_t(blockIdx.y) * kCombineCols;
+    plan_and_reduce(y + t * d.hidden, items, d.num_ranks + d.num_slots, plan, d.num_routed, c0,
+                    min(d.hidden, c0 + kCombineCols), acc, lane);
   }
 }
 
@@ -654,7 +657,8 @@ constexpr size_t kCombineSmem = size_t(kWarps) * kMaxDeviceSlots * 8 * 32 * size
 
 template <typename K>
 void allow_big_smem(K kernel, size_t bytes) {
-  EPMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  EPMOE_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
 }  // namespace
@@ -700,9 +704,10 @@ void launch_pack(void* const* peers, size_t peer_off, void* send, const int32_t*
                  const float* topk_weights, const int32_t* num_tokens, const int32_t* dest_slot,
                  const EpDims& d, cudaStream_t stream) {
   const NvtxRange nvtx("ep.launch_pack");
-  pack_records_kernel<<<capped(blocks_for(d.t_max * d.num_ranks, kWarps), d), kWarps * 32, 0, stream>>>(
-      peers, peer_off, static_cast<char*>(send), dest_offset, rec,
-      static_cast<const __nv_bfloat16*>(x), topk_ids, topk_weights, num_tokens, dest_slot, d);
+  pack_records_kernel<<<capped(blocks_for(d.t_max * d.num_ranks, kWarps), d), kWarps * 32, 0,
+                        stream>>>(peers, peer_off, static_cast<char*>(send), dest_offset, rec,
+                                  static_cast<const __nv_bfloat16*>(x), topk_ids, topk_weights,
+                                  num_tokens, dest_slot, d);
   EPMOE_CUDA_CHECK_LAUNCH("pack_records_kernel");
 }
 }  // namespace
@@ -725,25 +730,24 @@ void ll_wait_dispatch(int32_t* src_count, const void* local_window, const LowLat
                       const EpDims& d, cudaStream_t stream) {
   const NvtxRange nvtx("ep.ll_wait_dispatch");
   wait_flags_kernel<<<1, kMaxRanks, 0, stream>>>(src_count, static_cast<const char*>(local_window),
-                                                ll.dispatch_flags, true, seq, err, timeout_ns,
-                                                d.rank, d.num_ranks);
+                                                 ll.dispatch_flags, true, seq, err, timeout_ns,
+                                                 d.rank, d.num_ranks);
   EPMOE_CUDA_CHECK_LAUNCH("wait_flags_kernel");
 }
 
-void ll_expand_received(void* recv_x, int32_t* recv_count, int32_t* recv_src,
-                        int32_t* recv_record, int32_t* recv_seg, const int32_t* src_count,
-                        const void* local_window, const LowLatencyLayout& ll,
-                        const RecordLayout& rec, DeviceWaitError* err, const EpDims& d,
-                        cudaStream_t stream) {
+void ll_expand_received(void* recv_x, int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
+                        int32_t* recv_seg, const int32_t* src_count, const void* local_window,
+                        const LowLatencyLayout& ll, const RecordLayout& rec, DeviceWaitError* err,
+                        const EpDims& d, cudaStream_t stream) {
   const NvtxRange nvtx("ep.ll_expand_received");
   const char* win = static_cast<const char*>(local_window);
-  ll_recv_index_kernel<<<capped(d.local_experts, d), 256, 0, stream>>>(recv_count, recv_src, recv_record,
-                                                            recv_seg, win, ll, rec, src_count,
-                                                            err, d);
+  ll_recv_index_kernel<<<capped(d.local_experts, d), 256, 0, stream>>>(
+      recv_count, recv_src, recv_record, recv_seg, win, ll, rec, src_count, err, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_recv_index_kernel");
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
-  ll_expand_kernel<<<capped2(d.local_experts, blocks_for(m_max, kWarps), d), kWarps * 32, 0, stream>>>(
-      static_cast<__nv_bfloat16*>(recv_x), recv_count, recv_record, win, ll, rec, d);
+  ll_expand_kernel<<<capped2(d.local_experts, blocks_for(m_max, kWarps), d), kWarps * 32, 0,
+                     stream>>>(static_cast<__nv_bfloat16*>(recv_x), recv_count, recv_record, win,
+                               ll, rec, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_expand_kernel");
 }
 
@@ -756,9 +760,8 @@ void ll_combine_send(void* const* peers, const LowLatencyLayout& ll, const void*
                            stream>>>(peers, ll, static_cast<const __nv_bfloat16*>(expert_out),
                                      recv_count, recv_src, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_combine_send_kernel");
-  raise_flags_kernel<<<1, kMaxRanks, 0, stream>>>(peers, ll.combine_flags, nullptr,
-                                                  const_cast<uint64_t*>(seq), 0, d.rank,
-                                                  d.num_ranks);
+  raise_flags_kernel<<<1, kMaxRanks, 0, stream>>>(
+      peers, ll.combine_flags, nullptr, const_cast<uint64_t*>(seq), 0, d.rank, d.num_ranks);
   EPMOE_CUDA_CHECK_LAUNCH("raise_flags_kernel");
 }
 
@@ -767,21 +770,25 @@ void ll_wait_combine(const void* local_window, const LowLatencyLayout& ll, const
                      cudaStream_t stream) {
   const NvtxRange nvtx("ep.ll_wait_combine");
   wait_flags_kernel<<<1, kMaxRanks, 0, stream>>>(nullptr, static_cast<const char*>(local_window),
-                                                ll.combine_flags, false, seq, err, timeout_ns,
-                                                d.rank, d.num_ranks);
+                                                 ll.combine_flags, false, seq, err, timeout_ns,
+                                                 d.rank, d.num_ranks);
   EPMOE_CUDA_CHECK_LAUNCH("wait_flags_kernel");
 }
 
 void ll_combine_reduce(float* y, const void* local_window, const LowLatencyLayout& ll,
-                       const int32_t* topk_ids, const float* topk_weights,
-                       const float* shared_out, const int32_t* num_tokens,
-                       const DeviceWaitError* err, const EpDims& d, cudaStream_t stream) {
+                       const int32_t* topk_ids, const float* topk_weights, const float* shared_out,
+                       const int32_t* num_tokens, const DeviceWaitError* err, const EpDims& d,
+                       cudaStream_t stream) {
   const NvtxRange nvtx("ep.ll_combine_reduce");
   const int64_t col_blocks = (d.hidden + kCombineCols - 1) / kCombineCols;
-  const dim3 grid(capped(blocks_for(d.t_max, kWarps), EpDims{.max_blocks = d.max_blocks > 0 ? std::max<int>(1, d.max_blocks / int(col_blocks)) : 0}), unsigned(col_blocks));
+  const dim3 grid(
+      capped(blocks_for(d.t_max, kWarps),
+             EpDims{.max_blocks =
+                        d.max_blocks > 0 ? std::max<int>(1, d.max_blocks / int(col_blocks)) : 0}),
+      unsigned(col_blocks));
   ll_combine_recv_kernel<<<grid, kWarps * 32, kCombineSmem, stream>>>(
-      y, static_cast<const char*>(local_window), ll, topk_ids, topk_weights, shared_out,
-      num_tokens, err, d);
+      y, static_cast<const char*>(local_window), ll, topk_ids, topk_weights, shared_out, num_tokens,
+      err, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_combine_recv_kernel");
 }
 
@@ -813,8 +820,8 @@ void normal_pack(void* send, const RecordLayout& rec, const void* x, const int32
                  const float* topk_weights, const int32_t* num_tokens, const int32_t* dest_slot,
                  const int32_t* dest_offset, const EpDims& d, cudaStream_t stream) {
   const NvtxRange nvtx("ep.normal_pack");
-  launch_pack(nullptr, 0, send, dest_offset, rec, x, topk_ids, topk_weights, num_tokens,
-              dest_slot, d, stream);
+  launch_pack(nullptr, 0, send, dest_offset, rec, x, topk_ids, topk_weights, num_tokens, dest_slot,
+              d, stream);
 }
 
 void normal_unpack(void* recv_x, int32_t* recv_ids, float* recv_w, const void* recv,
@@ -828,14 +835,18 @@ void normal_unpack(void* recv_x, int32_t* recv_ids, float* recv_w, const void* r
 }
 
 void normal_combine(float* y, const float* partials, const int32_t* dest_slot,
-                    const int32_t* dest_offset, const int32_t* topk_ids,
-                    const float* topk_weights, const float* shared_out,
-                    const int32_t* num_tokens, const EpDims& d, cudaStream_t stream) {
+                    const int32_t* dest_offset, const int32_t* topk_ids, const float* topk_weights,
+                    const float* shared_out, const int32_t* num_tokens, const EpDims& d,
+                    cudaStream_t stream) {
   const NvtxRange nvtx("ep.normal_combine");
   EPMOE_CHECK(d.num_ranks + d.num_slots <= kMaxItems && d.num_ranks <= 32, kUnsupported,
               "normal-mode combine supports up to 32 ranks, got {}", d.num_ranks);
   const int64_t col_blocks = (d.hidden + kCombineCols - 1) / kCombineCols;
-  const dim3 grid(capped(blocks_for(d.t_max, kWarps), EpDims{.max_blocks = d.max_blocks > 0 ? std::max<int>(1, d.max_blocks / int(col_blocks)) : 0}), unsigned(col_blocks));
+  const dim3 grid(
+      capped(blocks_for(d.t_max, kWarps),
+             EpDims{.max_blocks =
+                        d.max_blocks > 0 ? std::max<int>(1, d.max_blocks / int(col_blocks)) : 0}),
+      unsigned(col_blocks));
   normal_combine_kernel<<<grid, kWarps * 32, kCombineSmem, stream>>>(
       y, partials, dest_slot, dest_offset, topk_ids, topk_weights, shared_out, num_tokens, d);
   EPMOE_CUDA_CHECK_LAUNCH("normal_combine_kernel");
@@ -844,8 +855,8 @@ void normal_combine(float* y, const float* partials, const int32_t* dest_slot,
 void add_rows(float* y, const float* add, float scale, const int32_t* num_tokens, int64_t t_max,
               int64_t hidden, cudaStream_t stream) {
   const NvtxRange nvtx("ep.add_rows");
-  add_rows_kernel<<<blocks_for(t_max * hidden, 256 * 8), 256, 0, stream>>>(y, add, scale,
-                                                                          num_tokens, t_max, hidden);
+  add_rows_kernel<<<blocks_for(t_max * hidden, 256 * 8), 256, 0, stream>>>(
+      y, add, scale, num_tokens, t_max, hidden);
   EPMOE_CUDA_CHECK_LAUNCH("add_rows_kernel");
 }
 

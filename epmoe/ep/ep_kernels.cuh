@@ -3,10 +3,10 @@
 // orchestration is ep_cuda.h.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstddef>
 #include <cstdint>
-
-#include <cuda_runtime.h>
 
 #include "epmoe/comm/gpu_transport.h"
 
@@ -91,11 +91,10 @@ void ll_wait_dispatch(int32_t* src_count, const void* local_window, const LowLat
 // dequantised); recv_count: [E_loc] i32; recv_src: [E_loc, M_max, 3] i32 (source rank, source
 // token, slot); recv_record: [E_loc, M_max] i32 (staging record of the row); recv_seg:
 // [E_loc, R + 1] i32, the first row of each source in each expert's rows. M_max = R·T_max.
-void ll_expand_received(void* recv_x, int32_t* recv_count, int32_t* recv_src,
-                        int32_t* recv_record, int32_t* recv_seg, const int32_t* src_count,
-                        const void* local_window, const LowLatencyLayout& ll,
-                        const RecordLayout& rec, DeviceWaitError* err, const EpDims& d,
-                        cudaStream_t stream);
+void ll_expand_received(void* recv_x, int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
+                        int32_t* recv_seg, const int32_t* src_count, const void* local_window,
+                        const LowLatencyLayout& ll, const RecordLayout& rec, DeviceWaitError* err,
+                        const EpDims& d, cudaStream_t stream);
 
 // Sends each expert row back into its source's window, then raises the combine flags.
 // expert_out: [E_loc, M_max, H] bf16.
@@ -112,9 +111,9 @@ void ll_wait_combine(const void* local_window, const LowLatencyLayout& ll, const
 // area, fused shared rows from shared_out.
 // y: [T_max, H] f32 (rows < T); shared_out: [T_max, n_shared_fused, H] f32 or nullptr.
 void ll_combine_reduce(float* y, const void* local_window, const LowLatencyLayout& ll,
-                       const int32_t* topk_ids, const float* topk_weights,
-                       const float* shared_out, const int32_t* num_tokens,
-                       const DeviceWaitError* err, const EpDims& d, cudaStream_t stream);
+                       const int32_t* topk_ids, const float* topk_weights, const float* shared_out,
+                       const int32_t* num_tokens, const DeviceWaitError* err, const EpDims& d,
+                       cudaStream_t stream);
 
 // ---- low-latency over the host API (peers not load/store reachable) ----
 // The dispatch records travel with the transport's all_to_all_v into the window's staging area
@@ -142,9 +141,9 @@ void normal_unpack(void* recv_x, int32_t* recv_ids, float* recv_w, const void* r
 // Source side: y[t] from the partial sums returned by each visited rank, in the canonical order.
 // partials: [Σ dest_count, H] f32 in destination-major token order; shared_out as above.
 void normal_combine(float* y, const float* partials, const int32_t* dest_slot,
-                    const int32_t* dest_offset, const int32_t* topk_ids,
-                    const float* topk_weights, const float* shared_out,
-                    const int32_t* num_tokens, const EpDims& d, cudaStream_t stream);
+                    const int32_t* dest_offset, const int32_t* topk_ids, const float* topk_weights,
+                    const float* shared_out, const int32_t* num_tokens, const EpDims& d,
+                    cudaStream_t stream);
 
 // y[t] += add[t] (rows < T), then y *= scale when scale != 1. y, add: [T_max, H] f32.
 void add_rows(float* y, const float* add, float scale, const int32_t* num_tokens, int64_t t_max,

@@ -1,16 +1,15 @@
 // Expert kernels (SiLU-and-mul) and the cuBLAS grouped GEMM.
-#include "epmoe/cuda/nvtx.h"
-#include "epmoe/experts/experts.cuh"
-
-#include <algorithm>
-
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
+
+#include <algorithm>
 
 #include "epmoe/core/exact_math.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/fp8.cuh"
+#include "epmoe/cuda/nvtx.h"
 #include "epmoe/cuda/vec8.cuh"
+#include "epmoe/experts/experts.cuh"
 
 namespace epmoe::cuda {
 
@@ -38,16 +37,22 @@ __device__ __forceinline__ void load8(float* f, const __nv_bfloat16* p) {
 __device__ __forceinline__ void load8(float* f, const float* p) {
   const float4 a = __ldg(reinterpret_cast<const float4*>(p));
   const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
-  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+  f[0] = a.x;
+  f[1] = a.y;
+  f[2] = a.z;
+  f[3] = a.w;
+  f[4] = b.x;
+  f[5] = b.y;
+  f[6] = b.z;
+  f[7] = b.w;
 }
 
 // One warp per row (grid-stride over rows); lane handles 8 columns per step.
 // FP8: 16 lanes form one block of 128 values; the trip count is uniform so shuffles are safe.
 template <typename In, bool kFp8>
 __global__ void __launch_bounds__(kSiluWarps * 32)
-silu_and_mul_kernel(void* __restrict__ out, float* __restrict__ scales,
-                    const In* __restrict__ in, int64_t rows, int64_t inter, RowFilter filter) {
+    silu_and_mul_kernel(void* __restrict__ out, float* __restrict__ scales,
+                        const In* __restrict__ in, int64_t rows, int64_t inter, RowFilter filter) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * kSiluWarps;
   const int64_t lim = filter.limit();
@@ -89,8 +94,8 @@ silu_and_mul_kernel(void* __restrict__ out, float* __restrict__ scales,
 }
 
 // Shapes: in [rows, 2I] (or [E, M_max, 2I]); returns rows and I after checking.
-void check_silu(const TensorView& out, const TensorView* scales, const TensorView& in,
-                bool masked, bool fp8, int64_t* rows, int64_t* inter) {
+void check_silu(const TensorView& out, const TensorView* scales, const TensorView& in, bool masked,
+                bool fp8, int64_t* rows, int64_t* inter) {
   const NvtxRange nvtx("experts.check_silu");
   const int rank = masked ? 3 : 2;
   EPMOE_CHECK(in.shape.rank == rank && in.shape[rank - 1] % 2 == 0, kInvalidArgument,
@@ -125,12 +130,20 @@ void launch_silu(const TensorView& out, float* scales, const TensorView& in, int
   const unsigned block = kSiluWarps * 32;
   if (in.dtype == DType::kBF16) {
     const auto* p = static_cast<const __nv_bfloat16*>(in.data);
-    if (fp8) silu_and_mul_kernel<__nv_bfloat16, true><<<grid, block, 0, stream>>>(out.data, scales, p, rows, inter, filter);
-    else silu_and_mul_kernel<__nv_bfloat16, false><<<grid, block, 0, stream>>>(out.data, scales, p, rows, inter, filter);
+    if (fp8)
+      silu_and_mul_kernel<__nv_bfloat16, true>
+          <<<grid, block, 0, stream>>>(out.data, scales, p, rows, inter, filter);
+    else
+      silu_and_mul_kernel<__nv_bfloat16, false>
+          <<<grid, block, 0, stream>>>(out.data, scales, p, rows, inter, filter);
   } else {
     const auto* p = static_cast<const float*>(in.data);
-    if (fp8) silu_and_mul_kernel<float, true><<<grid, block, 0, stream>>>(out.data, scales, p, rows, inter, filter);
-    else silu_and_mul_kernel<float, false><<<grid, block, 0, stream>>>(out.data, scales, p, rows, inter, filter);
+    if (fp8)
+      silu_and_mul_kernel<float, true>
+          <<<grid, block, 0, stream>>>(out.data, scales, p, rows, inter, filter);
+    else
+      silu_and_mul_kernel<float, false>
+          <<<grid, block, 0, stream>>>(out.data, scales, p, rows, inter, filter);
   }
   EPMOE_CUDA_CHECK_LAUNCH("silu_and_mul_kernel");
 }
@@ -172,8 +185,8 @@ void silu_and_mul_fp8(const TensorView& out, const TensorView& scales, const Ten
               stream);
 }
 
-void silu_and_mul_fp8_masked(const TensorView& out, const TensorView& scales,
-                             const TensorView& in, const TensorView& count, cudaStream_t stream) {
+void silu_and_mul_fp8_masked(const TensorView& out, const TensorView& scales, const TensorView& in,
+                             const TensorView& count, cudaStream_t stream) {
   const NvtxRange nvtx("experts.silu_and_mul_fp8_masked");
   int64_t rows = 0, inter = 0;
   check_silu(out, &scales, in, true, true, &rows, &inter);
@@ -202,8 +215,8 @@ const int32_t* GroupedGemmRunner::fetch_counts(const int32_t* device_counts, int
     pinned_capacity_ = n;
   }
   if (n > 0)
-    EPMOE_CUDA_CHECK(cudaMemcpyAsync(pinned_, device_counts, size_t(n) * 4,
-                                     cudaMemcpyDeviceToHost, stream));
+    EPMOE_CUDA_CHECK(
+        cudaMemcpyAsync(pinned_, device_counts, size_t(n) * 4, cudaMemcpyDeviceToHost, stream));
   EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
   return pinned_;
 }
@@ -221,7 +234,7 @@ void GroupedGemmRunner::run(const std::vector<Problem>& problems, int64_t n_out,
     int64_t rows = 0;
     for (const Problem& p : problems) rows += p.m;
     impl = rows / int64_t(problems.size()) >= kAutoPerExpertRows ? GroupedGemmImpl::kPerExpert
-                                                                  : GroupedGemmImpl::kGrouped;
+                                                                 : GroupedGemmImpl::kGrouped;
   }
   if (impl == GroupedGemmImpl::kPerExpert || out_dtype != DType::kBF16 || !grouped_supported_) {
     for (const Problem& p : problems)
@@ -273,24 +286,24 @@ namespace {
 void check_bank(const TensorView& w, int64_t k, const char* what) {
   const NvtxRange nvtx("experts.check_bank");
   EPMOE_CHECK(w.shape.rank == 3 && w.dtype == DType::kBF16 && w.shape[2] == k, kInvalidArgument,
-              "grouped GEMM: weight bank {} {} must be [E_bank, N, K={}] bf16", what,
-              w.shape.str(), k);
+              "grouped GEMM: weight bank {} {} must be [E_bank, N, K={}] bf16", what, w.shape.str(),
+              k);
 }
 }  // namespace
 
-void GroupedGemmRunner::contiguous(const TensorView& out, const TensorView& in,
-                                   const TensorView& w, const int32_t* seg, int e_loc,
-                                   int bank_offset, cudaStream_t stream, GroupedGemmImpl impl) {
+void GroupedGemmRunner::contiguous(const TensorView& out, const TensorView& in, const TensorView& w,
+                                   const int32_t* seg, int e_loc, int bank_offset,
+                                   cudaStream_t stream, GroupedGemmImpl impl) {
   EPMOE_CHECK(in.shape.rank == 2 && in.dtype == DType::kBF16, kInvalidArgument,
               "grouped GEMM: input must be [N, K] bf16, got {} {}", in.shape.str(),
               dtype_name(in.dtype));
   const int64_t N = in.shape[0], K = in.shape[1];
   check_bank(w, K, "w");
   const int64_t n_out = w.shape[1];
-  EPMOE_CHECK(out.shape == Shape({N, n_out}) &&
-                  (out.dtype == DType::kBF16 || out.dtype == DType::kF32),
-              kInvalidArgument, "grouped GEMM: output must be [{}, {}] bf16|f32, got {} {}", N,
-              n_out, out.shape.str(), dtype_name(out.dtype));
+  EPMOE_CHECK(
+      out.shape == Shape({N, n_out}) && (out.dtype == DType::kBF16 || out.dtype == DType::kF32),
+      kInvalidArgument, "grouped GEMM: output must be [{}, {}] bf16|f32, got {} {}", N, n_out,
+      out.shape.str(), dtype_name(out.dtype));
   EPMOE_CHECK(bank_offset >= 0 && bank_offset + e_loc <= w.shape[0], kInvalidArgument,
               "grouped GEMM: local experts [{}, {}) exceed the bank of {}", bank_offset,
               bank_offset + e_loc, w.shape[0]);

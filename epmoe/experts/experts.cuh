@@ -3,11 +3,11 @@
 // experts_cpu.h.
 #pragma once
 
-#include <cstdint>
-#include <vector>
-
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
 
 #include "epmoe/core/tensor.h"
 
@@ -31,8 +31,8 @@ void silu_and_mul_masked(const TensorView& out, const TensorView& in, const Tens
 // f32 (masked: [E_loc, M_max, ceil(I/128)]).
 void silu_and_mul_fp8(const TensorView& out, const TensorView& scales, const TensorView& in,
                       const int32_t* num_rows, cudaStream_t stream);
-void silu_and_mul_fp8_masked(const TensorView& out, const TensorView& scales,
-                             const TensorView& in, const TensorView& count, cudaStream_t stream);
+void silu_and_mul_fp8_masked(const TensorView& out, const TensorView& scales, const TensorView& in,
+                             const TensorView& count, cudaStream_t stream);
 
 // --- grouped GEMM on cuBLAS -------------------------------------------------------------------
 // Per local expert e: out_e = in_e · W[bank_offset + e]ᵀ, f32 accumulation.

@@ -59,7 +59,9 @@ TensorView bank_slice(const TensorView& bank, int64_t e) {
               "expert {} is outside the bank {}", e, bank.shape.str());
   const size_t stride = size_t(bank.shape[1] * bank.shape[2]) * dtype_size(bank.dtype);
   return TensorView{static_cast<char*>(bank.data) + stride * size_t(e),
-                    {bank.shape[1], bank.shape[2]}, bank.dtype, bank.device};
+                    {bank.shape[1], bank.shape[2]},
+                    bank.dtype,
+                    bank.device};
 }
 
 void mlp_rows_cpu(float* out, const TensorView& in, int64_t row_begin, int64_t rows,
@@ -138,10 +140,10 @@ void experts_contiguous_cpu(const TensorView& out, const TensorView& in,
 }
 
 void experts_masked_cpu(const TensorView& out, const TensorView& in, const TensorView& count,
-                        const TensorView& w13, const TensorView& w2, int bank_offset,
-                        int threads, const TensorView& w13_scale, const TensorView& w2_scale) {
-  EPMOE_CHECK(in.shape.rank == 3, kInvalidArgument, "masked input must be [E_loc, M_max, H], got {}",
-              in.shape.str());
+                        const TensorView& w13, const TensorView& w2, int bank_offset, int threads,
+                        const TensorView& w13_scale, const TensorView& w2_scale) {
+  EPMOE_CHECK(in.shape.rank == 3, kInvalidArgument,
+              "masked input must be [E_loc, M_max, H], got {}", in.shape.str());
   const int64_t e_loc = in.shape[0], m_max = in.shape[1], h = in.shape[2];
   check_bank(w13, w2, h);
   check_bank_scales(w13, w2, w13_scale, w2_scale);

@@ -19,8 +19,8 @@ TensorView bank_slice(const TensorView& bank, int64_t e);
 // [2·ceil(I/128), ceil(H/128)] f32 (gate blocks, then up blocks), w2_scale
 // [ceil(H/128), ceil(I/128)] f32; they are dequantised exactly in f32 (linear_rows_cpu).
 void mlp_rows_cpu(float* out, const TensorView& in, int64_t row_begin, int64_t rows,
-                  const TensorView& w13, const TensorView& w2,
-                  const TensorView& w13_scale = {}, const TensorView& w2_scale = {});
+                  const TensorView& w13, const TensorView& w2, const TensorView& w13_scale = {},
+                  const TensorView& w2_scale = {});
 
 // Contiguous layout: rows [seg_indptr[e], seg_indptr[e+1]) go through bank expert
 // bank_offset + e. out: [N, H] f32; in: [N, H] bf16|f32; seg_indptr: [E_loc+1] i32;

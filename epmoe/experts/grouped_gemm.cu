@@ -6,15 +6,14 @@
 // registers. Grid: x = n-tile (fastest, so the blocks of one m-tile run together and share its
 // rows in L2), y = m-tile, z = expert (masked only). The counts live on the device, so the grid
 // covers the worst case and a block whose tile holds no row returns at once.
-#include "epmoe/cuda/nvtx.h"
-#include "epmoe/experts/grouped_gemm.cuh"
+#include <cuda_bf16.h>
 
 #include <atomic>
 #include <cstdint>
 
-#include <cuda_bf16.h>
-
 #include "epmoe/cuda/cuda_check.h"
+#include "epmoe/cuda/nvtx.h"
+#include "epmoe/experts/grouped_gemm.cuh"
 
 namespace epmoe::cuda {
 
@@ -26,9 +25,9 @@ constexpr int kBlockM = 128, kBlockN = 128, kBlockK = 64, kStages = 3;
 constexpr int kWarpsM = 2, kWarpsN = 4, kThreads = kWarpsM * kWarpsN * 32;
 constexpr int kWarpM = kBlockM / kWarpsM, kWarpN = kBlockN / kWarpsN;  // 64, 32
 constexpr int kFragsM = kWarpM / 16, kFragsN = kWarpN / 8;             // 4, 4
-constexpr int kChunks = kBlockK / 8;             // 16-byte chunks per tile row (8)
-constexpr int kRowStep = kThreads / kChunks;     // tile rows one loader pass covers (32)
-constexpr int kLoads = kBlockM / kRowStep;       // loader passes per tile (4)
+constexpr int kChunks = kBlockK / 8;          // 16-byte chunks per tile row (8)
+constexpr int kRowStep = kThreads / kChunks;  // tile rows one loader pass covers (32)
+constexpr int kLoads = kBlockM / kRowStep;    // loader passes per tile (4)
 constexpr int kTileBytesA = kBlockM * kBlockK * 2, kTileBytesB = kBlockN * kBlockK * 2;
 constexpr int kStageBytes = kTileBytesA + kTileBytesB;  // 32 KB
 constexpr int kSmemBytes = kStages * kStageBytes;       // 96 KB: two blocks per SM
@@ -65,8 +64,10 @@ __device__ __forceinline__ Tile contiguous_tile(const Params& p, int t) {
   int lo = 0, hi = p.e_loc - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
-    if (base(mid) <= t) lo = mid;
-    else hi = mid - 1;
+    if (base(mid) <= t)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   const int64_t local = t - base(lo);
   const int64_t begin = min(int64_t(max(seg[lo], 0)), p.rows);
@@ -103,12 +104,13 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int sr
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
-template <int kPending> __device__ __forceinline__ void cp_async_wait() {
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1,
-                                            uint32_t& r2, uint32_t& r3) {
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                            uint32_t& r3) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(addr));
@@ -163,7 +165,9 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const Params 
       const int r = ld_row + i * kRowStep;
       const bool a_ok = k_ok && r < tile.rows;
       const bool b_ok = k_ok && n0 + r < p.n_out;
-      if (r < rows16) cp_async16(sa + swz(r, ld_chunk), a_ok ? a_src + i * kRowStep * K + k : p.in, a_ok ? 16 : 0);
+      if (r < rows16)
+        cp_async16(sa + swz(r, ld_chunk), a_ok ? a_src + i * kRowStep * K + k : p.in,
+                   a_ok ? 16 : 0);
       cp_async16(sb + swz(r, ld_chunk), b_ok ? b_src + i * kRowStep * K + k : p.w, b_ok ? 16 : 0);
     }
   };
@@ -247,8 +251,8 @@ void launch_typed(const Params& p, dim3 grid, cudaStream_t stream) {
   EPMOE_CUDA_CHECK(cudaGetDevice(&dev));
   const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
   if (bit == 0 || (configured.load() & bit) == 0) {
-    EPMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          kSmemBytes));
+    EPMOE_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     configured.fetch_or(bit);
   }
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
@@ -259,11 +263,15 @@ void launch_typed(const Params& p, dim3 grid, cudaStream_t stream) {
 void launch(bool masked, DType out_dtype, const Params& p, dim3 grid, cudaStream_t stream) {
   const NvtxRange nvtx("gemm.launch");
   if (masked) {
-    if (out_dtype == DType::kBF16) launch_typed<true, __nv_bfloat16>(p, grid, stream);
-    else launch_typed<true, float>(p, grid, stream);
+    if (out_dtype == DType::kBF16)
+      launch_typed<true, __nv_bfloat16>(p, grid, stream);
+    else
+      launch_typed<true, float>(p, grid, stream);
   } else {
-    if (out_dtype == DType::kBF16) launch_typed<false, __nv_bfloat16>(p, grid, stream);
-    else launch_typed<false, float>(p, grid, stream);
+    if (out_dtype == DType::kBF16)
+      launch_typed<false, __nv_bfloat16>(p, grid, stream);
+    else
+      launch_typed<false, float>(p, grid, stream);
   }
 }
 
@@ -274,8 +282,10 @@ void check_operands(const char* fn, const TensorView& out, const TensorView& in,
                     const TensorView& w, const TensorView& counts, const char* counts_name,
                     int64_t e_loc, int bank_offset, Params* p) {
   const NvtxRange nvtx("gemm.check_operands");
-  const struct { const char* name; const TensorView& t; } all[] = {
-      {"out", out}, {"in", in}, {"w", w}, {counts_name, counts}};
+  const struct {
+    const char* name;
+    const TensorView& t;
+  } all[] = {{"out", out}, {"in", in}, {"w", w}, {counts_name, counts}};
   for (const auto& a : all)
     EPMOE_CHECK(a.t.device == Device::kCuda, kInvalidArgument,
                 "{}: {} must be a device tensor (counts are read on the device)", fn, a.name);
@@ -324,10 +334,10 @@ void grouped_gemm_contiguous(const TensorView& out, const TensorView& in, const 
   const char* fn = "grouped_gemm_contiguous";
   EPMOE_CHECK(in.shape.rank == 2, kInvalidArgument, "{}: in must be [N, K], got {}", fn,
               in.shape.str());
-  EPMOE_CHECK(seg_indptr.shape.rank == 1 && seg_indptr.shape[0] >= 1 &&
-                  seg_indptr.dtype == DType::kI32,
-              kInvalidArgument, "{}: seg_indptr must be [E_loc+1] i32, got {} {}", fn,
-              seg_indptr.shape.str(), dtype_name(seg_indptr.dtype));
+  EPMOE_CHECK(
+      seg_indptr.shape.rank == 1 && seg_indptr.shape[0] >= 1 && seg_indptr.dtype == DType::kI32,
+      kInvalidArgument, "{}: seg_indptr must be [E_loc+1] i32, got {} {}", fn,
+      seg_indptr.shape.str(), dtype_name(seg_indptr.dtype));
   const int64_t N = in.shape[0], e_loc = seg_indptr.shape[0] - 1;
   Params p{};
   check_operands(fn, out, in, w, seg_indptr, "seg_indptr", e_loc, bank_offset, &p);
@@ -335,8 +345,8 @@ void grouped_gemm_contiguous(const TensorView& out, const TensorView& in, const 
   if (N == 0 || e_loc == 0) return;
   const int64_t m_tiles = N / kBlockM + e_loc;  // see contiguous_tile
   EPMOE_CHECK(m_tiles <= 65535, kUnsupported,
-              "{}: N = {} rows over E_loc = {} experts need {} m-tiles, above the grid's 65535",
-              fn, N, e_loc, m_tiles);
+              "{}: N = {} rows over E_loc = {} experts need {} m-tiles, above the grid's 65535", fn,
+              N, e_loc, m_tiles);
   launch(false, out.dtype, p, dim3(n_tiles(p.n_out), unsigned(m_tiles), 1), stream);
 }
 
@@ -344,8 +354,8 @@ void grouped_gemm_masked(const TensorView& out, const TensorView& in, const Tens
                          const TensorView& count, int bank_offset, cudaStream_t stream) {
   const NvtxRange nvtx("gemm.grouped_gemm_masked");
   const char* fn = "grouped_gemm_masked";
-  EPMOE_CHECK(in.shape.rank == 3, kInvalidArgument, "{}: in must be [E_loc, M_max, K], got {}",
-              fn, in.shape.str());
+  EPMOE_CHECK(in.shape.rank == 3, kInvalidArgument, "{}: in must be [E_loc, M_max, K], got {}", fn,
+              in.shape.str());
   const int64_t e_loc = in.shape[0], m_max = in.shape[1];
   EPMOE_CHECK(count.shape == Shape({e_loc}) && count.dtype == DType::kI32, kInvalidArgument,
               "{}: count must be [{}] i32, got {} {}", fn, e_loc, count.shape.str(),

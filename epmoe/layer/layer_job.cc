@@ -1,13 +1,13 @@
 #include "epmoe/layer/layer_job.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
 #include <random>
 #include <sstream>
-
-#include <fmt/format.h>
 
 #include "epmoe/core/checked.h"
 #include "epmoe/core/parallel.h"
@@ -57,7 +57,9 @@ Tensor random_input(int64_t t, int64_t h, uint64_t seed) {
 TensorView row_range(const Tensor& t, int64_t begin, int64_t rows) {
   const int64_t w = t.shape()[1];
   return TensorView{static_cast<char*>(t.view().data) + size_t(begin * w) * dtype_size(t.dtype()),
-                    {rows, w}, t.dtype(), Device::kCpu};
+                    {rows, w},
+                    t.dtype(),
+                    Device::kCpu};
 }
 
 // Per-token id sets (the first k_cmp slots) and the weights matched by id.
@@ -76,8 +78,8 @@ void compare_routing(OutputCheck& c, const TensorView& ids_a, const TensorView& 
     for (int k = 0; k < k_cmp; ++k) {
       same &= a[size_t(k)].first == b[size_t(k)].first;
       if (same)
-        c.max_weight_diff = std::max(
-            c.max_weight_diff, double(std::fabs(a[size_t(k)].second - b[size_t(k)].second)));
+        c.max_weight_diff = std::max(c.max_weight_diff,
+                                     double(std::fabs(a[size_t(k)].second - b[size_t(k)].second)));
     }
     c.tokens_with_other_ids += same ? 0 : 1;
   }
@@ -93,8 +95,8 @@ void compare_output(OutputCheck& c, const float* y, const float* ref, int64_t va
 
 // The gathered outputs of one backend run.
 struct RunOutput {
-  Tensor y, ids, w;           // [T, H] f32, [T, K'] i32 / f32 (this process's rows filled)
-  Tensor y_none;              // the `none` run of the same tokens, when an overlap was checked
+  Tensor y, ids, w;  // [T, H] f32, [T, K'] i32 / f32 (this process's rows filled)
+  Tensor y_none;     // the `none` run of the same tokens, when an overlap was checked
 };
 
 RunOutput run_cpu(const LayerJobSpec& s, const MoeWeights& weights, const EpConfig& ep,
@@ -105,8 +107,8 @@ RunOutput run_cpu(const LayerJobSpec& s, const MoeWeights& weights, const EpConf
   const std::vector<TensorView> xs = split_rows(x_all.view(), tokens);
   std::vector<RankInput> inputs;
   for (const TensorView& xr : xs) inputs.push_back(RankInput{.x = xr});
-  LayerRunOptions lo{.overlap = kind, .iters = s.iters,
-                     .threads_per_rank = std::max(1, threads / s.ranks)};
+  LayerRunOptions lo{
+      .overlap = kind, .iters = s.iters, .threads_per_rank = std::max(1, threads / s.ranks)};
   const LayerRunResult res = run_layer_cpu(weights, ep, inputs, lo);
   rep.transport = fmt::format("threads ({} rank{})", s.ranks, s.ranks == 1 ? "" : "s");
   rep.strategy = res.strategy;
@@ -223,25 +225,25 @@ LayerJobReport run_layer_job(const LayerJobSpec& s) {
   // ---- tokens over the ranks ----
   if (!s.golden.empty() && s.tokens.empty()) {  // an even split of the file's tokens
     const int64_t T = x_all.shape()[0];
-    for (int r = 0; r < s.ranks; ++r)
-      rep.tokens.push_back(T / s.ranks + (r < T % s.ranks ? 1 : 0));
+    for (int r = 0; r < s.ranks; ++r) rep.tokens.push_back(T / s.ranks + (r < T % s.ranks ? 1 : 0));
   } else {
     rep.tokens = parse_tokens(s.tokens, s.ranks);
   }
   int64_t total = 0;
   for (int64_t t : rep.tokens) total = checked_add(total, t, "the total token count");
   // The input and the output of every token, in one process.
-  check_buffer_budget(checked_mul(checked_mul(total, cfg.hidden, "tokens x hidden"), int64_t(6),
-                                  "the token buffers"),
-                      fmt::format("the input and output of {} tokens x {} (--tokens)", total,
-                                  cfg.hidden));
+  check_buffer_budget(
+      checked_mul(checked_mul(total, cfg.hidden, "tokens x hidden"), int64_t(6),
+                  "the token buffers"),
+      fmt::format("the input and output of {} tokens x {} (--tokens)", total, cfg.hidden));
   if (s.golden.empty()) x_all = random_input(total, cfg.hidden, s.seed * 7919 + 1);
   EPMOE_CHECK(x_all.shape()[0] == total, kInvalidArgument,
               "per-rank token counts sum to {}, but the input has {} tokens", total,
               x_all.shape()[0]);
   rep.ep = EpConfig{.num_ranks = s.ranks, .mode = s.mode, .max_tokens_per_rank = s.max_tokens};
   if (rep.ep.max_tokens_per_rank == 0)
-    for (int64_t t : rep.tokens) rep.ep.max_tokens_per_rank = std::max(rep.ep.max_tokens_per_rank, t);
+    for (int64_t t : rep.tokens)
+      rep.ep.max_tokens_per_rank = std::max(rep.ep.max_tokens_per_rank, t);
   rep.ep.validate(cfg);
   for (size_t r = 0; r < rep.tokens.size(); ++r)
     EPMOE_CHECK(rep.tokens[r] <= rep.ep.max_tokens_per_rank, kInvalidArgument,

@@ -18,23 +18,23 @@ namespace epmoe {
 
 struct LayerJobSpec {
   std::string preset = "deepseek-v3-tiny";
-  std::string golden;             // safetensors layer with expected outputs; overrides preset
-  bool fuse_shared = false;       // the shared expert as extra experts (seed 004)
-  bool scale_on_output = false;   // with fuse_shared
-  uint64_t seed = 1;              // random weights and tokens
+  std::string golden;            // safetensors layer with expected outputs; overrides preset
+  bool fuse_shared = false;      // the shared expert as extra experts (seed 004)
+  bool scale_on_output = false;  // with fuse_shared
+  uint64_t seed = 1;             // random weights and tokens
   int ranks = 4;
   // Tokens per rank: "N" (every rank), "a,b,c" (one per rank) or "" (golden: an even split of
   // the file's tokens; else an uneven default with an empty rank).
   std::string tokens;
-  int64_t max_tokens = 0;         // T_max; 0 = the largest count
+  int64_t max_tokens = 0;  // T_max; 0 = the largest count
   EpMode mode = EpMode::kNormal;
-  std::string backend = "cpu";    // cpu | cuda
-  std::string transport = "auto"; // cuda: auto | nccl | loopback (comm/launch.h chooses)
-  bool fp8_dispatch = false;      // cuda: FP8 dispatch payload
+  std::string backend = "cpu";       // cpu | cuda
+  std::string transport = "auto";    // cuda: auto | nccl | loopback (comm/launch.h chooses)
+  bool fp8_dispatch = false;         // cuda: FP8 dispatch payload
   std::string ll_transfer = "auto";  // cuda, low-latency: auto | device | host
-  std::string overlap = "none";   // none | tbo | sbo | auto
+  std::string overlap = "none";      // none | tbo | sbo | auto
   int iters = 3;
-  int threads = 0;                // cpu: threads in all (0 = every core)
+  int threads = 0;  // cpu: threads in all (0 = every core)
   bool check = true;
 };
 
@@ -50,7 +50,7 @@ struct OutputCheck {
 };
 
 struct LayerJobReport {
-  std::string source;             // "preset NAME" or the golden file
+  std::string source;  // "preset NAME" or the golden file
   MoeConfig config;
   EpConfig ep;
   std::vector<int64_t> tokens;    // per rank
@@ -58,8 +58,8 @@ struct LayerJobReport {
   std::string transport;          // how the ranks were joined
   bool ll_over_host_api = false;  // cuda, low-latency: some rank moved tokens over the host API
   OverlapKind overlap = OverlapKind::kNone;
-  std::string strategy;           // Strategy::describe()
-  bool tree_ranks = true;         // R splits the experts along the reduction tree (bitwise EP)
+  std::string strategy;    // Strategy::describe()
+  bool tree_ranks = true;  // R splits the experts along the reduction tree (bitwise EP)
   // Per rank: median µs per operation ("op" or "op/A", "op/B") and of the whole forward.
   std::vector<std::vector<std::pair<std::string, double>>> op_us;
   std::vector<double> layer_us;

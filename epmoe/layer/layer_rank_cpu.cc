@@ -17,15 +17,24 @@ constexpr uint32_t bit(LayerOp op) { return 1u << unsigned(op); }
 uint32_t needs(LayerOp op) {
   using L = LayerOp;
   switch (op) {
-    case L::kGate: return 0;
-    case L::kSelectExperts: return bit(L::kGate);
-    case L::kDispatchSend: return bit(L::kSelectExperts);
-    case L::kDispatchRecv: return bit(L::kDispatchSend);
-    case L::kExperts: return bit(L::kDispatchRecv);
-    case L::kCombineSend: return bit(L::kExperts);
-    case L::kCombineRecv: return bit(L::kCombineSend);
-    case L::kSharedExperts: return 0;
-    case L::kOutput: return bit(L::kCombineRecv) | bit(L::kSharedExperts);
+    case L::kGate:
+      return 0;
+    case L::kSelectExperts:
+      return bit(L::kGate);
+    case L::kDispatchSend:
+      return bit(L::kSelectExperts);
+    case L::kDispatchRecv:
+      return bit(L::kDispatchSend);
+    case L::kExperts:
+      return bit(L::kDispatchRecv);
+    case L::kCombineSend:
+      return bit(L::kExperts);
+    case L::kCombineRecv:
+      return bit(L::kCombineSend);
+    case L::kSharedExperts:
+      return 0;
+    case L::kOutput:
+      return bit(L::kCombineRecv) | bit(L::kSharedExperts);
   }
   return 0;
 }
@@ -41,8 +50,8 @@ TensorView row_view(const TensorView& t, int64_t begin, int64_t n) {
 
 }  // namespace
 
-MoeLayerRankCpu::MoeLayerRankCpu(Communicator& comm, const MoeWeights& weights,
-                                 const EpConfig& ep, int threads)
+MoeLayerRankCpu::MoeLayerRankCpu(Communicator& comm, const MoeWeights& weights, const EpConfig& ep,
+                                 int threads)
     : comm_(comm), weights_(weights), cfg_(weights.config), ep_(ep), threads_(threads) {
   cfg_.validate();
   ep_.validate(cfg_);
@@ -123,8 +132,8 @@ void MoeLayerRankCpu::begin_forward(const ForwardPlan& plan) {
   EPMOE_CHECK(plan.num_micro_batches >= 1 && plan.num_micro_batches <= kMicroBatches,
               kInvalidArgument, "rank {}: {} micro-batches (this layer holds {})", rank_,
               plan.num_micro_batches, kMicroBatches);
-  EPMOE_CHECK(x_.shape.rank == 2, kInvalidArgument,
-              "rank {}: begin_forward before set_input", rank_);
+  EPMOE_CHECK(x_.shape.rank == 2, kInvalidArgument, "rank {}: begin_forward before set_input",
+              rank_);
   const int64_t T = x_.shape[0], H = cfg_.hidden;
   const int kp = cfg_.num_slots();
   if (!given_routing_) {
@@ -205,15 +214,33 @@ void MoeLayerRankCpu::end_forward() {
 
 void MoeLayerRankCpu::run_op(LayerOp op, MicroBatch& m) {
   switch (op) {
-    case LayerOp::kGate: gate(m); break;
-    case LayerOp::kSelectExperts: select_experts(m); break;
-    case LayerOp::kDispatchSend: m.ep->dispatch_send(m.x, m.ids, m.w); break;
-    case LayerOp::kDispatchRecv: m.ep->dispatch_recv(); break;
-    case LayerOp::kExperts: m.ep->experts(); break;
-    case LayerOp::kCombineSend: m.ep->combine_send(); break;
-    case LayerOp::kCombineRecv: m.ep->combine_recv(m.routed, &m.has_routed); break;
-    case LayerOp::kSharedExperts: shared_experts(m); break;
-    case LayerOp::kOutput: output(m); break;
+    case LayerOp::kGate:
+      gate(m);
+      break;
+    case LayerOp::kSelectExperts:
+      select_experts(m);
+      break;
+    case LayerOp::kDispatchSend:
+      m.ep->dispatch_send(m.x, m.ids, m.w);
+      break;
+    case LayerOp::kDispatchRecv:
+      m.ep->dispatch_recv();
+      break;
+    case LayerOp::kExperts:
+      m.ep->experts();
+      break;
+    case LayerOp::kCombineSend:
+      m.ep->combine_send();
+      break;
+    case LayerOp::kCombineRecv:
+      m.ep->combine_recv(m.routed, &m.has_routed);
+      break;
+    case LayerOp::kSharedExperts:
+      shared_experts(m);
+      break;
+    case LayerOp::kOutput:
+      output(m);
+      break;
   }
 }
 

@@ -77,12 +77,12 @@ class MoeLayerRankCpu final : public MoeLayerRank {
   struct MicroBatch {
     std::unique_ptr<EpMicroBatchCpu> ep;
     TokenRange rows;
-    TensorView x, ids, w;        // rows of the rank's x / routing: [T_mb, H], [T_mb, K'] x2
-    Tensor logits;               // [T_mb, E] f32
-    Tensor routed;               // [T_mb, H] f32: combine_recv's routed part
+    TensorView x, ids, w;             // rows of the rank's x / routing: [T_mb, H], [T_mb, K'] x2
+    Tensor logits;                    // [T_mb, E] f32
+    Tensor routed;                    // [T_mb, H] f32: combine_recv's routed part
     std::vector<uint8_t> has_routed;  // [T_mb]
-    Tensor shared;               // unfused: [T_mb, H] f32; fused: [T_mb, n_shared, H] f32
-    uint32_t done = 0;           // bit per LayerOp that ran this forward
+    Tensor shared;                    // unfused: [T_mb, H] f32; fused: [T_mb, n_shared, H] f32
+    uint32_t done = 0;                // bit per LayerOp that ran this forward
   };
 
   void check_input(const TensorView& x) const;
@@ -100,13 +100,13 @@ class MoeLayerRankCpu final : public MoeLayerRank {
   int threads_;
   int rank_ = 0;
 
-  TensorView x_;                        // [T_r, H]
+  TensorView x_;  // [T_r, H]
   bool given_routing_ = false;
-  Tensor topk_ids_, topk_weights_;      // [T_r, K']
-  Tensor y_;                            // [T_r, H] f32
+  Tensor topk_ids_, topk_weights_;  // [T_r, K']
+  Tensor y_;                        // [T_r, H] f32
   std::array<MicroBatch, kMicroBatches> mbs_;
-  int num_mb_ = 0;                      // micro-batches of the current forward; 0 = none open
-  bool complete_ = false;               // the last forward ended with every output written
+  int num_mb_ = 0;         // micro-batches of the current forward; 0 = none open
+  bool complete_ = false;  // the last forward ended with every output written
 
   bool tracing_ = false;
   Clock::time_point t_begin_;

@@ -1,11 +1,9 @@
-#include "epmoe/layer/layer_rank_cuda.h"
+#include <cuda_bf16.h>
 
 #include <chrono>
 #include <cstring>
 #include <thread>
 #include <vector>
-
-#include <cuda_bf16.h>
 
 #include "epmoe/core/env.h"
 #include "epmoe/cuda/cuda_check.h"
@@ -15,6 +13,7 @@
 #include "epmoe/experts/experts.cuh"
 #include "epmoe/experts/grouped_gemm.cuh"
 #include "epmoe/experts/sm90/sm90_grouped_gemm.cuh"
+#include "epmoe/layer/layer_rank_cuda.h"
 #include "epmoe/permute/permute.cuh"
 #include "epmoe/routing/gate.cuh"
 #include "epmoe/weights/fp8_block.h"
@@ -27,8 +26,10 @@ namespace {
 TensorView bank_rows(const Tensor& bank, int64_t first, int64_t n) {
   const Shape& s = bank.shape();
   const size_t per = size_t(s[1] * s[2]) * dtype_size(bank.dtype());
-  return TensorView{static_cast<char*>(bank.view().data) + per * size_t(first), {n, s[1], s[2]},
-                    bank.dtype(), Device::kCpu};
+  return TensorView{static_cast<char*>(bank.view().data) + per * size_t(first),
+                    {n, s[1], s[2]},
+                    bank.dtype(),
+                    Device::kCpu};
 }
 
 // Host bank slice [first, first + n) rounded to bf16 (the GPU computes in bf16; an f32 bank is
@@ -44,17 +45,20 @@ DeviceTensor upload_bank(const Tensor& bank, const Tensor& scale, int64_t first,
   Tensor out(DType::kBF16, {n, s[1], cols});
   for (int64_t e = 0; e < n; ++e)
     for (int h = 0; h < halves; ++h) {
-      const TensorView q{static_cast<uint8_t*>(bank.view().data) +
-                             size_t(((first + e) * s[1] + h * rows) * cols),
-                         {rows, cols}, DType::kF8E4M3, Device::kCpu};
+      const TensorView q{
+          static_cast<uint8_t*>(bank.view().data) + size_t(((first + e) * s[1] + h * rows) * cols),
+          {rows, cols},
+          DType::kF8E4M3,
+          Device::kCpu};
       const TensorView sc{scale.as<float>() + ((first + e) * scale.shape()[1] + h * srows) * scols,
-                          {srows, scols}, DType::kF32, Device::kCpu};
+                          {srows, scols},
+                          DType::kF32,
+                          Device::kCpu};
       const Tensor f = to_dtype(dequantize_fp8_block128(q, sc).view(), DType::kBF16);
       std::memcpy(out.as<bf16>() + (e * s[1] + h * rows) * cols, f.view().data, f.nbytes());
     }
   return DeviceTensor::from_host(out.view());
 }
-
 
 // ---- micro-batch split and merge (device-side counts: capturable) ----
 // Range of micro-batch mb of a rank with *rank_tokens tokens, as micro_batch_range() computes it.
@@ -72,10 +76,10 @@ __device__ void mb_range(int64_t tokens, int nmb, int mb, bool a_takes_odd, int6
 
 // mb_x [T_max, H] bf16 <- rows [begin, end) of x; with a routing, mb_ids/mb_w too.
 // mb_tokens <- end - begin.
-__global__ void split_kernel(__nv_bfloat16* mb_x, int32_t* mb_ids, float* mb_w,
-                             int32_t* mb_tokens, const __nv_bfloat16* x, const int32_t* ids,
-                             const float* w, const int32_t* rank_tokens, int64_t t_max,
-                             int64_t hidden, int kp, int nmb, int mb, bool a_takes_odd) {
+__global__ void split_kernel(__nv_bfloat16* mb_x, int32_t* mb_ids, float* mb_w, int32_t* mb_tokens,
+                             const __nv_bfloat16* x, const int32_t* ids, const float* w,
+                             const int32_t* rank_tokens, int64_t t_max, int64_t hidden, int kp,
+                             int nmb, int mb, bool a_takes_odd) {
   int64_t b, e;
   mb_range(min(int64_t(*rank_tokens), t_max), nmb, mb, a_takes_odd, &b, &e);
   if (blockIdx.x == 0 && threadIdx.x == 0) *mb_tokens = int32_t(e - b);
@@ -95,9 +99,9 @@ __global__ void split_kernel(__nv_bfloat16* mb_x, int32_t* mb_ids, float* mb_w,
 
 // Rows [begin, end) of y (and of the routing) <- micro-batch mb's rows.
 __global__ void merge_kernel(float* y, int32_t* ids, float* w, const float* mb_y,
-                             const int32_t* mb_ids, const float* mb_w,
-                             const int32_t* rank_tokens, int64_t t_max, int64_t hidden, int kp,
-                             int nmb, int mb, bool a_takes_odd) {
+                             const int32_t* mb_ids, const float* mb_w, const int32_t* rank_tokens,
+                             int64_t t_max, int64_t hidden, int kp, int nmb, int mb,
+                             bool a_takes_odd) {
   int64_t b, e;
   mb_range(min(int64_t(*rank_tokens), t_max), nmb, mb, a_takes_odd, &b, &e);
   const int64_t n4 = (e - b) * hidden / 4;
@@ -114,8 +118,7 @@ __global__ void merge_kernel(float* y, int32_t* ids, float* w, const float* mb_y
 
 // x [T_max, H] -> xc [S, T_max, kc] (chunk c holds columns [c·kc, (c+1)·kc)); count[c] = T.
 __global__ void chunk_kernel(__nv_bfloat16* xc, int32_t* count, const __nv_bfloat16* x,
-                             const int32_t* num_tokens, int64_t t_max, int64_t hidden,
-                             int64_t kc) {
+                             const int32_t* num_tokens, int64_t t_max, int64_t hidden, int64_t kc) {
   const int64_t T = min(int64_t(*num_tokens), t_max);
   const int64_t S = hidden / kc, per_row = hidden / 8;
   if (blockIdx.x == 0 && int64_t(threadIdx.x) < S) count[threadIdx.x] = int32_t(T);
@@ -153,8 +156,7 @@ void drain_bounded(cudaStream_t s, const std::string& what, int rank) {
     if (q == cudaSuccess) return;
     if (q != cudaErrorNotReady) EPMOE_CUDA_CHECK(q);
     EPMOE_CHECK(std::chrono::steady_clock::now() < deadline, kTimeout,
-                "rank {}: the {} stream did not drain within {} ms", rank, what,
-                wait_timeout_ms());
+                "rank {}: the {} stream did not drain within {} ms", rank, what, wait_timeout_ms());
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
 }
@@ -167,7 +169,8 @@ struct MoeLayerRankCuda::Impl {
   // One micro-batch: its tokens, routing, expert and shared-expert buffers, EP state, events.
   struct MicroBatch {
     DeviceTensor gate_x, gate_count, gate_partial;  // [S, T_max, kc], [S], [S, T_max, E]
-    DeviceTensor x, ids, wts, ntok, logits, y, seg1, seg_shared, shared_gu, shared_act, shared_tmp, shared_out;
+    DeviceTensor x, ids, wts, ntok, logits, y, seg1, seg_shared, shared_gu, shared_act, shared_tmp,
+        shared_out;
     // low-latency experts: [E_loc, R·T_max, ·]; normal: grow-only contiguous buffers
     DeviceTensor gu, act;
     DeviceTensor n_seg, n_s2d, n_sorted, n_gu, n_act, n_down, workspace;
@@ -188,17 +191,17 @@ struct MoeLayerRankCuda::Impl {
                 "the transport has {} ranks, the EP config {}", tr.size(), ep.num_ranks);
     EPMOE_CHECK(ep.max_tokens_per_rank >= 1, kInvalidConfig,
                 "max_tokens_per_rank must be >= 1 on the GPU, got {}", ep.max_tokens_per_rank);
-    EPMOE_CHECK(cfg.hidden % 8 == 0 && cfg.moe_intermediate % 8 == 0 &&
-                    cfg.n_routed_experts % 8 == 0,
-                kUnsupported,
-                "the GPU layer needs H, I and E to be multiples of 8 (got H {}, I {}, E {})",
-                cfg.hidden, cfg.moe_intermediate, cfg.n_routed_experts);
+    EPMOE_CHECK(
+        cfg.hidden % 8 == 0 && cfg.moe_intermediate % 8 == 0 && cfg.n_routed_experts % 8 == 0,
+        kUnsupported, "the GPU layer needs H, I and E to be multiples of 8 (got H {}, I {}, E {})",
+        cfg.hidden, cfg.moe_intermediate, cfg.n_routed_experts);
     EPMOE_CUDA_CHECK(cudaSetDevice(tr.device()));
     rank = tr.rank();
     // The Hopper grouped GEMM (wgmma + TMA) where this build and device have it; epmoe's portable
     // deterministic kernel otherwise. Both are row-independent (see their headers).
     sm90 = sm90_gemm_available() && env_int("SM90_GEMM", 1) != 0;
-    EPMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, tr.device()));
+    EPMOE_CUDA_CHECK(
+        cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, tr.device()));
     E_loc = cfg.n_routed_experts / ep.num_ranks;
     const int64_t T = ep.max_tokens_per_rank, H = cfg.hidden, I = cfg.moe_intermediate;
     const int64_t Kp = cfg.num_slots(), R = ep.num_ranks;
@@ -212,10 +215,10 @@ struct MoeLayerRankCuda::Impl {
     } else if (cfg.n_shared_experts > 0) {
       const int64_t si = int64_t(cfg.n_shared_experts) * I;
       Tensor a = to_dtype(w.shared_w13, DType::kBF16), b = to_dtype(w.shared_w2, DType::kBF16);
-      sw13 = DeviceTensor::from_host(TensorView{a.view().data, {1, 2 * si, H}, DType::kBF16,
-                                                Device::kCpu});
-      sw2 = DeviceTensor::from_host(TensorView{b.view().data, {1, H, si}, DType::kBF16,
-                                               Device::kCpu});
+      sw13 = DeviceTensor::from_host(
+          TensorView{a.view().data, {1, 2 * si, H}, DType::kBF16, Device::kCpu});
+      sw2 = DeviceTensor::from_host(
+          TensorView{b.view().data, {1, H, si}, DType::kBF16, Device::kCpu});
     }
     // The router as S = H / kc column chunks [S, E, kc]: the gate GEMM runs as a masked grouped
     // GEMM over the chunks (S times the parallelism of one [T, H] x [H, E] product at decode
@@ -256,10 +259,12 @@ struct MoeLayerRankCuda::Impl {
     staging_bytes = size_t(T) * size_t(H) * 2 + 2 * size_t(T) * size_t(Kp) * 4 + 64;
     EPMOE_CUDA_CHECK(cudaMallocHost(&staging, staging_bytes));
 
-    EPMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&lane[int(OpLane::kCompute)], cudaStreamNonBlocking));
+    EPMOE_CUDA_CHECK(
+        cudaStreamCreateWithFlags(&lane[int(OpLane::kCompute)], cudaStreamNonBlocking));
     EPMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&lane[int(OpLane::kShared)], cudaStreamNonBlocking));
     lane[int(OpLane::kComm)] = tr.stream();
-    for (auto& e2 : lane_join) EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&e2, cudaEventDisableTiming));
+    for (auto& e2 : lane_join)
+      EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&e2, cudaEventDisableTiming));
     EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
     EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&user_done, cudaEventDisableTiming));
     ep::prepare_kernels();
@@ -302,7 +307,8 @@ struct MoeLayerRankCuda::Impl {
         b.ws_compute = Sm90GemmWorkspace(int(std::max<int64_t>(E_loc, gate_chunks)));
         b.ws_shared = Sm90GemmWorkspace(std::max(1, cfg.n_shared_experts));
       }
-      for (auto& ev : b.done) EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+      for (auto& ev : b.done)
+        EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
       EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&b.split_done, cudaEventDisableTiming));
       EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&b.xfer_fork, cudaEventDisableTiming));
       EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&b.xfer_join, cudaEventDisableTiming));
@@ -315,12 +321,14 @@ struct MoeLayerRankCuda::Impl {
 
   ~Impl() {
     for (MicroBatch& b : mbs) {
-      for (auto ev : b.done) if (ev) cudaEventDestroy(ev);
+      for (auto ev : b.done)
+        if (ev) cudaEventDestroy(ev);
       if (b.split_done) cudaEventDestroy(b.split_done);
       if (b.xfer_fork) cudaEventDestroy(b.xfer_fork);
       if (b.xfer_join) cudaEventDestroy(b.xfer_join);
     }
-    for (auto e2 : lane_join) if (e2) cudaEventDestroy(e2);
+    for (auto e2 : lane_join)
+      if (e2) cudaEventDestroy(e2);
     if (fork) cudaEventDestroy(fork);
     if (user_done) cudaEventDestroy(user_done);
     clear_trace_events();
@@ -382,7 +390,8 @@ struct MoeLayerRankCuda::Impl {
     if (op == LayerOp::kCombineRecv && b.ep->combine_recv_is_local()) return OpLane::kCompute;
     if (op == LayerOp::kCombineSend && b.ep->combine_transfers_in_recv()) return OpLane::kCompute;
     if (layer_op_is_comm(op)) return OpLane::kComm;
-    if (op == LayerOp::kSharedExperts && plan.concurrent && plan.shared_lane) return OpLane::kShared;
+    if (op == LayerOp::kSharedExperts && plan.concurrent && plan.shared_lane)
+      return OpLane::kShared;
     return OpLane::kCompute;
   }
 
@@ -427,11 +436,10 @@ struct MoeLayerRankCuda::Impl {
       MicroBatch& b = mbs[m];
       for (bool& r : b.ran) r = false;
       split_kernel<<<grid_for(T * H / 8, 256), 256, 0, compute()>>>(
-          reinterpret_cast<__nv_bfloat16*>(b.x.view().data), b.ids.as<int32_t>(),
-          b.wts.as<float>(), b.ntok.as<int32_t>(),
-          reinterpret_cast<const __nv_bfloat16*>(x.view().data),
-          external_routing ? ids.as<int32_t>() : nullptr, wts.as<float>(), ntok.as<int32_t>(),
-          T, H, Kp, plan.num_micro_batches, m, a_takes_odd());
+          reinterpret_cast<__nv_bfloat16*>(b.x.view().data), b.ids.as<int32_t>(), b.wts.as<float>(),
+          b.ntok.as<int32_t>(), reinterpret_cast<const __nv_bfloat16*>(x.view().data),
+          external_routing ? ids.as<int32_t>() : nullptr, wts.as<float>(), ntok.as<int32_t>(), T, H,
+          Kp, plan.num_micro_batches, m, a_takes_odd());
       EPMOE_CUDA_CHECK_LAUNCH("split_kernel");
       EPMOE_CUDA_CHECK(cudaEventRecord(b.split_done, compute()));
     }
@@ -469,16 +477,26 @@ struct MoeLayerRankCuda::Impl {
     }
     TraceEntry* te = trace_begin(layer_op_name(op), m, l, s);
     switch (op) {
-      case LayerOp::kGate: gate(b, s); break;
-      case LayerOp::kSelectExperts: select(b, s); break;
-      case LayerOp::kDispatchSend:
-        b.ep->dispatch_send(EpTokens{b.x.view().data, b.ids.as<int32_t>(), b.wts.as<float>(),
-                                     b.ntok.as<int32_t>()},
-                            s);
+      case LayerOp::kGate:
+        gate(b, s);
         break;
-      case LayerOp::kDispatchRecv: b.ep->dispatch_recv(s); break;
-      case LayerOp::kExperts: experts(b, s); break;
-      case LayerOp::kCombineSend: b.ep->combine_send(s); break;
+      case LayerOp::kSelectExperts:
+        select(b, s);
+        break;
+      case LayerOp::kDispatchSend:
+        b.ep->dispatch_send(
+            EpTokens{b.x.view().data, b.ids.as<int32_t>(), b.wts.as<float>(), b.ntok.as<int32_t>()},
+            s);
+        break;
+      case LayerOp::kDispatchRecv:
+        b.ep->dispatch_recv(s);
+        break;
+      case LayerOp::kExperts:
+        experts(b, s);
+        break;
+      case LayerOp::kCombineSend:
+        b.ep->combine_send(s);
+        break;
       case LayerOp::kCombineRecv:
         if (b.ep->combine_transfers_in_recv()) {
           // The transfer on the communication stream (after what this op waited for), the
@@ -492,8 +510,12 @@ struct MoeLayerRankCuda::Impl {
         b.ep->combine_recv(b.y.as<float>(), cfg.fuse_shared ? b.shared_out.as<float>() : nullptr,
                            s);
         break;
-      case LayerOp::kSharedExperts: shared_experts(b, s); break;
-      case LayerOp::kOutput: output(b, m, s); break;
+      case LayerOp::kSharedExperts:
+        shared_experts(b, s);
+        break;
+      case LayerOp::kOutput:
+        output(b, m, s);
+        break;
     }
     trace_end(te, s);
     EPMOE_CUDA_CHECK(cudaEventRecord(b.done[int(op)], s));
@@ -502,8 +524,8 @@ struct MoeLayerRankCuda::Impl {
   }
 
   void run_user(const std::string& name, int m, const std::function<void(int)>& fn) {
-    EPMOE_CHECK(in_forward, kInvalidArgument, "rank {}: user operation {} outside a forward",
-                rank, name);
+    EPMOE_CHECK(in_forward, kInvalidArgument, "rank {}: user operation {} outside a forward", rank,
+                name);
     NvtxRange range(name.c_str());
     cudaStream_t s = compute();
     if (!plan.concurrent && last_done) EPMOE_CUDA_CHECK(cudaStreamWaitEvent(s, last_done, 0));
@@ -524,12 +546,23 @@ struct MoeLayerRankCuda::Impl {
     };
     EPMOE_CUDA_CHECK(cudaStreamWaitEvent(s, b.split_done, 0));
     switch (op) {
-      case LayerOp::kGate: break;
-      case LayerOp::kSelectExperts: after(LayerOp::kGate); break;
-      case LayerOp::kDispatchSend: after(LayerOp::kSelectExperts); break;
-      case LayerOp::kDispatchRecv: after(LayerOp::kDispatchSend); break;
-      case LayerOp::kExperts: after(LayerOp::kDispatchRecv); break;
-      case LayerOp::kCombineSend: after(LayerOp::kExperts); break;
+      case LayerOp::kGate:
+        break;
+      case LayerOp::kSelectExperts:
+        after(LayerOp::kGate);
+        break;
+      case LayerOp::kDispatchSend:
+        after(LayerOp::kSelectExperts);
+        break;
+      case LayerOp::kDispatchRecv:
+        after(LayerOp::kDispatchSend);
+        break;
+      case LayerOp::kExperts:
+        after(LayerOp::kDispatchRecv);
+        break;
+      case LayerOp::kCombineSend:
+        after(LayerOp::kExperts);
+        break;
       case LayerOp::kCombineRecv:
         after(LayerOp::kCombineSend);
         after(LayerOp::kSelectExperts);
@@ -541,7 +574,8 @@ struct MoeLayerRankCuda::Impl {
           after(LayerOp::kSharedExperts);
         }
         break;
-      case LayerOp::kSharedExperts: break;
+      case LayerOp::kSharedExperts:
+        break;
       case LayerOp::kOutput:
         after(LayerOp::kCombineRecv);
         after(LayerOp::kSharedExperts);
@@ -566,14 +600,18 @@ struct MoeLayerRankCuda::Impl {
   // ---- GEMMs: the sm90 kernels or the portable ones, same contract ----
   void gemm_masked(const TensorView& out, const TensorView& in, const TensorView& w,
                    const TensorView& count, Sm90GemmWorkspace& ws, cudaStream_t s) {
-    if (sm90) sm90_grouped_gemm_masked(out, in, w, count, 0, ws, s);
-    else grouped_gemm_masked(out, in, w, count, 0, s);
+    if (sm90)
+      sm90_grouped_gemm_masked(out, in, w, count, 0, ws, s);
+    else
+      grouped_gemm_masked(out, in, w, count, 0, s);
   }
   void gemm_contiguous(const TensorView& out, const TensorView& in, const TensorView& w,
                        const TensorView& seg, int bank_offset, Sm90GemmWorkspace& ws,
                        cudaStream_t s) {
-    if (sm90) sm90_grouped_gemm_contiguous(out, in, w, seg, bank_offset, ws, s);
-    else grouped_gemm_contiguous(out, in, w, seg, bank_offset, s);
+    if (sm90)
+      sm90_grouped_gemm_contiguous(out, in, w, seg, bank_offset, ws, s);
+    else
+      grouped_gemm_contiguous(out, in, w, seg, bank_offset, s);
   }
 
   // ---- the compute operations ----
@@ -621,16 +659,14 @@ struct MoeLayerRankCuda::Impl {
     const TensorView x_v = b.ep->normal_recv_x();
     preprocess(b.n_seg.view(), s2d_v, ids_v, 0, int(E_loc), b.workspace.view().data, s);
     if (n > 0) pre_reorder(b.n_sorted.view(), x_v, s2d_v, s);
-    gemm_contiguous(b.n_gu.view(), b.n_sorted.view(), w13.view(), b.n_seg.view(), 0,
-                    b.ws_compute, s);
-    silu_and_mul(b.n_act.view(), b.n_gu.view(), b.n_seg.as<int32_t>() + E_loc, s);
-    gemm_contiguous(b.n_down.view(), b.n_act.view(), w2.view(), b.n_seg.view(), 0, b.ws_compute,
+    gemm_contiguous(b.n_gu.view(), b.n_sorted.view(), w13.view(), b.n_seg.view(), 0, b.ws_compute,
                     s);
+    silu_and_mul(b.n_act.view(), b.n_gu.view(), b.n_seg.as<int32_t>() + E_loc, s);
+    gemm_contiguous(b.n_down.view(), b.n_act.view(), w2.view(), b.n_seg.view(), 0, b.ws_compute, s);
     if (n > 0)
       post_reorder(b.ep->normal_partials(), b.n_down.view(), s2d_v, ids_v, w_v,
                    cfg.n_routed_experts, int(rank * E_loc), s);
   }
-
 
   // One MLP (bank expert e of w13b/w2b) on the micro-batch's live rows; f32 out [T_max, H].
   void mlp_rows(MicroBatch& b, const DeviceTensor& out_f32, const DeviceTensor& w13b,
@@ -666,9 +702,9 @@ struct MoeLayerRankCuda::Impl {
                    b.ntok.as<int32_t>(), ep.max_tokens_per_rank, cfg.hidden, s);
     const int64_t T = ep.max_tokens_per_rank, H = cfg.hidden;
     merge_kernel<<<grid_for(T * H / 4, 256), 256, 0, s>>>(
-        y.as<float>(), ids.as<int32_t>(), wts.as<float>(), b.y.as<float>(),
-        b.ids.as<int32_t>(), b.wts.as<float>(), ntok.as<int32_t>(), T, H, cfg.num_slots(),
-        plan.num_micro_batches, m, a_takes_odd());
+        y.as<float>(), ids.as<int32_t>(), wts.as<float>(), b.y.as<float>(), b.ids.as<int32_t>(),
+        b.wts.as<float>(), ntok.as<int32_t>(), T, H, cfg.num_slots(), plan.num_micro_batches, m,
+        a_takes_odd());
     EPMOE_CUDA_CHECK_LAUNCH("merge_kernel");
   }
 
@@ -715,9 +751,9 @@ void MoeLayerRankCuda::upload(const TensorView& xh, const TensorView& idh, const
   Impl& m = *impl_;
   const int64_t H = m.cfg.hidden;
   const int Kp = m.cfg.num_slots();
-  EPMOE_CHECK(xh.shape.rank == 2 && xh.shape[1] == H && xh.dtype == DType::kBF16,
-              kInvalidArgument, "rank {}: tokens must be [T, {}] bf16, got {} {}", m.rank, H,
-              xh.shape.str(), dtype_name(xh.dtype));
+  EPMOE_CHECK(xh.shape.rank == 2 && xh.shape[1] == H && xh.dtype == DType::kBF16, kInvalidArgument,
+              "rank {}: tokens must be [T, {}] bf16, got {} {}", m.rank, H, xh.shape.str(),
+              dtype_name(xh.dtype));
   const int64_t T = xh.shape[0];
   EPMOE_CHECK(T <= m.ep.max_tokens_per_rank, kInvalidArgument,
               "rank {} brings {} tokens, more than max_tokens_per_rank = {}", m.rank, T,
@@ -749,7 +785,8 @@ void MoeLayerRankCuda::upload(const TensorView& xh, const TensorView& idh, const
       std::memcpy(st + xb, idh.data, ib);
       std::memcpy(st + xb + ib, wh.data, ib);
       EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.ids.view().data, st + xb, ib, cudaMemcpyHostToDevice, s));
-      EPMOE_CUDA_CHECK(cudaMemcpyAsync(m.wts.view().data, st + xb + ib, ib, cudaMemcpyHostToDevice, s));
+      EPMOE_CUDA_CHECK(
+          cudaMemcpyAsync(m.wts.view().data, st + xb + ib, ib, cudaMemcpyHostToDevice, s));
     }
   }
   int32_t* tn = reinterpret_cast<int32_t*>(st + m.staging_bytes - 16);

@@ -54,8 +54,8 @@ class MoeLayerRankCuda final : public MoeLayerRank {
   // select_experts keep it instead of computing one. Synchronises.
   void upload(const TensorView& x_host, const TensorView& ids_host = {},
               const TensorView& weights_host = {});
-  TensorView x() const;             // [T_max, H] bf16
-  int32_t* num_tokens() const;      // device i32: writing it (e.g. in a graph's input) is allowed
+  TensorView x() const;         // [T_max, H] bf16
+  int32_t* num_tokens() const;  // device i32: writing it (e.g. in a graph's input) is allowed
   // After a forward: y [T_max, H] f32 and the routing used, topk_ids [T_max, K'] i32,
   // topk_weights [T_max, K'] f32 (rows < num_tokens).
   TensorView y() const;

@@ -26,8 +26,8 @@ std::vector<TensorView> split_rows(const TensorView& x, const std::vector<int64_
   int64_t row = 0;
   const size_t row_bytes = size_t(x.shape[1]) * dtype_size(x.dtype);
   for (int64_t n : sizes) {
-    out.push_back(TensorView{static_cast<char*>(x.data) + size_t(row) * row_bytes,
-                             {n, x.shape[1]}, x.dtype, x.device});
+    out.push_back(TensorView{
+        static_cast<char*>(x.data) + size_t(row) * row_bytes, {n, x.shape[1]}, x.dtype, x.device});
     row += n;
   }
   return out;
@@ -40,7 +40,8 @@ LayerRunResult run_layer_cpu(const MoeWeights& weights, EpConfig ep,
   EPMOE_CHECK(o.iters >= 1, kInvalidArgument, "iterations must be >= 1, got {}", o.iters);
   if (ep.max_tokens_per_rank == 0)
     for (const auto& in : inputs)
-      if (in.x.shape.rank == 2) ep.max_tokens_per_rank = std::max(ep.max_tokens_per_rank, in.x.shape[0]);
+      if (in.x.shape.rank == 2)
+        ep.max_tokens_per_rank = std::max(ep.max_tokens_per_rank, in.x.shape[0]);
   ep.validate(weights.config);
   const Strategy strategy = make_strategy(o.overlap, ep.mode, o.user);
   const int R = ep.num_ranks;
@@ -80,7 +81,8 @@ LayerRunResult run_layer_cpu(const MoeWeights& weights, EpConfig ep,
       std::vector<double> sum(num_rows, 0.0);
       for (const OpTiming& t : layer.last_trace()) {
         const auto row = std::find(res.op_names.begin(), res.op_names.end(), t.name);
-        if (row != res.op_names.end()) sum[size_t(row - res.op_names.begin())] += t.end_us - t.start_us;
+        if (row != res.op_names.end())
+          sum[size_t(row - res.op_names.begin())] += t.end_us - t.start_us;
       }
       for (size_t i = 0; i < num_rows; ++i) per_iter[i].push_back(sum[i]);
     }

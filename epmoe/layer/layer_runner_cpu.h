@@ -22,23 +22,23 @@ struct RankInput {
 
 struct LayerRunOptions {
   OverlapKind overlap = OverlapKind::kNone;
-  UserOps user;              // attention stand-ins around the MoE (may be empty)
-  int iters = 1;             // forwards; timings are medians over them, outputs from the last
-  int threads_per_rank = 1;  // CPU threads of each rank's kernels (0 = every core)
+  UserOps user;                  // attention stand-ins around the MoE (may be empty)
+  int iters = 1;                 // forwards; timings are medians over them, outputs from the last
+  int threads_per_rank = 1;      // CPU threads of each rank's kernels (0 = every core)
   int64_t wait_timeout_ms = -1;  // every bounded wait; -1: EPMOE_TIMEOUT_MS
 };
 
 struct LayerRunResult {
-  std::string strategy;                     // Strategy::describe()
-  std::vector<Tensor> y;                    // per rank: [T_r, H] f32
-  std::vector<Tensor> topk_ids;             // per rank: [T_r, K'] i32, the routing used
-  std::vector<Tensor> topk_weights;         // per rank: [T_r, K'] f32
+  std::string strategy;              // Strategy::describe()
+  std::vector<Tensor> y;             // per rank: [T_r, H] f32
+  std::vector<Tensor> topk_ids;      // per rank: [T_r, K'] i32, the routing used
+  std::vector<Tensor> topk_weights;  // per rank: [T_r, K'] f32
   // Per-operation medians: op_names[i] (the layer's operations in LayerOp order, then user
   // operations) and op_us[r][i], µs of rank r summed over its micro-batches.
   std::vector<std::string> op_names;
   std::vector<std::vector<double>> op_us;
-  std::vector<double> total_us;             // per rank: median forward wall time
-  std::vector<EpTraffic> traffic;           // per rank, last forward, both micro-batches
+  std::vector<double> total_us;    // per rank: median forward wall time
+  std::vector<EpTraffic> traffic;  // per rank, last forward, both micro-batches
 };
 
 // ep.max_tokens_per_rank == 0 means "the largest T_r". inputs: one per rank.

@@ -31,7 +31,8 @@ LayerResult run_single_rank(const MoeWeights& weights, const RankInput& in, int 
   cfg.validate();
   EPMOE_CHECK(in.x.shape.rank == 2 && in.x.shape[1] == cfg.hidden, kInvalidArgument,
               "input must be [T, {}], got {}", cfg.hidden, in.x.shape.str());
-  const EpConfig ep{.num_ranks = 1, .mode = EpMode::kNormal,
+  const EpConfig ep{.num_ranks = 1,
+                    .mode = EpMode::kNormal,
                     .max_tokens_per_rank = std::max<int64_t>(in.x.shape[0], 1)};
   LayerRunResult r = run_layer_cpu(
       weights, ep, {in},

@@ -1,11 +1,9 @@
-#include "epmoe/layer/run_layer_cuda.h"
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cstring>
 #include <map>
 #include <mutex>
-
-#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "epmoe/comm/launch.h"
@@ -14,6 +12,7 @@
 #include "epmoe/cuda/device.h"
 #include "epmoe/cuda/flags.cuh"
 #include "epmoe/layer/layer_rank_cuda.h"
+#include "epmoe/layer/run_layer_cuda.h"
 
 namespace epmoe::cuda {
 
@@ -32,7 +31,9 @@ int sm_count(int device) {
 TensorView rows(const Tensor& t, int64_t first, int64_t n) {
   const int64_t w = t.shape()[1];
   return TensorView{static_cast<char*>(t.view().data) + size_t(first * w) * dtype_size(t.dtype()),
-                    {n, w}, t.dtype(), Device::kCpu};
+                    {n, w},
+                    t.dtype(),
+                    Device::kCpu};
 }
 
 struct Timer {
@@ -146,8 +147,8 @@ CudaRunResult run_layer_cuda(const CudaRunSpec& sp) {
         if (it == sp.iters - 1) {  // this strategy's output
           StrategyResult& s = res.strategies[i];
           if (n) {
-            EPMOE_CUDA_CHECK(cudaMemcpy(s.y.as<float>() + f * H, layer.y().data,
-                                        size_t(n * H) * 4, cudaMemcpyDeviceToHost));
+            EPMOE_CUDA_CHECK(cudaMemcpy(s.y.as<float>() + f * H, layer.y().data, size_t(n * H) * 4,
+                                        cudaMemcpyDeviceToHost));
             EPMOE_CUDA_CHECK(cudaMemcpy(s.ids.as<int32_t>() + f * Kp, layer.topk_ids().data,
                                         size_t(n * Kp) * 4, cudaMemcpyDeviceToHost));
             EPMOE_CUDA_CHECK(cudaMemcpy(s.w.as<float>() + f * Kp, layer.topk_weights().data,
@@ -168,7 +169,8 @@ CudaRunResult run_layer_cuda(const CudaRunSpec& sp) {
         execute(layer, strategies[i]);
         last[i] = layer.last_trace();
         for (const OpTiming& o : last[i])
-          per_op[i][o.name + (strategies[i].plan.num_micro_batches > 1 ? (o.micro_batch ? "/B" : "/A") : "")]
+          per_op[i][o.name +
+                    (strategies[i].plan.num_micro_batches > 1 ? (o.micro_batch ? "/B" : "/A") : "")]
               .push_back(o.end_us - o.start_us);
       }
     layer.set_tracing(false);
@@ -180,7 +182,8 @@ CudaRunResult run_layer_cuda(const CudaRunSpec& sp) {
       StrategyResult& s = res.strategies[i];
       s.layer_us[size_t(me)] = median(times[i]);
       s.trace[size_t(me)] = last[i];
-      for (const auto& kv : per_op[i]) s.op_us[size_t(me)].emplace_back(kv.first, median(kv.second));
+      for (const auto& kv : per_op[i])
+        s.op_us[size_t(me)].emplace_back(kv.first, median(kv.second));
     }
   };
 
@@ -197,16 +200,24 @@ std::string chrome_trace_json(const std::vector<std::vector<OpTiming>>& per_rank
                               const std::string& label) {
   nlohmann::json ev = nlohmann::json::array();
   for (size_t r = 0; r < per_rank.size(); ++r) {
-    ev.push_back({{"name", "process_name"}, {"ph", "M"}, {"pid", int(r)},
+    ev.push_back({{"name", "process_name"},
+                  {"ph", "M"},
+                  {"pid", int(r)},
                   {"args", {{"name", fmt::format("rank {} ({})", r, label)}}}});
     for (int l = 0; l < 3; ++l)
-      ev.push_back({{"name", "thread_name"}, {"ph", "M"}, {"pid", int(r)}, {"tid", l},
+      ev.push_back({{"name", "thread_name"},
+                    {"ph", "M"},
+                    {"pid", int(r)},
+                    {"tid", l},
                     {"args", {{"name", std::string(op_lane_name(OpLane(l))) + " stream"}}}});
     for (const OpTiming& o : per_rank[r])
       ev.push_back({{"name", o.name + (o.micro_batch ? " B" : " A")},
                     {"cat", o.micro_batch ? "micro-batch B" : "micro-batch A"},
-                    {"ph", "X"}, {"pid", int(r)}, {"tid", int(o.lane)},
-                    {"ts", o.start_us}, {"dur", std::max(0.0, o.end_us - o.start_us)},
+                    {"ph", "X"},
+                    {"pid", int(r)},
+                    {"tid", int(o.lane)},
+                    {"ts", o.start_us},
+                    {"dur", std::max(0.0, o.end_us - o.start_us)},
                     {"args", {{"micro_batch", o.micro_batch ? "B" : "A"}}}});
   }
   return nlohmann::json{{"traceEvents", ev}, {"displayTimeUnit", "ns"}}.dump();

@@ -21,17 +21,17 @@ namespace epmoe::cuda {
 
 struct CudaRunSpec {
   const MoeWeights* weights = nullptr;
-  EpConfig ep;                          // T_max > 0
-  std::vector<int64_t> tokens;          // per rank
-  const Tensor* x_all = nullptr;        // [Σ tokens, H] bf16, rank r's rows after rank r-1's
-  const Tensor* ids_all = nullptr;      // optional routing [Σ tokens, K'] i32 (+ weights f32)
+  EpConfig ep;                      // T_max > 0
+  std::vector<int64_t> tokens;      // per rank
+  const Tensor* x_all = nullptr;    // [Σ tokens, H] bf16, rank r's rows after rank r-1's
+  const Tensor* ids_all = nullptr;  // optional routing [Σ tokens, K'] i32 (+ weights f32)
   const Tensor* weights_all = nullptr;
-  std::string transport = "auto";       // auto | nccl | loopback
+  std::string transport = "auto";  // auto | nccl | loopback
   EpCudaOptions options;
   std::vector<OverlapKind> strategies = {OverlapKind::kNone};
-  int iters = 3;                        // timed forwards per strategy (after one warm-up)
-  int trace_iters = 0;                  // traced forwards per strategy (per-op breakdown)
-  bool graph = false;                   // capture each strategy's forward once, replay it
+  int iters = 3;        // timed forwards per strategy (after one warm-up)
+  int trace_iters = 0;  // traced forwards per strategy (per-op breakdown)
+  bool graph = false;   // capture each strategy's forward once, replay it
   // Attention stand-in (benchmarks): a kernel occupying every SM for attn_us · T_mb / T_rank µs
   // per micro-batch, as attn_core; 0 = none.
   double attn_us = 0;
@@ -40,17 +40,18 @@ struct CudaRunSpec {
 struct StrategyResult {
   OverlapKind kind = OverlapKind::kNone;
   std::string describe;
-  std::vector<double> layer_us;                 // per rank: median forward time
-  std::vector<std::vector<OpTiming>> trace;     // per rank: the last traced forward
-  std::vector<std::vector<std::pair<std::string, double>>> op_us;  // per rank: median µs per "op/mb"
-  Tensor y, ids, w;                             // gathered [Σ tokens, ...] (this process's rows)
+  std::vector<double> layer_us;              // per rank: median forward time
+  std::vector<std::vector<OpTiming>> trace;  // per rank: the last traced forward
+  std::vector<std::vector<std::pair<std::string, double>>>
+      op_us;         // per rank: median µs per "op/mb"
+  Tensor y, ids, w;  // gathered [Σ tokens, ...] (this process's rows)
 };
 
 struct CudaRunResult {
   std::string transport;
   int ll_host_ranks = 0;
-  int64_t row_begin = 0, row_end = 0;           // rows this process computed (mpirun: its rank's)
-  std::vector<EpCudaTraffic> traffic;           // per rank, of the first strategy's last forward
+  int64_t row_begin = 0, row_end = 0;  // rows this process computed (mpirun: its rank's)
+  std::vector<EpCudaTraffic> traffic;  // per rank, of the first strategy's last forward
   std::vector<StrategyResult> strategies;
 };
 

@@ -29,9 +29,12 @@ Step Step::yield() {
 
 const char* overlap_name(OverlapKind k) {
   switch (k) {
-    case OverlapKind::kNone: return "none";
-    case OverlapKind::kTbo: return "tbo";
-    case OverlapKind::kSbo: return "sbo";
+    case OverlapKind::kNone:
+      return "none";
+    case OverlapKind::kTbo:
+      return "tbo";
+    case OverlapKind::kSbo:
+      return "sbo";
   }
   return "?";
 }
@@ -105,8 +108,8 @@ Strategy make_strategy(OverlapKind kind, EpMode mode, const UserOps& u) {
         op(L::kOutput);
         add_user(v, "layer_postprocess", u.layer_postprocess);
         s.delta = 2;
-        s.plan = ForwardPlan{.num_micro_batches = 2, .split = SplitRule::kHalves,
-                             .concurrent = true};
+        s.plan =
+            ForwardPlan{.num_micro_batches = 2, .split = SplitRule::kHalves, .concurrent = true};
       } else {
         // Prefill: d = 0.
         add_user(v, "attn_prepare", u.attn_prepare);
@@ -125,8 +128,8 @@ Strategy make_strategy(OverlapKind kind, EpMode mode, const UserOps& u) {
         op(L::kOutput);
         add_user(v, "layer_postprocess", u.layer_postprocess);
         s.delta = 0;
-        s.plan = ForwardPlan{.num_micro_batches = 2, .split = SplitRule::kBalanced,
-                             .concurrent = true};
+        s.plan =
+            ForwardPlan{.num_micro_batches = 2, .split = SplitRule::kBalanced, .concurrent = true};
       }
       break;
   }
@@ -136,7 +139,7 @@ Strategy make_strategy(OverlapKind kind, EpMode mode, const UserOps& u) {
 OverlapKind choose_overlap(const OverlapConfig& c, EpMode mode, int64_t t) {
   if (mode == EpMode::kNormal)
     return c.prefill_tbo_min_tokens > 0 && t >= c.prefill_tbo_min_tokens ? OverlapKind::kTbo
-                                                                          : OverlapKind::kNone;
+                                                                         : OverlapKind::kNone;
   if (c.decode_tbo_min_tokens > 0 && t >= c.decode_tbo_min_tokens) return OverlapKind::kTbo;
   if (c.decode_sbo_min_tokens > 0 && t >= c.decode_sbo_min_tokens) return OverlapKind::kSbo;
   return OverlapKind::kNone;
@@ -145,8 +148,10 @@ OverlapKind choose_overlap(const OverlapConfig& c, EpMode mode, int64_t t) {
 std::vector<std::vector<const Step*>> stages_of(const Strategy& s) {
   std::vector<std::vector<const Step*>> out(1);
   for (const Step& st : s.steps) {
-    if (st.kind == Step::Kind::kYield) out.emplace_back();
-    else out.back().push_back(&st);
+    if (st.kind == Step::Kind::kYield)
+      out.emplace_back();
+    else
+      out.back().push_back(&st);
   }
   return out;
 }
@@ -164,8 +169,8 @@ void for_each_stage(const Strategy& s, size_t num_stages, Visit&& visit) {
     return;
   }
   const size_t d = size_t(s.delta);
-  EPMOE_CHECK(s.delta >= 0 && d <= num_stages, kInvalidArgument,
-              "delta {} outside [0, {}] stages", s.delta, num_stages);
+  EPMOE_CHECK(s.delta >= 0 && d <= num_stages, kInvalidArgument, "delta {} outside [0, {}] stages",
+              s.delta, num_stages);
   size_t a = 0, b = 0;
   for (; a < d; ++a) visit(0, a);
   while (a < num_stages) {
@@ -194,8 +199,10 @@ void execute(MoeLayerRank& layer, const Strategy& s) {
   layer.begin_forward(s.plan);
   for_each_stage(s, stages.size(), [&](int mb, size_t i) {
     for (const Step* st : stages[i]) {
-      if (st->kind == Step::Kind::kLayer) layer.run(st->op, mb);
-      else layer.run_user(st->name, mb, st->fn);
+      if (st->kind == Step::Kind::kLayer)
+        layer.run(st->op, mb);
+      else
+        layer.run_user(st->name, mb, st->fn);
     }
   });
   layer.end_forward();
@@ -208,8 +215,10 @@ std::string Strategy::describe() const {
   bool first = true;
   for (const Step& st : steps) {
     out += st.kind == Step::Kind::kYield ? " |" : (first ? "" : ", ") + st.name;
-    if (st.kind == Step::Kind::kYield) first = true;
-    else first = false;
+    if (st.kind == Step::Kind::kYield)
+      first = true;
+    else
+      first = false;
     if (st.kind == Step::Kind::kYield) out += " ";
   }
   return out + "]";

@@ -18,8 +18,8 @@ namespace epmoe {
 struct Step {
   enum class Kind : uint8_t { kLayer, kUser, kYield };
   Kind kind = Kind::kYield;
-  LayerOp op = LayerOp::kGate;   // kLayer
-  std::string name;              // kUser (and a readable name for every kind)
+  LayerOp op = LayerOp::kGate;     // kLayer
+  std::string name;                // kUser (and a readable name for every kind)
   std::function<void(int mb)> fn;  // kUser: the work, on micro-batch mb
 
   static Step layer(LayerOp op);
@@ -40,9 +40,9 @@ OverlapKind parse_overlap(const std::string& s);
 
 struct Strategy {
   OverlapKind kind = OverlapKind::kNone;
-  std::vector<Step> steps;  // with Yield markers
-  int delta = 0;            // stages micro-batch A runs alone before B starts
-  ForwardPlan plan;         // micro-batches, split rule, lanes
+  std::vector<Step> steps;       // with Yield markers
+  int delta = 0;                 // stages micro-batch A runs alone before B starts
+  ForwardPlan plan;              // micro-batches, split rule, lanes
   std::string describe() const;  // "tbo (d = 2): [attn_prepare | attn_core, ... ]"
 };
 

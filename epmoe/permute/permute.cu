@@ -1,16 +1,15 @@
 // Token permutation kernels; host launchers follow their kernels.
-#include "epmoe/cuda/nvtx.h"
-#include "epmoe/permute/permute.cuh"
-
-#include <algorithm>
-
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
+
+#include <algorithm>
 
 #include "epmoe/core/config.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/fp8.cuh"
+#include "epmoe/cuda/nvtx.h"
 #include "epmoe/cuda/vec8.cuh"
+#include "epmoe/permute/permute.cuh"
 #include "epmoe/permute/reduce_plan.h"
 
 namespace epmoe::cuda {
@@ -45,8 +44,8 @@ __device__ __forceinline__ int local_expert(const int32_t* ids, int64_t i, int64
 
 // block_counts: [blocks, E_loc] i32, this block's pairs per local expert.
 __global__ void preprocess_count_kernel(int32_t* __restrict__ block_counts,
-                                        const int32_t* __restrict__ ids, int64_t n,
-                                        int64_t chunk, int start, int e_loc) {
+                                        const int32_t* __restrict__ ids, int64_t n, int64_t chunk,
+                                        int start, int e_loc) {
   extern __shared__ int32_t s_cnt[];
   const int lane = threadIdx.x;
   for (int e = lane; e < e_loc; e += 32) s_cnt[e] = 0;
@@ -64,8 +63,8 @@ __global__ void preprocess_count_kernel(int32_t* __restrict__ block_counts,
 // One block of 1024 threads: block_counts becomes each block's exclusive offset within its
 // expert; seg_indptr the exclusive scan of the per-expert totals.
 __global__ void __launch_bounds__(kMaxPreprocessExperts)
-preprocess_scan_kernel(int32_t* __restrict__ seg_indptr, int32_t* __restrict__ block_counts,
-                       int blocks, int e_loc) {
+    preprocess_scan_kernel(int32_t* __restrict__ seg_indptr, int32_t* __restrict__ block_counts,
+                           int blocks, int e_loc) {
   __shared__ int32_t s_scan[kMaxPreprocessExperts];
   const int e = threadIdx.x;
   int32_t total = 0;
@@ -117,9 +116,9 @@ __global__ void preprocess_scatter_kernel(int32_t* __restrict__ src2dst,
 constexpr int kReorderWarps = 8;
 
 __global__ void __launch_bounds__(kReorderWarps * 32)
-pre_reorder_kernel(uint4* __restrict__ sorted, const uint4* __restrict__ x,
-                   const int32_t* __restrict__ src2dst, int64_t T, int K, int64_t N,
-                   int64_t vecs /* H / 8 */) {
+    pre_reorder_kernel(uint4* __restrict__ sorted, const uint4* __restrict__ x,
+                       const int32_t* __restrict__ src2dst, int64_t T, int K, int64_t N,
+                       int64_t vecs /* H / 8 */) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * kReorderWarps + warp;
   if (t >= T) return;
@@ -149,12 +148,11 @@ pre_reorder_kernel(uint4* __restrict__ sorted, const uint4* __restrict__ x,
   }
 }
 
-
 // Each lane quantises 8 values; 16 lanes form a block of 128 (FP8 path).
 __global__ void __launch_bounds__(kReorderWarps * 32)
-pre_reorder_fp8_kernel(uint2* __restrict__ sorted, float* __restrict__ scales,
-                       const uint4* __restrict__ x, const int32_t* __restrict__ src2dst,
-                       int64_t T, int K, int64_t N, int64_t vecs, int64_t nb) {
+    pre_reorder_fp8_kernel(uint2* __restrict__ sorted, float* __restrict__ scales,
+                           const uint4* __restrict__ x, const int32_t* __restrict__ src2dst,
+                           int64_t T, int K, int64_t N, int64_t vecs, int64_t nb) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * kReorderWarps + warp;
   if (t >= T) return;
@@ -195,8 +193,10 @@ pre_reorder_fp8_kernel(uint2* __restrict__ sorted, float* __restrict__ scales,
 
 constexpr int kPostWarps = 4;
 
-template <typename T> struct Vec8;  // 8 values, loaded with 16-byte accesses
-template <> struct Vec8<__nv_bfloat16> {
+template <typename T>
+struct Vec8;  // 8 values, loaded with 16-byte accesses
+template <>
+struct Vec8<__nv_bfloat16> {
   __device__ static void load(float* f, const __nv_bfloat16* p) {
     bf16x8_to_f32(f, __ldg(reinterpret_cast<const uint4*>(p)));
   }
@@ -208,12 +208,19 @@ template <> struct Vec8<__nv_bfloat16> {
     *reinterpret_cast<uint4*>(p) = v;
   }
 };
-template <> struct Vec8<float> {
+template <>
+struct Vec8<float> {
   __device__ static void load(float* f, const float* p) {
     const float4 a = __ldg(reinterpret_cast<const float4*>(p));
     const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
-    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+    f[0] = a.x;
+    f[1] = a.y;
+    f[2] = a.z;
+    f[3] = a.w;
+    f[4] = b.x;
+    f[5] = b.y;
+    f[6] = b.z;
+    f[7] = b.w;
   }
   __device__ static void store(float* p, const float* f) {
     reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
@@ -231,10 +238,10 @@ __device__ __forceinline__ void from_f32(float* p, float v) { *p = v; }
 // (conflict-free), private to each lane: no barrier between column steps.
 template <typename In, typename Out, int VEC>
 __global__ void __launch_bounds__(kPostWarps * 32)
-post_reorder_kernel(Out* __restrict__ out, const In* __restrict__ down,
-                    const int32_t* __restrict__ src2dst, const int32_t* __restrict__ ids,
-                    const float* __restrict__ weights, int64_t T, int K, int64_t N, int64_t H,
-                    int64_t cols_per_split, int num_routed, int id_offset) {
+    post_reorder_kernel(Out* __restrict__ out, const In* __restrict__ down,
+                        const int32_t* __restrict__ src2dst, const int32_t* __restrict__ ids,
+                        const float* __restrict__ weights, int64_t T, int K, int64_t N, int64_t H,
+                        int64_t cols_per_split, int num_routed, int id_offset) {
   extern __shared__ float s_acc[];
   // NOTES: raw storage: ReducePlan's member initialisers forbid a __shared__ ReducePlan.
   __shared__ alignas(ReducePlan) unsigned char s_plan_raw[kPostWarps * sizeof(ReducePlan)];
@@ -320,7 +327,8 @@ void launch_post_reorder(const TensorView& out, const TensorView& down, const Te
   EPMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   // Split the columns until about 32 warps per SM have work (small T: decode).
   const int64_t steps = (H + 32 * width - 1) / (32 * width);
-  const int64_t split = std::max<int64_t>(1, std::min<int64_t>(steps, (int64_t(sms) * 32 + T - 1) / T));
+  const int64_t split =
+      std::max<int64_t>(1, std::min<int64_t>(steps, (int64_t(sms) * 32 + T - 1) / T));
   const int64_t cols = (steps + split - 1) / split * 32 * width;
   const dim3 grid(unsigned((T + kPostWarps - 1) / kPostWarps), unsigned((H + cols - 1) / cols));
   kernel<<<grid, kPostWarps * 32, smem, stream>>>(
@@ -350,9 +358,8 @@ size_t preprocess_workspace_bytes(int64_t num_pairs, int num_local_experts) {
   return size_t(preprocess_grid(num_pairs).blocks) * size_t(std::max(num_local_experts, 1)) * 4;
 }
 
-void preprocess(const TensorView& seg_indptr, const TensorView& src2dst,
-                const TensorView& topk_ids, int expert_start, int expert_end, void* workspace,
-                cudaStream_t stream) {
+void preprocess(const TensorView& seg_indptr, const TensorView& src2dst, const TensorView& topk_ids,
+                int expert_start, int expert_end, void* workspace, cudaStream_t stream) {
   const NvtxRange nvtx("permute.preprocess");
   (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
   EPMOE_CHECK(topk_ids.shape.rank == 2, kInvalidArgument, "topk_ids must be [T, K], got {}",
@@ -366,8 +373,7 @@ void preprocess(const TensorView& seg_indptr, const TensorView& src2dst,
   topk_ids.expect("topk_ids", DType::kI32, {T, K});
   seg_indptr.expect("seg_indptr", DType::kI32, {e_loc + 1});
   src2dst.expect("src2dst", DType::kI32, {T, K});
-  EPMOE_CHECK(workspace != nullptr || e_loc == 0, kInvalidArgument,
-              "preprocess needs a workspace");
+  EPMOE_CHECK(workspace != nullptr || e_loc == 0, kInvalidArgument, "preprocess needs a workspace");
   if (e_loc == 0) {
     EPMOE_CUDA_CHECK(cudaMemsetAsync(seg_indptr.data, 0, 4, stream));
     if (n) EPMOE_CUDA_CHECK(cudaMemsetAsync(src2dst.data, 0xff, size_t(n) * 4, stream));
@@ -379,12 +385,12 @@ void preprocess(const TensorView& seg_indptr, const TensorView& src2dst,
   preprocess_count_kernel<<<g.blocks, 32, smem, stream>>>(counts, topk_ids.as<int32_t>(), n,
                                                           g.chunk, expert_start, e_loc);
   EPMOE_CUDA_CHECK_LAUNCH("preprocess_count_kernel");
-  preprocess_scan_kernel<<<1, kMaxPreprocessExperts, 0, stream>>>(seg_indptr.as<int32_t>(),
-                                                                   counts, g.blocks, e_loc);
+  preprocess_scan_kernel<<<1, kMaxPreprocessExperts, 0, stream>>>(seg_indptr.as<int32_t>(), counts,
+                                                                  g.blocks, e_loc);
   EPMOE_CUDA_CHECK_LAUNCH("preprocess_scan_kernel");
   preprocess_scatter_kernel<<<g.blocks, 32, smem, stream>>>(
-      src2dst.as<int32_t>(), topk_ids.as<int32_t>(), seg_indptr.as<int32_t>(), counts, n,
-      g.chunk, expert_start, e_loc);
+      src2dst.as<int32_t>(), topk_ids.as<int32_t>(), seg_indptr.as<int32_t>(), counts, n, g.chunk,
+      expert_start, e_loc);
   EPMOE_CUDA_CHECK_LAUNCH("preprocess_scatter_kernel");
 }
 
@@ -399,8 +405,8 @@ void pre_reorder(const TensorView& sorted, const TensorView& x, const TensorView
   if (T == 0 || H == 0) return;
   const unsigned grid = unsigned((T + kReorderWarps - 1) / kReorderWarps);
   pre_reorder_kernel<<<grid, kReorderWarps * 32, 0, stream>>>(
-      static_cast<uint4*>(sorted.data), static_cast<const uint4*>(x.data),
-      src2dst.as<int32_t>(), T, int(src2dst.shape[1]), sorted.shape[0], H / 8);
+      static_cast<uint4*>(sorted.data), static_cast<const uint4*>(x.data), src2dst.as<int32_t>(), T,
+      int(src2dst.shape[1]), sorted.shape[0], H / 8);
   EPMOE_CUDA_CHECK_LAUNCH("pre_reorder_kernel");
 }
 
@@ -426,13 +432,11 @@ void post_reorder(const TensorView& out, const TensorView& down_out, const Tenso
                   int id_offset, cudaStream_t stream) {
   const NvtxRange nvtx("permute.post_reorder");
   (void)cudaGetLastError();  // NOTES: drop a stale error of an earlier, already-reported call
-  EPMOE_CHECK(out.shape.rank == 2 && down_out.shape.rank == 2 &&
-                  down_out.shape[1] == out.shape[1],
+  EPMOE_CHECK(out.shape.rank == 2 && down_out.shape.rank == 2 && down_out.shape[1] == out.shape[1],
               kInvalidArgument, "post_reorder: out {} and down_out {} must be 2-D with equal H",
               out.shape.str(), down_out.shape.str());
   const int64_t T = out.shape[0], H = out.shape[1], N = down_out.shape[0];
-  EPMOE_CHECK(src2dst.shape.rank == 2 && src2dst.shape[1] >= 1 &&
-                  src2dst.shape[1] <= kMaxSlots,
+  EPMOE_CHECK(src2dst.shape.rank == 2 && src2dst.shape[1] >= 1 && src2dst.shape[1] <= kMaxSlots,
               kInvalidArgument, "post_reorder: src2dst must be [T, 1..{}], got {}", kMaxSlots,
               src2dst.shape.str());
   const int K = int(src2dst.shape[1]);
@@ -446,15 +450,14 @@ void post_reorder(const TensorView& out, const TensorView& down_out, const Tenso
   if (T == 0 || H == 0) return;
   const bool in_bf16 = down_out.dtype == DType::kBF16, out_bf16 = out.dtype == DType::kBF16;
   if (in_bf16 && out_bf16)
-    launch_post_reorder<__nv_bfloat16, __nv_bfloat16>(out, down_out, src2dst, topk_ids,
-                                                      topk_weights, T, K, N, H, num_routed,
-                                                      id_offset, stream);
+    launch_post_reorder<__nv_bfloat16, __nv_bfloat16>(
+        out, down_out, src2dst, topk_ids, topk_weights, T, K, N, H, num_routed, id_offset, stream);
   else if (in_bf16)
-    launch_post_reorder<__nv_bfloat16, float>(out, down_out, src2dst, topk_ids, topk_weights, T,
-                                              K, N, H, num_routed, id_offset, stream);
+    launch_post_reorder<__nv_bfloat16, float>(out, down_out, src2dst, topk_ids, topk_weights, T, K,
+                                              N, H, num_routed, id_offset, stream);
   else if (out_bf16)
-    launch_post_reorder<float, __nv_bfloat16>(out, down_out, src2dst, topk_ids, topk_weights, T,
-                                              K, N, H, num_routed, id_offset, stream);
+    launch_post_reorder<float, __nv_bfloat16>(out, down_out, src2dst, topk_ids, topk_weights, T, K,
+                                              N, H, num_routed, id_offset, stream);
   else
     launch_post_reorder<float, float>(out, down_out, src2dst, topk_ids, topk_weights, T, K, N, H,
                                       num_routed, id_offset, stream);

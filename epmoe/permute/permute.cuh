@@ -3,10 +3,10 @@
 // permute_cpu.h: layouts bitwise, sums by relative L2 (bitwise in practice: same f32 ops).
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstddef>
 #include <cstdint>
-
-#include <cuda_runtime.h>
 
 #include "epmoe/core/tensor.h"
 
@@ -22,9 +22,8 @@ size_t preprocess_workspace_bytes(int64_t num_pairs, int num_local_experts);
 // seg_indptr: [E_loc + 1] i32 (E_loc = expert_end - expert_start <= kMaxPreprocessExperts);
 // src2dst: [T, K'] i32, -1 for ids that are -1 or outside [expert_start, expert_end);
 // topk_ids: [T, K'] i32; workspace: preprocess_workspace_bytes(T·K', E_loc) bytes of device memory.
-void preprocess(const TensorView& seg_indptr, const TensorView& src2dst,
-                const TensorView& topk_ids, int expert_start, int expert_end, void* workspace,
-                cudaStream_t stream);
+void preprocess(const TensorView& seg_indptr, const TensorView& src2dst, const TensorView& topk_ids,
+                int expert_start, int expert_end, void* workspace, cudaStream_t stream);
 
 // sorted[src2dst[t,k]] = x[t], 16-byte accesses.
 // sorted: [N, H] bf16; x: [T, H] bf16; src2dst: [T, K'] i32. H must be a multiple of 8.

@@ -136,8 +136,8 @@ void post_reorder_cpu(const TensorView& out, const TensorView& down_out, const T
       int keys[kMaxSlots];
       for (int64_t k = 0; k < K; ++k) {
         const int32_t dst = s2d[t * K + k];
-        EPMOE_CHECK(dst < N, kInvalidArgument, "src2dst[{}, {}] = {} is outside the {} rows", t,
-                    k, dst, N);
+        EPMOE_CHECK(dst < N, kInvalidArgument, "src2dst[{}, {}] = {} is outside the {} rows", t, k,
+                    dst, N);
         keys[k] = dst >= 0 ? ids[t * K + k] + id_offset : -1;
         if (dst < 0) continue;
         load_row_f32(row.data(), down_out, dst, H);

@@ -25,9 +25,12 @@ EPMOE_HD int reduce_lca_depth(int a, int b, int num_routed) {
   int lo = 0, hi = num_routed, depth = 0;
   while (true) {
     const int mid = lo + (hi - lo) / 2;
-    if (b < mid) hi = mid;
-    else if (a >= mid) lo = mid;
-    else return depth;
+    if (b < mid)
+      hi = mid;
+    else if (a >= mid)
+      lo = mid;
+    else
+      return depth;
     ++depth;
   }
 }

@@ -1,20 +1,19 @@
 // Router kernels: gate GEMM (cuBLAS), the fused one-warp-per-token selection, and the unfused
 // baseline. Every decision uses the CPU reference's rules (gate_cpu.cc): exact_sigmoidf /
 // exact_expf scores, "larger value, then lower index" for experts and groups.
-#include "epmoe/cuda/nvtx.h"
-#include "epmoe/routing/gate.cuh"
-
 #include <cstdint>
 
 #include "epmoe/core/exact_math.h"
 #include "epmoe/cuda/cuda_check.h"
+#include "epmoe/cuda/nvtx.h"
+#include "epmoe/routing/gate.cuh"
 #include "epmoe/routing/gate_cpu.h"
 
 namespace epmoe::cuda {
 
 namespace {
 
-constexpr int kGateWarps = 4;            // tokens per block of the fused kernel
+constexpr int kGateWarps = 4;  // tokens per block of the fused kernel
 constexpr int kMaxGateExperts = 512;
 
 // Everything the kernels need of MoeConfig, flattened for the device.
@@ -75,15 +74,20 @@ __device__ __forceinline__ uint64_t warp_max_key(uint64_t k) {
 }
 // Top two values of a multiset (the group score needs values only, not indices).
 __device__ __forceinline__ void top2_push(float& m1, float& m2, float v) {
-  if (v > m1) { m2 = m1; m1 = v; } else if (v > m2) { m2 = v; }
+  if (v > m1) {
+    m2 = m1;
+    m1 = v;
+  } else if (v > m2) {
+    m2 = v;
+  }
 }
 
 // One warp per token; lane l holds experts [l·VPT, l·VPT + VPT).
 template <int VPT>
 __global__ void __launch_bounds__(kGateWarps * 32)
-fused_gate_kernel(int32_t* __restrict__ ids_out, float* __restrict__ w_out,
-                  const float* __restrict__ logits, const float* __restrict__ bias, int64_t T,
-                  GateParams p) {
+    fused_gate_kernel(int32_t* __restrict__ ids_out, float* __restrict__ w_out,
+                      const float* __restrict__ logits, const float* __restrict__ bias, int64_t T,
+                      GateParams p) {
   __shared__ float s_choice[kGateWarps][kMaxGateExperts];  // general group path only
   __shared__ float s_gscore[kGateWarps][kMaxGateExperts];
   __shared__ uint8_t s_kept[kGateWarps][kMaxGateExperts];
@@ -104,7 +108,10 @@ fused_gate_kernel(int32_t* __restrict__ ids_out, float* __restrict__ w_out,
       for (int j = 0; j < VPT; j += 4) {
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         if (e0 + j < p.E) v = __ldg(reinterpret_cast<const float4*>(lg + e0 + j));
-        raw[j] = v.x; raw[j + 1] = v.y; raw[j + 2] = v.z; raw[j + 3] = v.w;
+        raw[j] = v.x;
+        raw[j + 1] = v.y;
+        raw[j + 2] = v.z;
+        raw[j + 3] = v.w;
       }
       loaded = true;
     }
@@ -218,7 +225,11 @@ fused_gate_kernel(int32_t* __restrict__ ids_out, float* __restrict__ w_out,
     int best_j = 0;
 #pragma unroll
     for (int j = 0; j < VPT; ++j)
-      if (key[j] > best) { best = key[j]; best_w = score[j]; best_j = j; }
+      if (key[j] > best) {
+        best = key[j];
+        best_w = score[j];
+        best_j = j;
+      }
     const uint32_t win = __reduce_max_sync(0xffffffffu, best);
     const unsigned ball = __ballot_sync(0xffffffffu, best != 0u && best == win);
     if (lane == __ffs(ball) - 1) {
@@ -380,11 +391,21 @@ void select_experts(const TensorView& topk_ids, const TensorView& topk_weights,
   float* w = topk_weights.as<float>();
   const float* lg = logits.as<float>();
   switch (vpt) {  // the one runtime -> template switch
-    case 1: fused_gate_kernel<1><<<grid, block, 0, stream>>>(ids, w, lg, bias_ptr, T, p); break;
-    case 2: fused_gate_kernel<2><<<grid, block, 0, stream>>>(ids, w, lg, bias_ptr, T, p); break;
-    case 4: fused_gate_kernel<4><<<grid, block, 0, stream>>>(ids, w, lg, bias_ptr, T, p); break;
-    case 8: fused_gate_kernel<8><<<grid, block, 0, stream>>>(ids, w, lg, bias_ptr, T, p); break;
-    default: fused_gate_kernel<16><<<grid, block, 0, stream>>>(ids, w, lg, bias_ptr, T, p); break;
+    case 1:
+      fused_gate_kernel<1><<<grid, block, 0, stream>>>(ids, w, lg, bias_ptr, T, p);
+      break;
+    case 2:
+      fused_gate_kernel<2><<<grid, block, 0, stream>>>(ids, w, lg, bias_ptr, T, p);
+      break;
+    case 4:
+      fused_gate_kernel<4><<<grid, block, 0, stream>>>(ids, w, lg, bias_ptr, T, p);
+      break;
+    case 8:
+      fused_gate_kernel<8><<<grid, block, 0, stream>>>(ids, w, lg, bias_ptr, T, p);
+      break;
+    default:
+      fused_gate_kernel<16><<<grid, block, 0, stream>>>(ids, w, lg, bias_ptr, T, p);
+      break;
   }
   EPMOE_CUDA_CHECK_LAUNCH("fused_gate_kernel");
 }
@@ -422,15 +443,14 @@ void select_experts_unfused(const TensorView& topk_ids, const TensorView& topk_w
   unfused_score_kernel<<<blocks(score_items), kThreads, 0, stream>>>(
       ws.scores, ws.choice, logits.as<float>(), bias_ptr, T, p);
   EPMOE_CUDA_CHECK_LAUNCH("unfused_score_kernel");
-  unfused_group_score_kernel<<<blocks(T * p.G), kThreads, 0, stream>>>(ws.group_score, ws.choice,
-                                                                       T, p);
+  unfused_group_score_kernel<<<blocks(T * p.G), kThreads, 0, stream>>>(ws.group_score, ws.choice, T,
+                                                                       p);
   EPMOE_CUDA_CHECK_LAUNCH("unfused_group_score_kernel");
-  unfused_group_select_kernel<<<blocks(T), kThreads, 0, stream>>>(ws.group_kept, ws.group_score,
-                                                                  T, p);
+  unfused_group_select_kernel<<<blocks(T), kThreads, 0, stream>>>(ws.group_kept, ws.group_score, T,
+                                                                  p);
   EPMOE_CUDA_CHECK_LAUNCH("unfused_group_select_kernel");
-  unfused_topk_kernel<<<blocks(T), kThreads, 0, stream>>>(topk_ids.as<int32_t>(),
-                                                          topk_weights.as<float>(), ws.scores,
-                                                          ws.choice, ws.group_kept, T, p);
+  unfused_topk_kernel<<<blocks(T), kThreads, 0, stream>>>(
+      topk_ids.as<int32_t>(), topk_weights.as<float>(), ws.scores, ws.choice, ws.group_kept, T, p);
   EPMOE_CUDA_CHECK_LAUNCH("unfused_topk_kernel");
   unfused_weights_kernel<<<blocks(T), kThreads, 0, stream>>>(topk_ids.as<int32_t>(),
                                                              topk_weights.as<float>(), T, p);

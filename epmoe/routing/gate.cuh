@@ -31,10 +31,10 @@ void select_experts(const TensorView& topk_ids, const TensorView& topk_weights,
 // Scratch for select_experts_unfused: [T, 2E + G] f32 and [T, G] i32 (scores, choices,
 // group scores, kept-group flags).
 struct UnfusedGateWorkspace {
-  float* scores = nullptr;       // [T, E]
-  float* choice = nullptr;       // [T, E]
-  float* group_score = nullptr;  // [T, G]
-  int32_t* group_kept = nullptr; // [T, G]
+  float* scores = nullptr;        // [T, E]
+  float* choice = nullptr;        // [T, E]
+  float* group_score = nullptr;   // [T, G]
+  int32_t* group_kept = nullptr;  // [T, G]
 };
 size_t unfused_gate_workspace_bytes(int64_t tokens, const MoeConfig& config);
 UnfusedGateWorkspace carve_unfused_gate_workspace(void* base, int64_t tokens,

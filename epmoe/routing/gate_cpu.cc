@@ -12,9 +12,9 @@ namespace epmoe {
 void gate_gemm_cpu(const TensorView& logits, const TensorView& x, const TensorView& weight,
                    int threads) {
   const int64_t t = x.shape[0], h = x.shape[1], e = weight.shape[0];
-  EPMOE_CHECK(x.shape.rank == 2 && weight.shape.rank == 2 && weight.shape[1] == h,
-              kInvalidArgument, "gate GEMM: x {} and router weight {} disagree on hidden size",
-              x.shape.str(), weight.shape.str());
+  EPMOE_CHECK(x.shape.rank == 2 && weight.shape.rank == 2 && weight.shape[1] == h, kInvalidArgument,
+              "gate GEMM: x {} and router weight {} disagree on hidden size", x.shape.str(),
+              weight.shape.str());
   logits.expect("logits", DType::kF32, {t, e});
   float* out = logits.as<float>();
   const int64_t grain = 64;
@@ -137,21 +137,21 @@ int64_t check_selection_args(const TensorView& topk_ids, const TensorView& topk_
 }
 
 void select_experts_cpu(const TensorView& topk_ids, const TensorView& topk_weights,
-                        const TensorView& logits, const TensorView& bias,
-                        const MoeConfig& config, int threads) {
+                        const TensorView& logits, const TensorView& bias, const MoeConfig& config,
+                        int threads) {
   const float* bias_ptr = nullptr;
   const int64_t T = check_selection_args(topk_ids, topk_weights, logits, bias, config, &bias_ptr);
   const int E = config.n_routed_experts, Kp = config.num_slots();
   const float* lg = logits.as<float>();
   for (int64_t i = 0; i < T * E; ++i)
-    EPMOE_CHECK(!std::isnan(lg[i]), kNumeric, "router logit of token {}, expert {} is NaN",
-                i / E, i % E);
+    EPMOE_CHECK(!std::isnan(lg[i]), kNumeric, "router logit of token {}, expert {} is NaN", i / E,
+                i % E);
   parallel_for(T, 64, threads, [&](int64_t begin, int64_t end) {
     std::vector<float> score(E), choice(E), group_score(config.n_group);
     std::vector<char> group_kept(config.n_group);
     for (int64_t t = begin; t < end; ++t)
-      route_token(topk_ids.as<int32_t>() + t * Kp, topk_weights.as<float>() + t * Kp,
-                  lg + t * E, bias_ptr, config, score, choice, group_score, group_kept);
+      route_token(topk_ids.as<int32_t>() + t * Kp, topk_weights.as<float>() + t * Kp, lg + t * E,
+                  bias_ptr, config, score, choice, group_score, group_kept);
   });
 }
 

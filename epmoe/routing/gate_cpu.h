@@ -21,8 +21,8 @@ void gate_gemm_cpu(const TensorView& logits, const TensorView& x, const TensorVi
 // NOTES: softmax is monotone, so softmax selection ranks the logits themselves; the weights are
 // the softmax probabilities. Sigmoid uses exact_sigmoidf so the CUDA gate agrees bit for bit.
 void select_experts_cpu(const TensorView& topk_ids, const TensorView& topk_weights,
-                        const TensorView& logits, const TensorView& bias,
-                        const MoeConfig& config, int threads = 0);
+                        const TensorView& logits, const TensorView& bias, const MoeConfig& config,
+                        int threads = 0);
 
 // The argument checks of expert selection, shared by the CPU reference and the CUDA gate
 // (typed errors naming the tensor): validates the config and the shapes and dtypes above, and

@@ -30,7 +30,8 @@ float quantize_block(const TensorView& src, int64_t off, int64_t ld, int64_t row
                      fp8e4m3* q) {
   float amax = 0.f;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(load(src, off + r * ld + c)));
+    for (int64_t c = 0; c < cols; ++c)
+      amax = std::max(amax, std::fabs(load(src, off + r * ld + c)));
   EPMOE_CHECK(std::isfinite(amax), kNumeric, "quantize_fp8: a block holds NaN or Inf");
   const float scale = amax > 0.f ? amax / kFp8E4M3Max : 1.f;
   for (int64_t r = 0; r < rows; ++r)

@@ -49,9 +49,8 @@ GoldenTensors read_golden_tensors(const SafetensorsFile& file, const MoeConfig& 
                                        Shape{T, H}, "a float dtype (BF16, F16, F32)");
   const TensorView ids = expect_tensor(file, "topk_ids", {DType::kI32, DType::kI64}, Shape{T, K},
                                        "an integer dtype (I32, I64)");
-  const TensorView w = expect_tensor(file, "topk_weights",
-                                     {DType::kBF16, DType::kF16, DType::kF32}, Shape{T, K},
-                                     "a float dtype (BF16, F16, F32)");
+  const TensorView w = expect_tensor(file, "topk_weights", {DType::kBF16, DType::kF16, DType::kF32},
+                                     Shape{T, K}, "a float dtype (BF16, F16, F32)");
   GoldenTensors g;
   g.input = to_dtype(in, in.dtype == DType::kF32 ? DType::kF32 : DType::kBF16);
   g.output = to_f32(out);
@@ -71,9 +70,10 @@ GoldenTensors read_golden_tensors(const SafetensorsFile& file, const MoeConfig& 
       std::memcpy(&v32, src + size_t(i) * 4, 4);
       v = v32;
     }
-    EPMOE_CHECK(v >= 0 && v < E, kBadFile,
-                "'{}': tensor 'topk_ids' holds {} at [{}, {}], outside the {} routed experts [0, {})",
-                file.path(), v, i / K, i % K, E, E);
+    EPMOE_CHECK(
+        v >= 0 && v < E, kBadFile,
+        "'{}': tensor 'topk_ids' holds {} at [{}, {}], outside the {} routed experts [0, {})",
+        file.path(), v, i / K, i % K, E, E);
     dst[i] = int32_t(v);
   }
   return g;

@@ -8,10 +8,9 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <type_traits>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "epmoe/core/parallel.h"
 #include "epmoe/weights/fp8_block.h"
@@ -167,8 +166,8 @@ void convert_block(const Source& s, int64_t r0, int64_t c0, int64_t rows, int64_
 }
 
 // dst [rows, cols] (row stride ld elements, dtype f32|bf16) <- s[r0:r0+rows, c0:c0+cols].
-void copy_block(const Source& s, int64_t r0, int64_t c0, int64_t rows, int64_t cols,
-                uint8_t* dst, DType dst_dtype, int64_t ld) {
+void copy_block(const Source& s, int64_t r0, int64_t c0, int64_t rows, int64_t cols, uint8_t* dst,
+                DType dst_dtype, int64_t ld) {
   if (s.dtype == dst_dtype && s.scale == nullptr) {
     const size_t esz = dtype_size(s.dtype);
     for (int64_t r = 0; r < rows; ++r) {
@@ -178,11 +177,16 @@ void copy_block(const Source& s, int64_t r0, int64_t c0, int64_t rows, int64_t c
     return;
   }
   switch (s.dtype) {
-    case DType::kF32: return convert_block<float>(s, r0, c0, rows, cols, dst, dst_dtype, ld);
-    case DType::kBF16: return convert_block<bf16>(s, r0, c0, rows, cols, dst, dst_dtype, ld);
-    case DType::kF16: return convert_block<f16>(s, r0, c0, rows, cols, dst, dst_dtype, ld);
-    case DType::kF8E4M3: return convert_block<fp8e4m3>(s, r0, c0, rows, cols, dst, dst_dtype, ld);
-    default: EPMOE_FAIL(kInternal, "cannot convert {} weights", dtype_name(s.dtype));
+    case DType::kF32:
+      return convert_block<float>(s, r0, c0, rows, cols, dst, dst_dtype, ld);
+    case DType::kBF16:
+      return convert_block<bf16>(s, r0, c0, rows, cols, dst, dst_dtype, ld);
+    case DType::kF16:
+      return convert_block<f16>(s, r0, c0, rows, cols, dst, dst_dtype, ld);
+    case DType::kF8E4M3:
+      return convert_block<fp8e4m3>(s, r0, c0, rows, cols, dst, dst_dtype, ld);
+    default:
+      EPMOE_FAIL(kInternal, "cannot convert {} weights", dtype_name(s.dtype));
   }
 }
 
@@ -313,8 +317,9 @@ void Loader::reject_nonfinite(const MoeWeights& w, const Source& gate,
   std::vector<char> bad(size_t(nb), 0);
   parallel_for(nb, 1, 0, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e)
-      bad[size_t(e)] = first_nonfinite(bytes_of(w.w13) + size_t(e) * 2 * half, dt, 2 * I * H) >= 0 ||
-                       first_nonfinite(bytes_of(w.w2) + size_t(e) * half, dt, H * I) >= 0;
+      bad[size_t(e)] =
+          first_nonfinite(bytes_of(w.w13) + size_t(e) * 2 * half, dt, 2 * I * H) >= 0 ||
+          first_nonfinite(bytes_of(w.w2) + size_t(e) * half, dt, H * I) >= 0;
   });
   for (int64_t e = 0; e < nb; ++e) {
     if (!bad[size_t(e)]) continue;
@@ -748,8 +753,7 @@ MoeConfig config_from_safetensors_metadata(const SafetensorsFile& file) {
   try {
     j = json::parse(it->second);
   } catch (const json::exception& e) {
-    EPMOE_FAIL(kBadFile, "'{}': __metadata__.config is not valid JSON ({})", file.path(),
-               e.what());
+    EPMOE_FAIL(kBadFile, "'{}': __metadata__.config is not valid JSON ({})", file.path(), e.what());
   }
   EPMOE_CHECK(j.is_object(), kBadFile, "'{}': __metadata__.config is not a JSON object",
               file.path());
@@ -852,7 +856,7 @@ MoeWeights quantize_moe_weights_fp8(MoeWeights w) {
       const uint8_t* g = bytes_of(w.w13) + size_t(e * 2 * I * H) * esz;
       uint8_t* qg = bytes_of(q13) + size_t(e * 2 * I * H);
       float* sg = s13.as<float>() + e * 2 * ib * hb;
-      one(g, I, H, qg, sg);                                                 // gate_proj
+      one(g, I, H, qg, sg);                                                  // gate_proj
       one(g + size_t(I * H) * esz, I, H, qg + size_t(I * H), sg + ib * hb);  // up_proj
       one(bytes_of(w.w2) + size_t(e * H * I) * esz, H, I, bytes_of(q2) + size_t(e * H * I),
           s2.as<float>() + e * hb * ib);

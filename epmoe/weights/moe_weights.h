@@ -62,8 +62,9 @@ struct LoadOptions {
 // experts.{e}.{gate,up,down}_proj.weight, shared_experts.{gate,up,down}_proj.weight.
 // FP8 e4m3 weights with a `weight_scale_inv` ([ceil(rows/128), ceil(cols/128)] f32) are
 // dequantised exactly into an f32 bank (fp8 -> f32 times the f32 scale, as transformers does), or
-// kept as FP8 with their scales (options.keep_fp8). `config` must already describe the layer (shapes are checked against it).
-// Throws Error(kBadFile / kMissingTensor / kInvalidArgument) naming the tensor and the problem.
+// kept as FP8 with their scales (options.keep_fp8). `config` must already describe the layer
+// (shapes are checked against it). Throws Error(kBadFile / kMissingTensor / kInvalidArgument)
+// naming the tensor and the problem.
 MoeWeights load_moe_weights(const std::string& path, const MoeConfig& config,
                             const LoadOptions& options = {});
 

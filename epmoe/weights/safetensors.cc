@@ -9,10 +9,9 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <utility>
-
-#include <nlohmann/json.hpp>
 
 namespace epmoe {
 
@@ -24,19 +23,25 @@ using json = nlohmann::json;
 // F8_E5M2, ...) is rejected rather than misread.
 const char* safetensors_dtype_name(DType t) {
   switch (t) {
-    case DType::kF32: return "F32";
-    case DType::kBF16: return "BF16";
-    case DType::kF16: return "F16";
-    case DType::kF8E4M3: return "F8_E4M3";
-    case DType::kI32: return "I32";
-    case DType::kI64: return "I64";
+    case DType::kF32:
+      return "F32";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kF16:
+      return "F16";
+    case DType::kF8E4M3:
+      return "F8_E4M3";
+    case DType::kI32:
+      return "I32";
+    case DType::kI64:
+      return "I64";
   }
   return "?";
 }
 
 bool is_supported_dtype_name(const std::string& s) {
-  for (DType t : {DType::kF32, DType::kBF16, DType::kF16, DType::kF8E4M3, DType::kI32,
-                  DType::kI64}) {
+  for (DType t :
+       {DType::kF32, DType::kBF16, DType::kF16, DType::kF8E4M3, DType::kI32, DType::kI64}) {
     if (s == safetensors_dtype_name(t)) return true;
   }
   return false;
@@ -65,8 +70,10 @@ int64_t json_depth_exceeded(const uint8_t* p, size_t n, int max_depth) {
   for (size_t i = 0; i < n; ++i) {
     const uint8_t c = p[i];
     if (in_string) {
-      if (c == '\\') ++i;
-      else if (c == '"') in_string = false;
+      if (c == '\\')
+        ++i;
+      else if (c == '"')
+        in_string = false;
     } else if (c == '"') {
       in_string = true;
     } else if (c == '[' || c == '{') {
@@ -186,8 +193,7 @@ void SafetensorsFile::parse_header() {
     header = json::parse(base_ + 8, base_ + 8 + header_len,
                          [&](int depth, json::parse_event_t event, json& parsed) {
                            if (depth == 1 && event == json::parse_event_t::key &&
-                               !keys.insert(parsed.get<std::string>()).second &&
-                               duplicate.empty())
+                               !keys.insert(parsed.get<std::string>()).second && duplicate.empty())
                              duplicate = parsed.get<std::string>();
                            return true;
                          });
@@ -235,8 +241,8 @@ void SafetensorsFile::parse_header() {
     const json& sh = v["shape"];
     EPMOE_CHECK(sh.is_array(), kBadFile, "'{}': tensor '{}' shape is not an array", path_, name);
     EPMOE_CHECK(sh.size() <= size_t(kMaxDims), kBadFile,
-                "'{}': tensor '{}' has rank {}, more than the supported {}", path_, name,
-                sh.size(), kMaxDims);
+                "'{}': tensor '{}' has rank {}, more than the supported {}", path_, name, sh.size(),
+                kMaxDims);
     std::vector<int64_t> dims;
     uint64_t numel = 1;
     for (const json& d : sh) {
@@ -256,8 +262,8 @@ void SafetensorsFile::parse_header() {
     EPMOE_CHECK(off.is_array() && off.size() == 2 && json_to_u64(off[0], &begin) &&
                     json_to_u64(off[1], &end),
                 kBadFile,
-                "'{}': tensor '{}' data_offsets ({}) is not a pair of non-negative integers",
-                path_, name, brief(off));
+                "'{}': tensor '{}' data_offsets ({}) is not a pair of non-negative integers", path_,
+                name, brief(off));
     EPMOE_CHECK(begin <= end, kBadFile, "'{}': tensor '{}' data_offsets [{}, {}] are out of order",
                 path_, name, begin, end);
     EPMOE_CHECK(end <= data_size_, kBadFile,
@@ -280,10 +286,9 @@ void SafetensorsFile::parse_header() {
   for (const auto& kv : entries_) {
     if (kv.second.nbytes > 0) by_offset.push_back(&kv.second);
   }
-  std::sort(by_offset.begin(), by_offset.end(),
-            [](const SafetensorsEntry* a, const SafetensorsEntry* b) {
-              return a->offset < b->offset;
-            });
+  std::sort(
+      by_offset.begin(), by_offset.end(),
+      [](const SafetensorsEntry* a, const SafetensorsEntry* b) { return a->offset < b->offset; });
   for (size_t i = 1; i < by_offset.size(); ++i) {
     const SafetensorsEntry& a = *by_offset[i - 1];
     const SafetensorsEntry& b = *by_offset[i];
@@ -355,8 +360,8 @@ void write_safetensors(const std::string& path, const std::map<std::string, Tens
   EPMOE_CHECK(f != nullptr, kBadFile, "cannot create '{}': {}", tmp, std::strerror(errno));
   uint8_t len[8];
   for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(text.size()) >> (8 * i));
-  bool ok = std::fwrite(len, 1, 8, f) == 8 &&
-            std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  bool ok =
+      std::fwrite(len, 1, 8, f) == 8 && std::fwrite(text.data(), 1, text.size(), f) == text.size();
   for (const auto& kv : order) {
     if (!ok) break;
     const size_t n = kv.second.nbytes();

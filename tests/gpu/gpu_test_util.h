@@ -19,7 +19,7 @@ inline const bool kEagerModules = [] {
 }();
 }  // namespace epmoe::cuda::testing_env
 
-#define EPMOE_REQUIRE_GPU()                                                  \
-  do {                                                                       \
-    if (::epmoe::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA GPU";   \
+#define EPMOE_REQUIRE_GPU()                                                \
+  do {                                                                     \
+    if (::epmoe::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA GPU"; \
   } while (0)

@@ -4,14 +4,14 @@
 // ranks' bounded waits end early.
 #pragma once
 
+#include <fmt/format.h>
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "epmoe/comm/nccl_transport.h"
 #include "epmoe/cuda/cuda_check.h"
@@ -25,17 +25,23 @@ struct DeviceBytes {
     EPMOE_CUDA_CHECK(cudaMalloc(&p, n ? n : 1));
     ptr.reset(static_cast<uint8_t*>(p));
   }
-  struct Free { void operator()(uint8_t* p) const { cudaFree(p); } };
+  struct Free {
+    void operator()(uint8_t* p) const { cudaFree(p); }
+  };
   std::unique_ptr<uint8_t, Free> ptr;
   size_t bytes;
 };
 
 inline std::string nccl_env_summary() {
-  auto get = [](const char* n) { const char* v = std::getenv(n); return v ? v : "unset"; };
-  return fmt::format("NCCL_P2P_DISABLE={} NCCL_SHM_DISABLE={} NCCL_WIN_ENABLE={} "
-                     "NCCL_NVLS_ENABLE={}",
-                     get("NCCL_P2P_DISABLE"), get("NCCL_SHM_DISABLE"), get("NCCL_WIN_ENABLE"),
-                     get("NCCL_NVLS_ENABLE"));
+  auto get = [](const char* n) {
+    const char* v = std::getenv(n);
+    return v ? v : "unset";
+  };
+  return fmt::format(
+      "NCCL_P2P_DISABLE={} NCCL_SHM_DISABLE={} NCCL_WIN_ENABLE={} "
+      "NCCL_NVLS_ENABLE={}",
+      get("NCCL_P2P_DISABLE"), get("NCCL_SHM_DISABLE"), get("NCCL_WIN_ENABLE"),
+      get("NCCL_NVLS_ENABLE"));
 }
 
 // Symmetric buffer of R slots of W words: every rank writes its pattern into slot `rank` of
@@ -72,19 +78,19 @@ inline std::string check_symmetric_exchange(NcclTransport& t) {
               t.all_peers_reachable(), reachable, R);
 
   std::vector<uint32_t> host(W * R);
-  EPMOE_CUDA_CHECK(cudaMemcpy(host.data(), buf.local, sizeof(uint32_t) * W * R,
-                              cudaMemcpyDeviceToHost));
+  EPMOE_CUDA_CHECK(
+      cudaMemcpy(host.data(), buf.local, sizeof(uint32_t) * W * R, cudaMemcpyDeviceToHost));
   for (size_t i = 0; i < host.size(); ++i) {
-    EPMOE_CHECK(host[i] == 0, kInternal, "rank {}: new symmetric buffer word {} = {:#x}, not 0",
-                me, i, host[i]);
+    EPMOE_CHECK(host[i] == 0, kInternal, "rank {}: new symmetric buffer word {} = {:#x}, not 0", me,
+                i, host[i]);
   }
   t.barrier();  // everyone has checked its zeros before anyone writes
   for (int p = 0; p < R; ++p) {
     if (table[p] != nullptr) launch_write_peer_pattern(buf, p, me, size_t(me) * W, W, t.stream());
   }
   t.barrier();  // drains this rank's stream, then waits for every rank's writes
-  EPMOE_CUDA_CHECK(cudaMemcpy(host.data(), buf.local, sizeof(uint32_t) * W * R,
-                              cudaMemcpyDeviceToHost));
+  EPMOE_CUDA_CHECK(
+      cudaMemcpy(host.data(), buf.local, sizeof(uint32_t) * W * R, cudaMemcpyDeviceToHost));
   for (int w = 0; w < R; ++w) {
     // NOTES: the LSA team is symmetric: w reaches this rank iff this rank reaches w.
     const bool wrote = table[w] != nullptr;
@@ -97,9 +103,9 @@ inline std::string check_symmetric_exchange(NcclTransport& t) {
     }
   }
   t.barrier();  // nobody releases the buffer while a peer may still read its slot
-  return fmt::format("rank {}/{}: peers reachable {}/{} (LSA team [{}, {})), all_peers_reachable={}",
-                     me, R, reachable, R, t.lsa_base(), t.lsa_base() + t.lsa_size(),
-                     t.all_peers_reachable());
+  return fmt::format(
+      "rank {}/{}: peers reachable {}/{} (LSA team [{}, {})), all_peers_reachable={}", me, R,
+      reachable, R, t.lsa_base(), t.lsa_base() + t.lsa_size(), t.all_peers_reachable());
 }
 
 // NCCL's own addresses of a window (ncclGetLsaPointer from a kernel): the peer table matches
@@ -147,7 +153,9 @@ inline bool check_nccl_window_view(NcclTransport& t) {
 inline size_t a2a_bytes(int s, int d) {
   return (s + 2 * d + 1) % 3 == 0 ? 0 : size_t(1000) * (s + 1) + 17 * size_t(d) + 3;
 }
-inline uint8_t a2a_byte(int s, int d, size_t k) { return uint8_t((s * 31 + d * 7 + k * 13) & 0xff); }
+inline uint8_t a2a_byte(int s, int d, size_t k) {
+  return uint8_t((s * 31 + d * 7 + k * 13) & 0xff);
+}
 
 inline void check_all_to_all(NcclTransport& t) {
   const int R = t.size(), me = t.rank();
@@ -169,8 +177,10 @@ inline void check_all_to_all(NcclTransport& t) {
     for (size_t k = 0; k < sb[p]; ++k) send_host[so[p] + k] = a2a_byte(me, p, k);
   }
   DeviceBytes send(send_total), recv(recv_total);
-  EPMOE_CUDA_CHECK(cudaMemcpy(send.ptr.get(), send_host.data(), send_total, cudaMemcpyHostToDevice));
-  EPMOE_CUDA_CHECK(cudaMemcpy(recv.ptr.get(), recv_host.data(), recv_total, cudaMemcpyHostToDevice));
+  EPMOE_CUDA_CHECK(
+      cudaMemcpy(send.ptr.get(), send_host.data(), send_total, cudaMemcpyHostToDevice));
+  EPMOE_CUDA_CHECK(
+      cudaMemcpy(recv.ptr.get(), recv_host.data(), recv_total, cudaMemcpyHostToDevice));
   const int64_t before = t.host_api_remote_bytes();
   t.all_to_all_v(send.ptr.get(), sb.data(), so.data(), recv.ptr.get(), rb.data(), ro.data());
   t.barrier();  // bounded drain of the stream the exchange was queued on

@@ -1,8 +1,7 @@
-#include "tests/gpu/peer_probe.h"
-
 #include <algorithm>
 
 #include "epmoe/cuda/cuda_check.h"
+#include "tests/gpu/peer_probe.h"
 
 namespace epmoe::cuda::testing {
 namespace {
@@ -35,8 +34,8 @@ int blocks_for(size_t words) { return int(std::min<size_t>((words + 255) / 256, 
 
 }  // namespace
 
-void launch_write_peer_pattern(const SymmetricBuffer& buf, int peer, int writer,
-                               size_t word_offset, size_t words, cudaStream_t stream) {
+void launch_write_peer_pattern(const SymmetricBuffer& buf, int peer, int writer, size_t word_offset,
+                               size_t words, cudaStream_t stream) {
   if (words == 0) return;
   write_peer_pattern_kernel<<<blocks_for(words), 256, 0, stream>>>(buf.peers, peer, writer,
                                                                    word_offset, words);
@@ -45,14 +44,14 @@ void launch_write_peer_pattern(const SymmetricBuffer& buf, int peer, int writer,
 
 void launch_write_pattern(void* dst, int writer, size_t words, cudaStream_t stream) {
   if (words == 0) return;
-  write_pattern_kernel<<<blocks_for(words), 256, 0, stream>>>(static_cast<uint32_t*>(dst),
-                                                              writer, words);
+  write_pattern_kernel<<<blocks_for(words), 256, 0, stream>>>(static_cast<uint32_t*>(dst), writer,
+                                                              words);
   EPMOE_CUDA_CHECK_LAUNCH("write_pattern_kernel");
 }
 
 void read_peer_table(const SymmetricBuffer& buf, int num_ranks, void** out, cudaStream_t stream) {
-  EPMOE_CUDA_CHECK(cudaMemcpyAsync(out, buf.peers, sizeof(void*) * num_ranks,
-                                   cudaMemcpyDeviceToHost, stream));
+  EPMOE_CUDA_CHECK(
+      cudaMemcpyAsync(out, buf.peers, sizeof(void*) * num_ranks, cudaMemcpyDeviceToHost, stream));
   EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 

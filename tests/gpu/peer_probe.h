@@ -3,10 +3,10 @@
 // expected values. Works over any GpuTransport (nccl or loopback).
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstddef>
 #include <cstdint>
-
-#include <cuda_runtime.h>
 
 #include "epmoe/comm/gpu_transport.h"
 
@@ -19,8 +19,8 @@ inline uint32_t probe_pattern(int writer, size_t i) {
 
 // Writes probe_pattern(writer, i) for i in [0, words) at word offset `word_offset` of the buffer
 // of rank `peer`, reading that rank's address from buf.peers on the device. Async on `stream`.
-void launch_write_peer_pattern(const SymmetricBuffer& buf, int peer, int writer,
-                               size_t word_offset, size_t words, cudaStream_t stream);
+void launch_write_peer_pattern(const SymmetricBuffer& buf, int peer, int writer, size_t word_offset,
+                               size_t words, cudaStream_t stream);
 
 // The same, through a raw device address (NCCL's own view of a window, in tests).
 void launch_write_pattern(void* dst, int writer, size_t words, cudaStream_t stream);

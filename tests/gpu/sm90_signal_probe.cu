@@ -49,9 +49,8 @@ void launch_signal_consumer(uint16_t* snapshot, int* failed, const uint16_t* out
                             const int32_t* signal, const int32_t* count, int e_loc, int64_t m_max,
                             int64_t cols, int block_m, int threshold, long long timeout_cycles,
                             int blocks, cudaStream_t stream) {
-  signal_consumer_kernel<<<blocks, 256, 0, stream>>>(snapshot, failed, out, signal, count, e_loc,
-                                                     m_max, cols, block_m, threshold,
-                                                     timeout_cycles);
+  signal_consumer_kernel<<<blocks, 256, 0, stream>>>(
+      snapshot, failed, out, signal, count, e_loc, m_max, cols, block_m, threshold, timeout_cycles);
 }
 
 }  // namespace epmoe::cuda::testing

@@ -2,9 +2,9 @@
 // single-batch-overlap combine-send reads them.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 namespace epmoe::cuda::testing {
 

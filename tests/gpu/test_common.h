@@ -2,14 +2,14 @@
 // bitwise comparison reporting the first mismatch, relative L2.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "epmoe/core/stats.h"
 #include "epmoe/core/tensor.h"
@@ -59,8 +59,8 @@ inline DeviceTensor poisoned(DType dt, const Shape& s) {
 inline ::testing::AssertionResult bitwise_equal(const Tensor& got, const Tensor& want,
                                                 const std::string& what) {
   if (got.shape() != want.shape() || got.dtype() != want.dtype())
-    return ::testing::AssertionFailure() << what << ": shape/dtype " << got.shape().str()
-                                         << " vs " << want.shape().str();
+    return ::testing::AssertionFailure()
+           << what << ": shape/dtype " << got.shape().str() << " vs " << want.shape().str();
   const size_t es = dtype_size(got.dtype());
   const auto* a = static_cast<const unsigned char*>(got.view().data);
   const auto* b = static_cast<const unsigned char*>(want.view().data);

@@ -8,19 +8,19 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <thread>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
 #include <set>
+#include <thread>
 
 #include "epmoe/comm/gpu_transport.h"
 #include "epmoe/core/env.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/ep/ep_cuda.h"
 #include "epmoe/layer/layer_rank_cuda.h"
-#include "epmoe/overlap/executor.h"
 #include "epmoe/layer/moe_layer_cpu.h"
+#include "epmoe/overlap/executor.h"
 #include "epmoe/weights/moe_weights.h"
 #include "epmoe/weights/safetensors.h"
 #include "tests/gpu/test_common.h"
@@ -35,10 +35,17 @@ namespace {
 using testing::fresh_seed;
 
 MoeConfig small_config(int n_shared, bool fuse) {
-  return MoeConfig{.hidden = 256, .moe_intermediate = 128, .n_routed_experts = 32, .top_k = 4,
-                   .n_group = 4, .topk_group = 2, .n_shared_experts = n_shared,
-                   .routed_scaling_factor = 2.5f, .norm_topk_prob = true,
-                   .scoring = Scoring::kSigmoid, .fuse_shared = fuse};
+  return MoeConfig{.hidden = 256,
+                   .moe_intermediate = 128,
+                   .n_routed_experts = 32,
+                   .top_k = 4,
+                   .n_group = 4,
+                   .topk_group = 2,
+                   .n_shared_experts = n_shared,
+                   .routed_scaling_factor = 2.5f,
+                   .norm_topk_prob = true,
+                   .scoring = Scoring::kSigmoid,
+                   .fuse_shared = fuse};
 }
 
 struct Routing {
@@ -85,7 +92,9 @@ Routing make_routing(const MoeConfig& c, int R, int64_t t_max, std::mt19937_64& 
 TensorView rows(const Tensor& t, int64_t first, int64_t n) {
   const int64_t w = t.shape()[1];
   return TensorView{static_cast<char*>(t.view().data) + size_t(first * w) * dtype_size(t.dtype()),
-                    {n, w}, t.dtype(), Device::kCpu};
+                    {n, w},
+                    t.dtype(),
+                    Device::kCpu};
 }
 
 // One forward of the layer under a strategy: the executor owns the order.
@@ -109,15 +118,15 @@ Tensor run_loopback_ep(const MoeWeights& wts, int R, EpMode mode, int64_t t_max,
   for (size_t i = 1; i < tokens.size(); ++i) first[i] = first[i - 1] + tokens[i - 1];
   run_loopback(R, 0, [&](GpuTransport& t) {
     const size_t me = size_t(t.rank());
-    MoeLayerRankCuda rank(t, wts,
-                          EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = t_max}, opt);
+    MoeLayerRankCuda rank(
+        t, wts, EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = t_max}, opt);
     const int64_t n = tokens[me];
     rank.upload(rows(r.x, first[me], n), rows(r.ids, first[me], n), rows(r.w, first[me], n));
     for (int iter = 0; iter < 2; ++iter) forward(rank, kind);  // buffers and flags reused
     rank.check();
     if (n) {
-      EPMOE_CUDA_CHECK(cudaMemcpy(y.as<float>() + first[me] * H, rank.y().data,
-                                  size_t(n * H) * 4, cudaMemcpyDeviceToHost));
+      EPMOE_CUDA_CHECK(cudaMemcpy(y.as<float>() + first[me] * H, rank.y().data, size_t(n * H) * 4,
+                                  cudaMemcpyDeviceToHost));
     }
   });
   return y;
@@ -129,7 +138,10 @@ TEST(GpuExpertParallel, LoopbackBitwiseEqualToOneRankOver100Routings) {
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   int routings = 0;
-  struct Variant { int n_shared; bool fuse, fp8; };
+  struct Variant {
+    int n_shared;
+    bool fuse, fp8;
+  };
   const Variant variants[] = {{1, false, false}, {2, true, false}, {1, true, true}};
   for (const Variant& v : variants) {
     const MoeConfig cfg = small_config(v.n_shared, v.fuse);
@@ -180,65 +192,70 @@ TEST(GpuExpertParallel, LowLatencyLayoutAndOnlyRealTokens) {
   ASSERT_EQ(r.total, 28);
   std::mutex mu;
   for (LlTransfer how : {LlTransfer::kDevice, LlTransfer::kHostApi})
-  run_loopback(R, 0, [&](GpuTransport& t) {
-    SCOPED_TRACE(fmt::format("transfers: {}", ll_transfer_name(how)));
-    const int me = t.rank();
-    int64_t first = 0;
-    for (int i = 0; i < me; ++i) first += r.tokens[size_t(i)];
-    const int64_t n = r.tokens[size_t(me)];
-    MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = EpMode::kLowLatency,
-                                     .max_tokens_per_rank = t_max},
-                    EpCudaOptions{.ll_transfer = how});
-    EXPECT_EQ(rank.ll_over_host_api(), how == LlTransfer::kHostApi);
-    rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
-    forward(rank);
-    rank.check();
-    // The receive side of the forward's (only) micro-batch.
-    const EpMicroBatchCuda& mb = rank.ep_micro_batch(0);
-    Tensor cnt(DType::kI32, {E_loc}), src(DType::kI32, {E_loc, m_max, 3});
-    Tensor rx(DType::kBF16, {E_loc, m_max, cfg.hidden});
-    EPMOE_CUDA_CHECK(cudaMemcpy(cnt.view().data, mb.recv_count().data, cnt.nbytes(), cudaMemcpyDeviceToHost));
-    EPMOE_CUDA_CHECK(cudaMemcpy(src.view().data, mb.recv_src().data, src.nbytes(), cudaMemcpyDeviceToHost));
-    EPMOE_CUDA_CHECK(cudaMemcpy(rx.view().data, mb.recv_x().data, rx.nbytes(), cudaMemcpyDeviceToHost));
-    std::vector<int32_t> expect(size_t(E_loc), 0);
-    int64_t copies = 0, g = 0, returned = 0;  // returned: rows this rank sends back to others
-    for (int s = 0; s < R; ++s)
-      for (int64_t i = 0; i < r.tokens[size_t(s)]; ++i, ++g) {
-        std::set<int> dests;
-        for (int k = 0; k < Kp; ++k) {
-          const int id = r.ids.as<int32_t>()[g * Kp + k];
-          if (id < 0) continue;
-          dests.insert(id / E_loc);
-          if (id / E_loc != me) continue;
-          returned += s != me;
-          const int e = id % E_loc;
-          const int64_t row = expect[size_t(e)]++;
-          const int32_t* sv = src.as<int32_t>() + (e * m_max + row) * 3;
-          std::lock_guard<std::mutex> lock(mu);
-          ASSERT_EQ(sv[0], s);
-          ASSERT_EQ(sv[1], i);
-          ASSERT_EQ(sv[2], k);
-          ASSERT_EQ(std::memcmp(rx.as<bf16>() + (e * m_max + row) * cfg.hidden,
-                                r.x.as<bf16>() + g * cfg.hidden, size_t(cfg.hidden) * 2), 0);
+    run_loopback(R, 0, [&](GpuTransport& t) {
+      SCOPED_TRACE(fmt::format("transfers: {}", ll_transfer_name(how)));
+      const int me = t.rank();
+      int64_t first = 0;
+      for (int i = 0; i < me; ++i) first += r.tokens[size_t(i)];
+      const int64_t n = r.tokens[size_t(me)];
+      MoeLayerRankCuda rank(
+          t, wts,
+          EpConfig{.num_ranks = R, .mode = EpMode::kLowLatency, .max_tokens_per_rank = t_max},
+          EpCudaOptions{.ll_transfer = how});
+      EXPECT_EQ(rank.ll_over_host_api(), how == LlTransfer::kHostApi);
+      rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
+      forward(rank);
+      rank.check();
+      // The receive side of the forward's (only) micro-batch.
+      const EpMicroBatchCuda& mb = rank.ep_micro_batch(0);
+      Tensor cnt(DType::kI32, {E_loc}), src(DType::kI32, {E_loc, m_max, 3});
+      Tensor rx(DType::kBF16, {E_loc, m_max, cfg.hidden});
+      EPMOE_CUDA_CHECK(
+          cudaMemcpy(cnt.view().data, mb.recv_count().data, cnt.nbytes(), cudaMemcpyDeviceToHost));
+      EPMOE_CUDA_CHECK(
+          cudaMemcpy(src.view().data, mb.recv_src().data, src.nbytes(), cudaMemcpyDeviceToHost));
+      EPMOE_CUDA_CHECK(
+          cudaMemcpy(rx.view().data, mb.recv_x().data, rx.nbytes(), cudaMemcpyDeviceToHost));
+      std::vector<int32_t> expect(size_t(E_loc), 0);
+      int64_t copies = 0, g = 0, returned = 0;  // returned: rows this rank sends back to others
+      for (int s = 0; s < R; ++s)
+        for (int64_t i = 0; i < r.tokens[size_t(s)]; ++i, ++g) {
+          std::set<int> dests;
+          for (int k = 0; k < Kp; ++k) {
+            const int id = r.ids.as<int32_t>()[g * Kp + k];
+            if (id < 0) continue;
+            dests.insert(id / E_loc);
+            if (id / E_loc != me) continue;
+            returned += s != me;
+            const int e = id % E_loc;
+            const int64_t row = expect[size_t(e)]++;
+            const int32_t* sv = src.as<int32_t>() + (e * m_max + row) * 3;
+            std::lock_guard<std::mutex> lock(mu);
+            ASSERT_EQ(sv[0], s);
+            ASSERT_EQ(sv[1], i);
+            ASSERT_EQ(sv[2], k);
+            ASSERT_EQ(std::memcmp(rx.as<bf16>() + (e * m_max + row) * cfg.hidden,
+                                  r.x.as<bf16>() + g * cfg.hidden, size_t(cfg.hidden) * 2),
+                      0);
+          }
+          if (s == me) copies += int64_t(dests.size()) - int64_t(dests.count(me));
         }
-        if (s == me) copies += int64_t(dests.size()) - int64_t(dests.count(me));
+      for (int e = 0; e < E_loc; ++e) {
+        std::lock_guard<std::mutex> lock(mu);
+        EXPECT_EQ(cnt.as<int32_t>()[e], expect[size_t(e)]) << "rank " << me << " expert " << e;
       }
-    for (int e = 0; e < E_loc; ++e) {
+      const EpCudaTraffic tr = rank.last_traffic();
       std::lock_guard<std::mutex> lock(mu);
-      EXPECT_EQ(cnt.as<int32_t>()[e], expect[size_t(e)]) << "rank " << me << " expert " << e;
-    }
-    const EpCudaTraffic tr = rank.last_traffic();
-    std::lock_guard<std::mutex> lock(mu);
-    EXPECT_EQ(tr.dispatch_tokens, copies) << "rank " << me;
-    EXPECT_EQ(tr.dispatch_bytes, copies * int64_t((cfg.hidden * 2 + 4 + 8 * Kp + 15) / 16 * 16))
-        << "rank " << me;
-    if (n == 0) {
-      EXPECT_EQ(tr.dispatch_bytes, 0);
-    }
-    // The way back: each row once, bf16; the host-API path adds a 16-byte header per row.
-    const int64_t row_bytes = cfg.hidden * 2 + (how == LlTransfer::kHostApi ? 16 : 0);
-    EXPECT_EQ(tr.combine_bytes, returned * row_bytes) << "rank " << me;
-  });
+      EXPECT_EQ(tr.dispatch_tokens, copies) << "rank " << me;
+      EXPECT_EQ(tr.dispatch_bytes, copies * int64_t((cfg.hidden * 2 + 4 + 8 * Kp + 15) / 16 * 16))
+          << "rank " << me;
+      if (n == 0) {
+        EXPECT_EQ(tr.dispatch_bytes, 0);
+      }
+      // The way back: each row once, bf16; the host-API path adds a 16-byte header per row.
+      const int64_t row_bytes = cfg.hidden * 2 + (how == LlTransfer::kHostApi ? 16 : 0);
+      EXPECT_EQ(tr.combine_bytes, returned * row_bytes) << "rank " << me;
+    });
 }
 
 // Low-latency mode over the host API (the path between nodes), on loopback ranks: the same
@@ -279,11 +296,12 @@ TEST(GpuExpertParallel, LowLatencyOverHostApiRefusesGraphCapture) {
   run_loopback(2, 0, [&](GpuTransport& t) {
     const int me = t.rank();
     const int64_t first = me ? r.tokens[0] : 0, n = r.tokens[size_t(me)];
-    MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
-                                     .max_tokens_per_rank = 8},
-                    EpCudaOptions{.ll_transfer = LlTransfer::kHostApi});
+    MoeLayerRankCuda rank(
+        t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency, .max_tokens_per_rank = 8},
+        EpCudaOptions{.ll_transfer = LlTransfer::kHostApi});
     rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
-    EPMOE_CUDA_CHECK(cudaStreamBeginCapture(rank.compute_stream(), cudaStreamCaptureModeThreadLocal));
+    EPMOE_CUDA_CHECK(
+        cudaStreamBeginCapture(rank.compute_stream(), cudaStreamCaptureModeThreadLocal));
     std::string what;
     try {
       forward(rank);
@@ -318,15 +336,16 @@ TEST(GpuExpertParallel, LowLatencyRefusesTheSameExpertTwiceInAToken) {
   r.ids.as<int32_t>()[2 * cfg.num_slots() + 0] = 5;
   r.ids.as<int32_t>()[2 * cfg.num_slots() + 3] = 5;
   run_loopback(1, 0, [&](GpuTransport& t) {
-    MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 1, .mode = EpMode::kLowLatency,
-                                     .max_tokens_per_rank = 4});
+    MoeLayerRankCuda rank(
+        t, wts, EpConfig{.num_ranks = 1, .mode = EpMode::kLowLatency, .max_tokens_per_rank = 4});
     try {
       rank.upload(r.x, r.ids, r.w);
       ADD_FAILURE() << "a repeated expert id was accepted";
     } catch (const Error& e) {
       EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
       EXPECT_NE(std::string(e.what()).find("token 2 names expert 5 twice (slots 0 and 3)"),
-                std::string::npos) << e.what();
+                std::string::npos)
+          << e.what();
     }
   });
 }
@@ -334,10 +353,10 @@ TEST(GpuExpertParallel, LowLatencyRefusesTheSameExpertTwiceInAToken) {
 // compute-sanitizer runs kernels one at a time; gpu-check then sets EPMOE_SERIAL_HALVES=1 so that
 // every send half finishes before any rank waits. Tests that need a rank to wait while its peer
 // runs (a replayed graph holds both halves; a silent peer) cannot run that way.
-#define EPMOE_SKIP_IF_SERIAL_HALVES()                                                    \
-  do {                                                                                   \
-    if (env_int("SERIAL_HALVES", 0))                                                     \
-      GTEST_SKIP() << "EPMOE_SERIAL_HALVES=1: needs concurrent kernels across ranks";    \
+#define EPMOE_SKIP_IF_SERIAL_HALVES()                                                 \
+  do {                                                                                \
+    if (env_int("SERIAL_HALVES", 0))                                                  \
+      GTEST_SKIP() << "EPMOE_SERIAL_HALVES=1: needs concurrent kernels across ranks"; \
   } while (0)
 
 // The whole TBO decode layer (both micro-batches, every operation, three streams) captured in
@@ -354,13 +373,16 @@ TEST(GpuExpertParallel, TboDecodeLayerInOneGraphReplaysNewRoutings) {
   std::vector<Routing> cases;
   for (int i = 0; i < 4; ++i) cases.push_back(make_routing(cfg, R, t_max, rng, i == 3));
   std::vector<Tensor> eager;
-  for (const auto& c : cases) eager.push_back(run_loopback_ep(wts, R, EpMode::kLowLatency, t_max, c));
+  for (const auto& c : cases)
+    eager.push_back(run_loopback_ep(wts, R, EpMode::kLowLatency, t_max, c));
   std::vector<Tensor> out(cases.size());
-  for (size_t i = 0; i < cases.size(); ++i) out[i] = Tensor(DType::kF32, {cases[i].total, cfg.hidden});
+  for (size_t i = 0; i < cases.size(); ++i)
+    out[i] = Tensor(DType::kF32, {cases[i].total, cfg.hidden});
   run_loopback(R, 0, [&](GpuTransport& t) {
     const int me = t.rank();
-    MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = EpMode::kLowLatency,
-                                     .max_tokens_per_rank = t_max});
+    MoeLayerRankCuda rank(
+        t, wts,
+        EpConfig{.num_ranks = R, .mode = EpMode::kLowLatency, .max_tokens_per_rank = t_max});
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     rank.upload(rows(cases[0].x, 0, 0), rows(cases[0].ids, 0, 0), rows(cases[0].w, 0, 0));
@@ -399,9 +421,9 @@ TEST(GpuExpertParallel, SilentPeerTimesOutNamingIt) {
   const auto start = std::chrono::steady_clock::now();
   try {
     run_loopback(2, 0, [&](GpuTransport& t) {
-      MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
-                                       .max_tokens_per_rank = 8},
-                      EpCudaOptions{.timeout_ms = 500});
+      MoeLayerRankCuda rank(
+          t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency, .max_tokens_per_rank = 8},
+          EpCudaOptions{.timeout_ms = 500});
       t.barrier();
       if (t.rank() == 1) return;  // never sends
       rank.upload(r.x, r.ids, r.w);
@@ -446,9 +468,9 @@ TEST(GpuExpertParallel, SilentPeerOverHostApiTimesOutNamingIt) {
   std::atomic<bool> done{false};
   try {
     run_loopback(2, 0, [&](GpuTransport& t) {
-      MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
-                                       .max_tokens_per_rank = 8},
-                      EpCudaOptions{.ll_transfer = LlTransfer::kHostApi});
+      MoeLayerRankCuda rank(
+          t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency, .max_tokens_per_rank = 8},
+          EpCudaOptions{.ll_transfer = LlTransfer::kHostApi});
       if (t.rank() == 1) {  // set up, then silent until rank 0 gave up
         while (!done && std::chrono::steady_clock::now() - start < std::chrono::seconds(20))
           std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -476,7 +498,8 @@ TEST(GpuExpertParallel, GoldenFilesSplitAcrossRanks) {
   EPMOE_REQUIRE_GPU();
   const char* env = std::getenv("EPMOE_GOLDEN_DIR");
   const std::string dir = env ? env : std::string(EPMOE_SOURCE_DIR) + "/../shared/golden";
-  for (const char* name : {"dsv3_small_grouped", "dsv3_routing_256e", "ungrouped_2shared_noscale"}) {
+  for (const char* name :
+       {"dsv3_small_grouped", "dsv3_routing_256e", "ungrouped_2shared_noscale"}) {
     const std::string path = dir + "/" + name + ".safetensors";
     if (!std::filesystem::exists(path)) GTEST_SKIP() << "golden file not found: " << path;
     SafetensorsFile f(path);
@@ -501,7 +524,8 @@ TEST(GpuExpertParallel, GoldenFilesSplitAcrossRanks) {
           int64_t first = 0;
           for (size_t j = 0; j < me; ++j) first += tokens[j];
           const int64_t n = tokens[me];
-          MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = t_max});
+          MoeLayerRankCuda rank(
+              t, wts, EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = t_max});
           rank.upload(rows(x, first, n));
           forward(rank);
           rank.check();
@@ -530,7 +554,6 @@ TEST(GpuExpertParallel, GoldenFilesSplitAcrossRanks) {
   }
 }
 
-
 // Every overlap strategy gives bitwise the sequential output and the 1-rank output: none, tbo
 // and sbo x both modes x R in {1, 2, 4, 8} x uneven tokens with empty and 1-token ranks, -1 ids
 // and a hot expert.
@@ -553,8 +576,8 @@ TEST(GpuOverlap, StrategiesBitwiseEqualToNoneAndOneRank) {
         const Tensor none = run_loopback_ep(wts, R, mode, 12, r);
         ASSERT_TRUE(testing::bitwise_equal(none, one, "none vs 1 rank"));
         for (OverlapKind k : {OverlapKind::kTbo, OverlapKind::kSbo}) {
-          SCOPED_TRACE(fmt::format("{} {} R {} fuse {}", overlap_name(k), ep_mode_name(mode), R,
-                                   fuse));
+          SCOPED_TRACE(
+              fmt::format("{} {} R {} fuse {}", overlap_name(k), ep_mode_name(mode), R, fuse));
           const Tensor y = run_loopback_ep(wts, R, mode, 12, r, {}, false, k);
           ASSERT_TRUE(testing::bitwise_equal(y, none, "overlap vs none"));
         }
@@ -574,9 +597,9 @@ TEST(GpuOverlap, ThreeTransferPathsGiveTheSameOutput) {
   const Tensor normal = run_loopback_ep(wts, R, EpMode::kNormal, 16, r);
   const Tensor device = run_loopback_ep(wts, R, EpMode::kLowLatency, 16, r,
                                         EpCudaOptions{.ll_transfer = LlTransfer::kDevice});
-  const Tensor host = run_loopback_ep(wts, R, EpMode::kLowLatency, 16, r,
-                                      EpCudaOptions{.ll_transfer = LlTransfer::kHostApi}, false,
-                                      OverlapKind::kTbo);
+  const Tensor host =
+      run_loopback_ep(wts, R, EpMode::kLowLatency, 16, r,
+                      EpCudaOptions{.ll_transfer = LlTransfer::kHostApi}, false, OverlapKind::kTbo);
   EXPECT_TRUE(testing::bitwise_equal(device, normal, "low-latency load/store vs normal"));
   EXPECT_TRUE(testing::bitwise_equal(host, normal, "low-latency host API (tbo) vs normal"));
 }
@@ -595,16 +618,18 @@ TEST(GpuOverlap, OneRankSameOutputOverLoopbackAndNccl) {
   Tensor y[2] = {Tensor(DType::kF32, {37, cfg.hidden}), Tensor(DType::kF32, {37, cfg.hidden})};
   for (int way = 0; way < 2; ++way) {
     auto body = [&](GpuTransport& t) {
-      MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 1, .mode = EpMode::kLowLatency,
-                                             .max_tokens_per_rank = 40});
+      MoeLayerRankCuda rank(
+          t, wts, EpConfig{.num_ranks = 1, .mode = EpMode::kLowLatency, .max_tokens_per_rank = 40});
       rank.upload(x);
       forward(rank);
       rank.check();
-      EPMOE_CUDA_CHECK(cudaMemcpy(y[way].view().data, rank.y().data, y[way].nbytes(),
-                                  cudaMemcpyDeviceToHost));
+      EPMOE_CUDA_CHECK(
+          cudaMemcpy(y[way].view().data, rank.y().data, y[way].nbytes(), cudaMemcpyDeviceToHost));
     };
-    if (way == 0) run_loopback(1, 0, body);
-    else run_nccl_threads(1, body);
+    if (way == 0)
+      run_loopback(1, 0, body);
+    else
+      run_nccl_threads(1, body);
   }
   EXPECT_TRUE(testing::bitwise_equal(y[0], y[1], "loopback vs nccl, one rank"));
 #endif
@@ -656,9 +681,9 @@ TEST(GpuOverlap, PeerSilentOnMicroBatchBTimesOutNamingIt) {
   const auto start = std::chrono::steady_clock::now();
   try {
     run_loopback(2, 0, [&](GpuTransport& t) {
-      MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
-                                             .max_tokens_per_rank = 8},
-                            EpCudaOptions{.timeout_ms = 500});
+      MoeLayerRankCuda rank(
+          t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency, .max_tokens_per_rank = 8},
+          EpCudaOptions{.timeout_ms = 500});
       const int64_t first = t.rank() ? 8 : 0;
       rank.upload(rows(r.x, first, 8), rows(r.ids, first, 8), rows(r.w, first, 8));
       if (t.rank() == 1) {
@@ -686,7 +711,6 @@ TEST(GpuOverlap, PeerSilentOnMicroBatchBTimesOutNamingIt) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
 }
 
-
 // A rank that fails (throws) at one operation of micro-batch A: the rest of its forward never
 // happens.
 class FailAt final : public ForwardingLayer {
@@ -713,18 +737,21 @@ TEST(GpuFaults, RankFailingMidLayerIsNamedByItsPeer) {
   const MoeWeights wts = random_moe_weights(cfg, rng());
   const Routing r = make_routing(cfg, 2, 8, rng, false, {8, 6});
   ScopedEnv budget("EPMOE_TIMEOUT_MS", "1500");
-  struct Case { EpMode mode; LlTransfer how; };
-  for (Case c : {Case{EpMode::kNormal, LlTransfer::kAuto},
-                 Case{EpMode::kLowLatency, LlTransfer::kDevice},
-                 Case{EpMode::kLowLatency, LlTransfer::kHostApi}}) {
+  struct Case {
+    EpMode mode;
+    LlTransfer how;
+  };
+  for (Case c :
+       {Case{EpMode::kNormal, LlTransfer::kAuto}, Case{EpMode::kLowLatency, LlTransfer::kDevice},
+        Case{EpMode::kLowLatency, LlTransfer::kHostApi}}) {
     SCOPED_TRACE(fmt::format("{} {}", ep_mode_name(c.mode), ll_transfer_name(c.how)));
     const auto start = std::chrono::steady_clock::now();
     std::string rank0_error;
     std::mutex mu;
     try {
       run_loopback(2, 0, [&](GpuTransport& t) {
-        MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = c.mode,
-                                               .max_tokens_per_rank = 8},
+        MoeLayerRankCuda rank(t, wts,
+                              EpConfig{.num_ranks = 2, .mode = c.mode, .max_tokens_per_rank = 8},
                               EpCudaOptions{.timeout_ms = 1000, .ll_transfer = c.how});
         const int64_t first = t.rank() ? 8 : 0, n = r.tokens[size_t(t.rank())];
         rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
@@ -786,8 +813,9 @@ TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRankEveryStrategy) {
       int64_t first = 0;
       for (size_t j = 0; j < me; ++j) first += r.tokens[j];
       const int64_t n = r.tokens[me];
-      MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = 24},
-                      EpCudaOptions{.ll_transfer = how});
+      MoeLayerRankCuda rank(t, wts,
+                            EpConfig{.num_ranks = R, .mode = mode, .max_tokens_per_rank = 24},
+                            EpCudaOptions{.ll_transfer = how});
       host_ranks += rank.ll_over_host_api();
       rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));
       forward(rank, kind);
@@ -803,8 +831,9 @@ TEST(GpuExpertParallelNccl, TwoGpusBitwiseEqualToOneRankEveryStrategy) {
     }
     const Tensor one = run_loopback_ep(wts, 1, mode, 1, r, {}, true);
     ASSERT_TRUE(testing::bitwise_equal(
-        y, one, fmt::format("trial {} {} ({} transfers, overlap {})", trial, ep_mode_name(mode),
-                            ll_transfer_name(how), overlap_name(kind))));
+        y, one,
+        fmt::format("trial {} {} ({} transfers, overlap {})", trial, ep_mode_name(mode),
+                    ll_transfer_name(how), overlap_name(kind))));
   }
   std::printf("%d ranks, low-latency runs: %d over the host API, %d by load/store\n", R,
               host_api_runs, load_store_runs);
@@ -825,9 +854,9 @@ TEST(GpuExpertParallelNccl, SilentPeerTimesOutNamingIt) {
   std::atomic<bool> done{false}, over_host_api{false};
   try {
     run_nccl_threads(2, [&](GpuTransport& t) {
-      MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency,
-                                       .max_tokens_per_rank = 8},
-                      EpCudaOptions{.timeout_ms = 1000});
+      MoeLayerRankCuda rank(
+          t, wts, EpConfig{.num_ranks = 2, .mode = EpMode::kLowLatency, .max_tokens_per_rank = 8},
+          EpCudaOptions{.timeout_ms = 1000});
       if (rank.ll_over_host_api()) over_host_api = true;
       if (t.rank() == 1) {  // alive, its memory mapped, but it never sends
         while (!done && std::chrono::steady_clock::now() - start < std::chrono::seconds(20))
@@ -871,8 +900,8 @@ TEST(GpuFaultsNccl, RankFailingMidLayerIsNamedByItsPeer) {
     std::mutex mu;
     try {
       run_nccl_threads(2, [&](GpuTransport& t) {
-        MoeLayerRankCuda rank(t, wts, EpConfig{.num_ranks = 2, .mode = mode,
-                                               .max_tokens_per_rank = 8},
+        MoeLayerRankCuda rank(t, wts,
+                              EpConfig{.num_ranks = 2, .mode = mode, .max_tokens_per_rank = 8},
                               EpCudaOptions{.timeout_ms = 1000});
         const int64_t first = t.rank() ? 8 : 0, n = r.tokens[size_t(t.rank())];
         rank.upload(rows(r.x, first, n), rows(r.ids, first, n), rows(r.w, first, n));

@@ -38,7 +38,8 @@ void expected_silu(Tensor& out_bf, Tensor& q, Tensor& sc, const Tensor& in, int6
   for (int64_t r = 0; r < rows; ++r) {
     if (!valid(r)) continue;
     const std::vector<float> a = act_row(in, r, inter);
-    for (int64_t i = 0; i < inter; ++i) out_bf.as<bf16>()[r * inter + i] = f32_to_bf16(a[size_t(i)]);
+    for (int64_t i = 0; i < inter; ++i)
+      out_bf.as<bf16>()[r * inter + i] = f32_to_bf16(a[size_t(i)]);
     quantize_row_fp8(q.as<fp8e4m3>() + r * inter, sc.as<float>() + r * nb, a.data(), inter);
   }
 }
@@ -61,8 +62,8 @@ TEST(GpuExperts, SiluContiguousAndMasked) {
       DeviceTensor dm = DeviceTensor::from_host(mt);
       Tensor ob(DType::kBF16, {M, inter}), q(DType::kF8E4M3, {M, inter}), sc(DType::kF32, {M, nb});
       expected_silu(ob, q, sc, in, M, inter, [&](int64_t r) { return r < m; });
-      DeviceTensor gob = poisoned(DType::kBF16, {M, inter}), gq = poisoned(DType::kF8E4M3, {M, inter}),
-                   gsc = poisoned(DType::kF32, {M, nb});
+      DeviceTensor gob = poisoned(DType::kBF16, {M, inter}),
+                   gq = poisoned(DType::kF8E4M3, {M, inter}), gsc = poisoned(DType::kF32, {M, nb});
       silu_and_mul(gob.view(), din.view(), dm.as<int32_t>(), nullptr);
       silu_and_mul_fp8(gq.view(), gsc.view(), din.view(), dm.as<int32_t>(), nullptr);
       EPMOE_CUDA_CHECK(cudaDeviceSynchronize());
@@ -127,7 +128,8 @@ TEST(GpuExperts, GroupedGemmContiguous) {
       ref_rows(ref.as<float>(), in32, seg[e], seg[e + 1] - seg[e], bank_slice(w, offset + e), K,
                n_out);
     DeviceTensor din = DeviceTensor::from_host(in), dw = DeviceTensor::from_host(w);
-    for (auto impl : {GroupedGemmImpl::kGrouped, GroupedGemmImpl::kPerExpert, GroupedGemmImpl::kAuto})
+    for (auto impl :
+         {GroupedGemmImpl::kGrouped, GroupedGemmImpl::kPerExpert, GroupedGemmImpl::kAuto})
       for (DType odt : {DType::kBF16, DType::kF32}) {
         SCOPED_TRACE(std::string(impl == GroupedGemmImpl::kGrouped ? "grouped " : "per-expert ") +
                      dtype_name(odt) + (skew ? " skewed" : ""));

@@ -33,20 +33,26 @@ std::vector<GateCase> gate_cases() {
     }
   }
   auto add = [&](const char* name, int E, int K, int G, int kg, Scoring s, bool norm) {
-    MoeConfig c{.hidden = 64, .moe_intermediate = 64, .n_routed_experts = E, .top_k = K,
-                .n_group = G, .topk_group = kg, .routed_scaling_factor = 1.5f,
-                .norm_topk_prob = norm, .scoring = s};
+    MoeConfig c{.hidden = 64,
+                .moe_intermediate = 64,
+                .n_routed_experts = E,
+                .top_k = K,
+                .n_group = G,
+                .topk_group = kg,
+                .routed_scaling_factor = 1.5f,
+                .norm_topk_prob = norm,
+                .scoring = s};
     cases.push_back({name, c});
   };
   add("E512_G16_kg4_K8", 512, 8, 16, 4, Scoring::kSigmoid, true);
   add("E512_G1_K32", 512, 32, 1, 1, Scoring::kSigmoid, false);
-  add("E72_G9_kg3_K6", 72, 6, 9, 3, Scoring::kSigmoid, true);     // general group path
-  add("E256_G64_kg8_K8", 256, 8, 64, 8, Scoring::kSigmoid, true); // several groups per lane
+  add("E72_G9_kg3_K6", 72, 6, 9, 3, Scoring::kSigmoid, true);      // general group path
+  add("E256_G64_kg8_K8", 256, 8, 64, 8, Scoring::kSigmoid, true);  // several groups per lane
   add("E100_G5_kg2_K7_softmax", 100, 7, 5, 2, Scoring::kSoftmax, true);
   add("E128_G8_kg3_K8_softmax", 128, 8, 8, 3, Scoring::kSoftmax, false);
   add("E1_K1", 1, 1, 1, 1, Scoring::kSigmoid, true);
   add("E37_K5", 37, 5, 1, 1, Scoring::kSigmoid, false);
-  add("E16_G16_kg4_K4", 16, 4, 16, 4, Scoring::kSigmoid, true);   // one expert per group
+  add("E16_G16_kg4_K4", 16, 4, 16, 4, Scoring::kSigmoid, true);  // one expert per group
   add("E384_G1_K8", 384, 8, 1, 1, Scoring::kSoftmax, true);
   return cases;
 }
@@ -79,8 +85,8 @@ void check_gate(const MoeConfig& cfg, const Tensor& logits, const Tensor& bias,
     for (int64_t i = 0; i < T * Kp; ++i) {
       const float a = w_h.as<float>()[i], b = w_ref.as<float>()[i];
       if (!(std::fabs(a - b) <= 1e-6f * std::fmax(1.f, std::fabs(b)))) {
-        ADD_FAILURE() << "topk_weights: first mismatch at token " << i / Kp << ", slot "
-                      << i % Kp << ": got " << a << ", want " << b;
+        ADD_FAILURE() << "topk_weights: first mismatch at token " << i / Kp << ", slot " << i % Kp
+                      << ": got " << a << ", want " << b;
         break;
       }
     }

@@ -177,7 +177,9 @@ TEST(GpuGroupedGemm, RowsAreIndependentBitwise) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  struct Shape2 { int64_t k, n_out; };
+  struct Shape2 {
+    int64_t k, n_out;
+  };
   for (const Shape2 s : {Shape2{7168, 256}, Shape2{2056, 264}}) {
     SCOPED_TRACE("K=" + std::to_string(s.k) + " Nout=" + std::to_string(s.n_out));
     const std::vector<int32_t> counts = {300, 1, 0, 77};
@@ -239,8 +241,7 @@ TEST(GpuGroupedGemm, RowsAreIndependentBitwise) {
                    out_c = poisoned(odt, {e_loc, m_max, s.n_out});
       grouped_gemm_contiguous(out_a.view(), din.view(), dw.view(), dseg.view(), offset, nullptr);
       grouped_gemm_contiguous(out_b.view(), din_b.view(), dw.view(), dseg_b.view(), 0, nullptr);
-      grouped_gemm_masked(out_c.view(), din_c.view(), dw.view(), dcount_c.view(), offset,
-                          nullptr);
+      grouped_gemm_masked(out_c.view(), din_c.view(), dw.view(), dcount_c.view(), offset, nullptr);
       EPMOE_CUDA_CHECK(cudaDeviceSynchronize());
       const Tensor a = out_a.to_host(), b = out_b.to_host(), cm = out_c.to_host();
       const Tensor c2d = [&] {
@@ -363,8 +364,8 @@ TEST(GpuGroupedGemm, RejectsBadShapesOnTheHost) {
   EXPECT_THROW(grouped_gemm_contiguous(out.view(), in.view(), w.view(), seg.view(), 2, nullptr),
                Error);  // experts [2, 4) of a bank of 3
   Tensor host_seg = i32_tensor({0, 2, 4});
-  EXPECT_THROW(grouped_gemm_contiguous(out.view(), in.view(), w.view(), host_seg.view(), 0, nullptr),
-               Error);
+  EXPECT_THROW(
+      grouped_gemm_contiguous(out.view(), in.view(), w.view(), host_seg.view(), 0, nullptr), Error);
   // Masked: count length must be E_loc.
   const DeviceTensor in3 = dev(DType::kBF16, {2, 5, 64}), out3 = dev(DType::kF32, {2, 5, 32}),
                      count3 = dev(DType::kI32, {3});
@@ -372,8 +373,8 @@ TEST(GpuGroupedGemm, RejectsBadShapesOnTheHost) {
                Error);
   const DeviceTensor w60b = dev(DType::kBF16, {3, 32, 60}), in3b = dev(DType::kBF16, {2, 5, 60}),
                      count2 = dev(DType::kI32, {2});
-  EXPECT_THROW(grouped_gemm_masked(out3.view(), in3b.view(), w60b.view(), count2.view(), 0, nullptr),
-               Error);
+  EXPECT_THROW(
+      grouped_gemm_masked(out3.view(), in3b.view(), w60b.view(), count2.view(), 0, nullptr), Error);
 }
 
 // The grouped-GEMM benchmark (disabled by default; run with --gtest_also_run_disabled_tests).

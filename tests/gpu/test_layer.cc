@@ -3,15 +3,14 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 
-#include <nlohmann/json.hpp>
-
-#include "epmoe/layer/moe_layer_cpu.h"
 #include "epmoe/comm/gpu_transport.h"
 #include "epmoe/comm/launch.h"
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/layer/layer_rank_cuda.h"
+#include "epmoe/layer/moe_layer_cpu.h"
 #include "epmoe/layer/run_layer_cuda.h"
 #include "epmoe/overlap/executor.h"
 #include "epmoe/weights/moe_weights.h"
@@ -64,14 +63,18 @@ void copy_rows(Tensor& dst, int64_t at, const Tensor& src, int64_t r0, int64_t n
 // Builds MoeWeights from a golden file; fuse: the shared MLP split into n_shared bank experts.
 MoeWeights golden_weights(const Golden& g, bool fuse, bool scale_on_output) {
   const nlohmann::json c = g.config();
-  MoeConfig cfg{.hidden = c.at("hidden"), .moe_intermediate = c.at("moe_intermediate"),
-                .n_routed_experts = c.at("n_routed_experts"), .top_k = c.at("top_k"),
-                .n_group = c.at("n_group"), .topk_group = c.at("topk_group"),
+  MoeConfig cfg{.hidden = c.at("hidden"),
+                .moe_intermediate = c.at("moe_intermediate"),
+                .n_routed_experts = c.at("n_routed_experts"),
+                .top_k = c.at("top_k"),
+                .n_group = c.at("n_group"),
+                .topk_group = c.at("topk_group"),
                 .n_shared_experts = c.at("n_shared_experts"),
                 .routed_scaling_factor = c.at("routed_scaling_factor").get<float>(),
                 .norm_topk_prob = c.at("norm_topk_prob"),
                 .scoring = parse_scoring(c.at("scoring").get<std::string>()),
-                .fuse_shared = fuse, .scale_on_output = scale_on_output};
+                .fuse_shared = fuse,
+                .scale_on_output = scale_on_output};
   cfg.validate();
   const int64_t H = cfg.hidden, I = cfg.moe_intermediate, E = cfg.n_routed_experts;
   const int64_t S = cfg.n_shared_experts;
@@ -129,22 +132,25 @@ std::string golden_dir() {
 
 // The single-GPU layer: R = 1 of the per-rank layer over a one-rank transport, the gate on the
 // GPU, through the executor. Returns host y [T, H] f32 and the routing.
-LayerResult gpu_forward(const MoeWeights& w, const Tensor& x,
-                        OverlapKind kind = OverlapKind::kNone,
+LayerResult gpu_forward(const MoeWeights& w, const Tensor& x, OverlapKind kind = OverlapKind::kNone,
                         EpMode mode = EpMode::kLowLatency) {
   const int64_t T = x.shape()[0], H = w.config.hidden, Kp = w.config.num_slots();
   LayerResult r{Tensor::zeros(DType::kF32, {T, H}), Tensor::zeros(DType::kI32, {T, Kp}),
                 Tensor::zeros(DType::kF32, {T, Kp})};
   launch_ranks("loopback", 1, [&](GpuTransport& t) {
-    MoeLayerRankCuda layer(t, w, EpConfig{.num_ranks = 1, .mode = mode,
-                                          .max_tokens_per_rank = std::max<int64_t>(1, T)});
+    MoeLayerRankCuda layer(
+        t, w,
+        EpConfig{.num_ranks = 1, .mode = mode, .max_tokens_per_rank = std::max<int64_t>(1, T)});
     layer.upload(x);
     execute(layer, make_strategy(kind, mode));
     layer.check();
     if (T) {
-      EPMOE_CUDA_CHECK(cudaMemcpy(r.y.view().data, layer.y().data, r.y.nbytes(), cudaMemcpyDeviceToHost));
-      EPMOE_CUDA_CHECK(cudaMemcpy(r.topk_ids.view().data, layer.topk_ids().data, r.topk_ids.nbytes(), cudaMemcpyDeviceToHost));
-      EPMOE_CUDA_CHECK(cudaMemcpy(r.topk_weights.view().data, layer.topk_weights().data, r.topk_weights.nbytes(), cudaMemcpyDeviceToHost));
+      EPMOE_CUDA_CHECK(
+          cudaMemcpy(r.y.view().data, layer.y().data, r.y.nbytes(), cudaMemcpyDeviceToHost));
+      EPMOE_CUDA_CHECK(cudaMemcpy(r.topk_ids.view().data, layer.topk_ids().data,
+                                  r.topk_ids.nbytes(), cudaMemcpyDeviceToHost));
+      EPMOE_CUDA_CHECK(cudaMemcpy(r.topk_weights.view().data, layer.topk_weights().data,
+                                  r.topk_weights.nbytes(), cudaMemcpyDeviceToHost));
     }
   });
   return r;
@@ -210,8 +216,13 @@ TEST(GpuLayer, MatchesCpuReference) {
   cfgs.push_back(tiny);
   tiny.fuse_shared = true;
   cfgs.push_back(tiny);
-  MoeConfig soft{.hidden = 136, .moe_intermediate = 72, .n_routed_experts = 16, .top_k = 4,
-                 .n_shared_experts = 2, .norm_topk_prob = false, .scoring = Scoring::kSoftmax};
+  MoeConfig soft{.hidden = 136,
+                 .moe_intermediate = 72,
+                 .n_routed_experts = 16,
+                 .top_k = 4,
+                 .n_shared_experts = 2,
+                 .norm_topk_prob = false,
+                 .scoring = Scoring::kSoftmax};
   cfgs.push_back(soft);
   for (const MoeConfig& cfg : cfgs) {
     const MoeWeights w = random_weights(cfg, rng);
@@ -225,12 +236,15 @@ TEST(GpuLayer, MatchesCpuReference) {
       if (T > 0) {
         EXPECT_LE(testing::rel_l2(got.y, ref.y), 2e-2);
       }
-      // Logits come from the GPU GEMM vs the CPU's own sum order: a near-tie may flip an id, rarely.
+      // Logits come from the GPU GEMM vs the CPU's own sum order: a near-tie may flip an id,
+      // rarely.
       int64_t differ = 0;
       for (int64_t t = 0; t < T; ++t) {
         const int kp = cfg.num_slots();
-        std::set<int32_t> a(got.topk_ids.as<int32_t>() + t * kp, got.topk_ids.as<int32_t>() + (t + 1) * kp);
-        std::set<int32_t> b(ref.topk_ids.as<int32_t>() + t * kp, ref.topk_ids.as<int32_t>() + (t + 1) * kp);
+        std::set<int32_t> a(got.topk_ids.as<int32_t>() + t * kp,
+                            got.topk_ids.as<int32_t>() + (t + 1) * kp);
+        std::set<int32_t> b(ref.topk_ids.as<int32_t>() + t * kp,
+                            ref.topk_ids.as<int32_t>() + (t + 1) * kp);
         differ += a != b;
       }
       EXPECT_LE(differ, std::max<int64_t>(1, T / 100)) << "tokens with different expert sets";

@@ -1,13 +1,13 @@
 // The NCCL transport, thread-per-GPU (run_nccl_threads). One-rank tests run on any GPU machine;
 // multi-rank ones need >= 2 GPUs. Run again under NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 (network
 // path for the host API): the tests adapt to whether NCCL still maps peers (they print which).
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <string>
 #include <thread>
-
-#include <gtest/gtest.h>
 
 #include "epmoe/comm/nccl_transport.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -71,7 +71,8 @@ TEST(NcclTransport, SingleRank) {
 
 TEST(NcclTransport, TwoRanksExchange) {
   EPMOE_REQUIRE_GPU();
-  if (device_count() < 2) GTEST_SKIP() << "needs 2 GPUs (one rank per GPU); found " << device_count();
+  if (device_count() < 2)
+    GTEST_SKIP() << "needs 2 GPUs (one rank per GPU); found " << device_count();
   print_line(testing::nccl_env_summary());
   run_ranks(2, [](NcclTransport& t) {
     EXPECT_EQ(t.size(), 2);
@@ -163,8 +164,7 @@ TEST(NcclTransport, DISABLED_BarrierTimeoutNamesMissingRank) {
     ADD_FAILURE() << "the barrier returned without rank 1";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::kTimeout) << e.what();
-    EXPECT_NE(std::string(e.what()).find("ranks [1] never entered"), std::string::npos)
-        << e.what();
+    EXPECT_NE(std::string(e.what()).find("ranks [1] never entered"), std::string::npos) << e.what();
   }
 }
 

@@ -54,7 +54,8 @@ void check_preprocess(const Tensor& ids, int start, int end, const std::string& 
   preprocess_cpu(seg_ref, s2d_ref, ids, start, end);
   DeviceTensor d_ids = DeviceTensor::from_host(ids);
   DeviceTensor seg = poisoned(DType::kI32, {e_loc + 1}), s2d = poisoned(DType::kI32, {T, K});
-  DeviceTensor ws = poisoned(DType::kI32, {int64_t(preprocess_workspace_bytes(T * K, e_loc) / 4) + 1});
+  DeviceTensor ws =
+      poisoned(DType::kI32, {int64_t(preprocess_workspace_bytes(T * K, e_loc) / 4) + 1});
   preprocess(seg.view(), s2d.view(), d_ids.view(), start, end, ws.view().data, nullptr);
   EPMOE_CUDA_CHECK(cudaDeviceSynchronize());
   EXPECT_TRUE(bitwise_equal(seg.to_host(), seg_ref, "seg_indptr"));
@@ -74,9 +75,9 @@ TEST(GpuPermute, PreprocessMatchesCpu) {
       cases.push_back({c.top_k + c.n_shared_experts, c.n_routed_experts + c.n_shared_experts, 0,
                        c.n_routed_experts + c.n_shared_experts});
   }
-  cases.push_back({8, 256, 64, 96});    // an EP rank's range: other ids get -1
-  cases.push_back({8, 256, 100, 100});  // empty range
-  cases.push_back({32, 1000, 0, 1000}); // many experts, max slots
+  cases.push_back({8, 256, 64, 96});     // an EP rank's range: other ids get -1
+  cases.push_back({8, 256, 100, 100});   // empty range
+  cases.push_back({32, 1000, 0, 1000});  // many experts, max slots
   for (const PermCase& c : cases)
     for (Routing r : {Routing::kUniform, Routing::kSkewed, Routing::kWithInvalid})
       for (int64_t T : testing::token_sweep()) {
@@ -194,7 +195,8 @@ TEST(GpuPermute, PostReorderIdOffset) {
   Tensor seg(DType::kI32, {E_loc + 1}), s2d(DType::kI32, {T, K});
   preprocess_cpu(seg, s2d, ids, 0, E_loc);
   const int64_t N = seg.as<int32_t>()[E_loc];
-  Tensor down = random_tensor(DType::kBF16, {N, H}, rng), w = random_tensor(DType::kF32, {T, K}, rng);
+  Tensor down = random_tensor(DType::kBF16, {N, H}, rng),
+         w = random_tensor(DType::kF32, {T, K}, rng);
   Tensor ref(DType::kF32, {T, H});
   post_reorder_cpu(ref, down, s2d, ids, w, E, offset);
   DeviceTensor out = poisoned(DType::kF32, {T, H});
@@ -214,9 +216,9 @@ TEST(GpuPermute, BadShapesThrow) {
   DeviceTensor ids(DType::kI32, {4, 2}), seg(DType::kI32, {10});
   EXPECT_THROW(preprocess(seg.view(), s2d.view(), ids.view(), 0, 8, nullptr, nullptr), Error);
   DeviceTensor out(DType::kF32, {4, 128}), down(DType::kBF16, {8, 128}), w(DType::kF32, {4, 3});
-  EXPECT_THROW(post_reorder(out.view(), down.view(), s2d.view(), ids.view(), w.view(), 8, 0,
-                            nullptr),
-               Error);
+  EXPECT_THROW(
+      post_reorder(out.view(), down.view(), s2d.view(), ids.view(), w.view(), 8, 0, nullptr),
+      Error);
 }
 
 }  // namespace

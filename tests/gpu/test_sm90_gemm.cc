@@ -23,11 +23,11 @@ namespace {
 using testing::fresh_seed;
 using testing::poisoned;
 
-#define EPMOE_REQUIRE_SM90()                                                                  \
-  do {                                                                                        \
-    EPMOE_REQUIRE_GPU();                                                                      \
-    if (!sm90_gemm_available())                                                               \
-      GTEST_SKIP() << "no sm90 GEMM (built without CUTLASS, or not an sm_90 GPU)";            \
+#define EPMOE_REQUIRE_SM90()                                                       \
+  do {                                                                             \
+    EPMOE_REQUIRE_GPU();                                                           \
+    if (!sm90_gemm_available())                                                    \
+      GTEST_SKIP() << "no sm90 GEMM (built without CUTLASS, or not an sm_90 GPU)"; \
   } while (0)
 
 // bf16 output: its rounding; f32 output: the order of the sums, and for FP8 the tensor cores'
@@ -86,7 +86,9 @@ uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   return z ^ (z >> 31);
 }
-uint64_t hash_at(uint64_t seed, int64_t i) { return mix64(seed + uint64_t(i) * 0x9e3779b97f4a7c15ull); }
+uint64_t hash_at(uint64_t seed, int64_t i) {
+  return mix64(seed + uint64_t(i) * 0x9e3779b97f4a7c15ull);
+}
 
 // bf16 values uniform in [-1, 1).
 Tensor fast_bf16(const Shape& s, uint64_t seed) {
@@ -134,9 +136,9 @@ Operands make_operands(bool fp8, const Shape& in_shape, int64_t e_bank, int64_t 
   sshape.dims[in_shape.rank - 1] = (K + kFp8BlockSize - 1) / kFp8BlockSize;
   const Tensor qi = fast_fp8(in_shape, rng()), si = octave_scales(sshape, rng());
   const Tensor qw = fast_fp8({e_bank, n_out, K}, rng());
-  const Tensor sw = octave_scales(
-      {e_bank, (n_out + kFp8BlockSize - 1) / kFp8BlockSize, (K + kFp8BlockSize - 1) / kFp8BlockSize},
-      rng());
+  const Tensor sw = octave_scales({e_bank, (n_out + kFp8BlockSize - 1) / kFp8BlockSize,
+                                   (K + kFp8BlockSize - 1) / kFp8BlockSize},
+                                  rng());
   o.in32 = dequantize_fp8_rows128(qi.view(), si.view());
   o.w32 = dequantize_fp8_block128(qw.view(), sw.view());
   o.in = DeviceTensor::from_host(qi);
@@ -160,11 +162,11 @@ void run_contiguous(const TensorView& out, const Operands& o, const TensorView& 
     sm90_grouped_gemm_contiguous(out, o.in.view(), o.w.view(), seg, bank_offset, ws, stream);
 }
 
-void run_masked(const TensorView& out, const Operands& o, const TensorView& count,
-                int bank_offset, Sm90GemmWorkspace& ws, cudaStream_t stream) {
+void run_masked(const TensorView& out, const Operands& o, const TensorView& count, int bank_offset,
+                Sm90GemmWorkspace& ws, cudaStream_t stream) {
   if (o.fp8)
-    sm90_grouped_gemm_fp8_masked(out, o.in.view(), o.in_scale.view(), o.w.view(),
-                                 o.w_scale.view(), count, bank_offset, ws, stream);
+    sm90_grouped_gemm_fp8_masked(out, o.in.view(), o.in_scale.view(), o.w.view(), o.w_scale.view(),
+                                 count, bank_offset, ws, stream);
   else
     sm90_grouped_gemm_masked(out, o.in.view(), o.w.view(), count, bank_offset, ws, stream);
 }
@@ -330,8 +332,8 @@ TEST_P(Sm90Gemm, RowsAreIndependentBitwise) {
       if (fp8) one.in_scale = copy_rows(o.in_scale, sc_row * 4, r, 1, DType::kF32, {1, sc_row});
       one.w = copy_rows(o.w, n_out * in_row, e, 1, in_dt, {1, n_out, K});
       if (fp8)
-        one.w_scale = copy_rows(o.w_scale, (n_out / kFp8BlockSize) * sc_row * 4, e, 1,
-                                DType::kF32, {1, n_out / kFp8BlockSize, sc_row});
+        one.w_scale = copy_rows(o.w_scale, (n_out / kFp8BlockSize) * sc_row * 4, e, 1, DType::kF32,
+                                {1, n_out / kFp8BlockSize, sc_row});
       const DeviceTensor seg1 = DeviceTensor::from_host(i32_tensor({0, 1}));
       DeviceTensor out1 = poisoned(odt, {1, n_out});
       run_contiguous(out1.view(), one, seg1.view(), 0, ws, nullptr);
@@ -347,10 +349,10 @@ TEST_P(Sm90Gemm, RowsAreIndependentBitwise) {
         EPMOE_CUDA_CHECK(cudaMemcpy(d.view().data, src.view().data,
                                     size_t(std::min<int64_t>(total, 4 * m_max) * row_bytes),
                                     cudaMemcpyDeviceToDevice));
-        EPMOE_CUDA_CHECK(cudaMemcpy(
-            static_cast<char*>(d.view().data) + (slot * m_max + pos) * row_bytes,
-            static_cast<const char*>(src.view().data) + r * row_bytes, size_t(row_bytes),
-            cudaMemcpyDeviceToDevice));
+        EPMOE_CUDA_CHECK(
+            cudaMemcpy(static_cast<char*>(d.view().data) + (slot * m_max + pos) * row_bytes,
+                       static_cast<const char*>(src.view().data) + r * row_bytes, size_t(row_bytes),
+                       cudaMemcpyDeviceToDevice));
         return d;
       };
       Operands m{fp8, {}, {}, {}, {}, {}, {}};
@@ -445,7 +447,8 @@ TEST_P(Sm90Gemm, GraphReplayWithNewCounts) {
     contiguous_call(direct_c.view(), stream);
     EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
     EXPECT_TRUE(testing::bitwise_equal(replay_m, direct_m.to_host(), "masked: replay vs direct"));
-    EXPECT_TRUE(testing::bitwise_equal(replay_c, direct_c.to_host(), "contiguous: replay vs direct"));
+    EXPECT_TRUE(
+        testing::bitwise_equal(replay_c, direct_c.to_host(), "contiguous: replay vs direct"));
     Tensor ref(DType::kF32, {e_loc * m_max, n_out});
     for (int e = 0; e < e_loc; ++e) {
       if (counts[e] > 0) {
@@ -548,8 +551,8 @@ TEST_P(Sm90Gemm, SignalledRowsAreFinalWhenRead) {
     EPMOE_CUDA_CHECK(cudaDeviceSynchronize());
     testing::launch_signal_consumer(
         static_cast<uint16_t*>(snapshot.view().data), failed.as<int32_t>(),
-        static_cast<const uint16_t*>(out.view().data), signal.as<int32_t>(),
-        count.as<int32_t>(), e_loc, m_max, n_out, info.block_m, info.threshold,
+        static_cast<const uint16_t*>(out.view().data), signal.as<int32_t>(), count.as<int32_t>(),
+        e_loc, m_max, n_out, info.block_m, info.threshold,
         /*timeout_cycles=*/4'000'000'000LL, consumer_blocks, comm_stream);
     EPMOE_CUDA_CHECK(cudaGetLastError());
     run_masked_signal(out.view(), signal.view(), o, count.view(), 0, ws, gemm_stream);
@@ -584,31 +587,31 @@ TEST(Sm90GemmChecks, RejectsBadArgumentsOnTheHost) {
   const DeviceTensor in = dev(DType::kBF16, {4, 64}), w = dev(DType::kBF16, {3, 32, 64}),
                      out = dev(DType::kBF16, {4, 32});
   const DeviceTensor seg = DeviceTensor::from_host(i32_tensor({0, 2, 4}));
-  EXPECT_NO_THROW(sm90_grouped_gemm_contiguous(out.view(), in.view(), w.view(), seg.view(), 0, ws,
-                                               nullptr));
+  EXPECT_NO_THROW(
+      sm90_grouped_gemm_contiguous(out.view(), in.view(), w.view(), seg.view(), 0, ws, nullptr));
   const DeviceTensor in60 = dev(DType::kBF16, {4, 60}), w60 = dev(DType::kBF16, {3, 32, 60});
-  EXPECT_THROW(sm90_grouped_gemm_contiguous(out.view(), in60.view(), w60.view(), seg.view(), 0,
-                                            ws, nullptr),
-               Error);  // K = 60
+  EXPECT_THROW(
+      sm90_grouped_gemm_contiguous(out.view(), in60.view(), w60.view(), seg.view(), 0, ws, nullptr),
+      Error);  // K = 60
   const DeviceTensor w48 = dev(DType::kBF16, {3, 32, 48});
-  EXPECT_THROW(sm90_grouped_gemm_contiguous(out.view(), in.view(), w48.view(), seg.view(), 0, ws,
-                                            nullptr),
-               Error);  // K mismatch
-  EXPECT_THROW(sm90_grouped_gemm_contiguous(out.view(), in.view(), w.view(), seg.view(), 2, ws,
-                                            nullptr),
-               Error);  // experts [2, 4) of a bank of 3
+  EXPECT_THROW(
+      sm90_grouped_gemm_contiguous(out.view(), in.view(), w48.view(), seg.view(), 0, ws, nullptr),
+      Error);  // K mismatch
+  EXPECT_THROW(
+      sm90_grouped_gemm_contiguous(out.view(), in.view(), w.view(), seg.view(), 2, ws, nullptr),
+      Error);  // experts [2, 4) of a bank of 3
   Tensor host_seg = i32_tensor({0, 2, 4});
-  EXPECT_THROW(sm90_grouped_gemm_contiguous(out.view(), in.view(), w.view(), host_seg.view(), 0,
-                                            ws, nullptr),
+  EXPECT_THROW(sm90_grouped_gemm_contiguous(out.view(), in.view(), w.view(), host_seg.view(), 0, ws,
+                                            nullptr),
                Error);  // counts on the host
   const DeviceTensor seg4 = dev(DType::kI32, {4});
-  EXPECT_THROW(sm90_grouped_gemm_contiguous(out.view(), in.view(), w.view(), seg4.view(), 0, ws,
-                                            nullptr),
-               Error);  // 3 experts, workspace for 2
+  EXPECT_THROW(
+      sm90_grouped_gemm_contiguous(out.view(), in.view(), w.view(), seg4.view(), 0, ws, nullptr),
+      Error);  // 3 experts, workspace for 2
   Sm90GemmWorkspace none;
-  EXPECT_THROW(sm90_grouped_gemm_contiguous(out.view(), in.view(), w.view(), seg.view(), 0, none,
-                                            nullptr),
-               Error);  // no workspace
+  EXPECT_THROW(
+      sm90_grouped_gemm_contiguous(out.view(), in.view(), w.view(), seg.view(), 0, none, nullptr),
+      Error);  // no workspace
   // FP8: K, Nout multiples of 128; scale shapes.
   const DeviceTensor qi = dev(DType::kF8E4M3, {4, 256}), si = dev(DType::kF32, {4, 2}),
                      qw = dev(DType::kF8E4M3, {3, 128, 256}), sw = dev(DType::kF32, {3, 1, 2}),
@@ -627,12 +630,13 @@ TEST(Sm90GemmChecks, RejectsBadArgumentsOnTheHost) {
   EXPECT_THROW(sm90_grouped_gemm_fp8_contiguous(o8.view(), qi64.view(), si64.view(), qw64.view(),
                                                 sw64.view(), seg.view(), 0, ws, nullptr),
                Error);  // K = 64
-  EXPECT_THROW(sm90_grouped_gemm_contiguous(o8.view(), qi.view(), qw.view(), seg.view(), 0, ws,
-                                            nullptr),
-               Error);  // FP8 operands to the bf16 entry point
+  EXPECT_THROW(
+      sm90_grouped_gemm_contiguous(o8.view(), qi.view(), qw.view(), seg.view(), 0, ws, nullptr),
+      Error);  // FP8 operands to the bf16 entry point
   // Signals: [E_loc · ceil(M_max / 128)] i32 on the device, bf16 output only.
   {
-    const DeviceTensor in3 = dev(DType::kBF16, {2, 130, 64}), out3 = dev(DType::kBF16, {2, 130, 32}),
+    const DeviceTensor in3 = dev(DType::kBF16, {2, 130, 64}),
+                       out3 = dev(DType::kBF16, {2, 130, 32}),
                        out3f = dev(DType::kF32, {2, 130, 32}), sig = dev(DType::kI32, {4}),
                        sig3 = dev(DType::kI32, {3});
     const DeviceTensor count2 = DeviceTensor::from_host(i32_tensor({0, 0}));
@@ -650,9 +654,9 @@ TEST(Sm90GemmChecks, RejectsBadArgumentsOnTheHost) {
   // Masked: count length must be E_loc.
   const DeviceTensor in3 = dev(DType::kBF16, {2, 5, 64}), out3 = dev(DType::kF32, {2, 5, 32}),
                      count3 = dev(DType::kI32, {3});
-  EXPECT_THROW(sm90_grouped_gemm_masked(out3.view(), in3.view(), w.view(), count3.view(), 0, ws,
-                                        nullptr),
-               Error);
+  EXPECT_THROW(
+      sm90_grouped_gemm_masked(out3.view(), in3.view(), w.view(), count3.view(), 0, ws, nullptr),
+      Error);
   EPMOE_CUDA_CHECK(cudaDeviceSynchronize());
 }
 

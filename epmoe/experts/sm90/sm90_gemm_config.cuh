@@ -7,13 +7,14 @@
 // (D = accumulator, converted with round-to-nearest-even).
 #pragma once
 
-#include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+
+#include <cute/tensor.hpp>
 #include <cutlass/detail/blockwise_scale_layout.hpp>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
 #include <cutlass/epilogue/dispatch_policy.hpp>
 #include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/device/gemm_universal_adapter.h>
 #include <cutlass/gemm/dispatch_policy.hpp>
 #include <cutlass/gemm/group_array_problem_shape.hpp>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
@@ -28,7 +29,7 @@ using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>
 template <class ElementD, class TileShape, class ClusterShape, class EpilogueSchedule>
 using EpilogueOf = typename cutlass::epilogue::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float,  //
+    cutlass::epilogue::collective::EpilogueTileAuto, float, float,                  //
     void, cutlass::layout::RowMajor*, 128 / cutlass::sizeof_bits<ElementD>::value,  // no C
     ElementD, cutlass::layout::RowMajor*, 128 / cutlass::sizeof_bits<ElementD>::value,
     EpilogueSchedule,
@@ -36,7 +37,8 @@ using EpilogueOf = typename cutlass::epilogue::collective::CollectiveBuilder<
 
 // bf16 x bf16 -> Out. 128 x 256 x 64 tiles, two consumer warpgroups (cooperative, 64 x 256
 // each), one producer warp issuing TMA, as many stages as shared memory holds.
-template <class Out> struct Bf16Config {
+template <class Out>
+struct Bf16Config {
   using ElementA = cutlass::bfloat16_t;
   using ElementB = cutlass::bfloat16_t;
   using ElementD = Out;
@@ -67,7 +69,8 @@ template <class Out> struct Bf16Config {
 // FP8 e4m3 x e4m3 -> Out with block scales: A per (row, 128 of K), B per (128 of N, 128 of K),
 // both K-major in memory (as DeepSeek's activations and `weight_scale_inv` are laid out).
 // 128 x 128 x 128 tiles: one K block per pipeline stage, scales promoted every K block.
-template <class Out> struct Fp8BlockConfig {
+template <class Out>
+struct Fp8BlockConfig {
   using ElementA = cutlass::float_e4m3_t;
   using ElementB = cutlass::float_e4m3_t;
   using ElementD = Out;
@@ -79,16 +82,17 @@ template <class Out> struct Fp8BlockConfig {
   static constexpr bool kSignal = false;
   static constexpr int kBlockM = cute::size<0>(TileShape{});
   static constexpr int kScaleBlock = 128;  // K (both operands) and N (weights)
-  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<
-      1, kScaleBlock, kScaleBlock, cute::GMMA::Major::K, cute::GMMA::Major::K>;
+  using ScaleConfig =
+      cutlass::detail::Sm90BlockwiseScaleConfig<1, kScaleBlock, kScaleBlock, cute::GMMA::Major::K,
+                                                cute::GMMA::Major::K>;
   using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
   using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
 
   using Epilogue = EpilogueOf<ElementD, TileShape, ClusterShape, EpilogueSchedule>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,                  //
-      ElementA, cute::tuple<cutlass::layout::RowMajor*, LayoutSFA*>, 16,    // A: [M, K]
-      ElementB, cute::tuple<cutlass::layout::ColumnMajor*, LayoutSFB*>, 16, // B: [Nout, K]
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,                   //
+      ElementA, cute::tuple<cutlass::layout::RowMajor*, LayoutSFA*>, 16,     // A: [M, K]
+      ElementB, cute::tuple<cutlass::layout::ColumnMajor*, LayoutSFB*>, 16,  // B: [Nout, K]
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
@@ -100,7 +104,8 @@ template <class Out> struct Fp8BlockConfig {
 // The same kernel with per-tile completion signals (sm90_signal_epilogue.cuh): same tiles, same
 // main loop (its stage count was sized for the base epilogue, whose shared storage this one
 // shares), same output bits.
-template <class Cfg> struct WithSignals : Cfg {
+template <class Cfg>
+struct WithSignals : Cfg {
   static constexpr bool kSignal = true;
   using Epilogue = SignalEpilogue<typename Cfg::Epilogue>;
   using GemmKernel =
@@ -108,15 +113,30 @@ template <class Cfg> struct WithSignals : Cfg {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 };
 
-template <Kernel K> struct ConfigOf;
-template <> struct ConfigOf<Kernel::kBf16Bf16> { using type = Bf16Config<cutlass::bfloat16_t>; };
-template <> struct ConfigOf<Kernel::kBf16F32> { using type = Bf16Config<float>; };
-template <> struct ConfigOf<Kernel::kFp8Bf16> { using type = Fp8BlockConfig<cutlass::bfloat16_t>; };
-template <> struct ConfigOf<Kernel::kFp8F32> { using type = Fp8BlockConfig<float>; };
-template <> struct ConfigOf<Kernel::kBf16Bf16Signal> {
+template <Kernel K>
+struct ConfigOf;
+template <>
+struct ConfigOf<Kernel::kBf16Bf16> {
+  using type = Bf16Config<cutlass::bfloat16_t>;
+};
+template <>
+struct ConfigOf<Kernel::kBf16F32> {
+  using type = Bf16Config<float>;
+};
+template <>
+struct ConfigOf<Kernel::kFp8Bf16> {
+  using type = Fp8BlockConfig<cutlass::bfloat16_t>;
+};
+template <>
+struct ConfigOf<Kernel::kFp8F32> {
+  using type = Fp8BlockConfig<float>;
+};
+template <>
+struct ConfigOf<Kernel::kBf16Bf16Signal> {
   using type = WithSignals<Bf16Config<cutlass::bfloat16_t>>;
 };
-template <> struct ConfigOf<Kernel::kFp8Bf16Signal> {
+template <>
+struct ConfigOf<Kernel::kFp8Bf16Signal> {
   using type = WithSignals<Fp8BlockConfig<cutlass::bfloat16_t>>;
 };
 

@@ -2,10 +2,10 @@
 // headers) hand to the kernel translation units (sm90_gemm_*.cu, one per instantiation).
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstddef>
 #include <cstdint>
-
-#include <cuda_runtime.h>
 
 namespace epmoe::cuda::sm90 {
 
@@ -21,17 +21,17 @@ constexpr int kFp8BlockN = 128;
 
 // Everything one grouped call reads; both layouts.
 struct Params {
-  void* out;               // contiguous [N, Nout]; masked [E_loc, M_max, Nout] (bf16|f32)
-  const void* in;          // contiguous [N, K];    masked [E_loc, M_max, K]    (bf16|f8e4m3)
-  const void* w;           // [E_bank, Nout, K]                                 (bf16|f8e4m3)
-  const float* in_scale;   // FP8 only: contiguous [N, K/128]; masked [E_loc, M_max, K/128]
-  const float* w_scale;    // FP8 only: [E_bank, Nout/128, K/128]
-  const int32_t* counts;   // contiguous: seg_indptr [E_loc+1]; masked: count [E_loc] (DEVICE)
+  void* out;              // contiguous [N, Nout]; masked [E_loc, M_max, Nout] (bf16|f32)
+  const void* in;         // contiguous [N, K];    masked [E_loc, M_max, K]    (bf16|f8e4m3)
+  const void* w;          // [E_bank, Nout, K]                                 (bf16|f8e4m3)
+  const float* in_scale;  // FP8 only: contiguous [N, K/128]; masked [E_loc, M_max, K/128]
+  const float* w_scale;   // FP8 only: [E_bank, Nout/128, K/128]
+  const int32_t* counts;  // contiguous: seg_indptr [E_loc+1]; masked: count [E_loc] (DEVICE)
   bool masked;
-  int64_t rows;            // contiguous: N; masked: M_max
+  int64_t rows;  // contiguous: N; masked: M_max
   int n_out, k, e_loc, bank_offset;
-  int32_t* signal;         // signal kernels: [E_loc · signal_blocks] i32 (DEVICE), else nullptr
-  int signal_blocks;       // ceil(M_max / kBlockM)
+  int32_t* signal;    // signal kernels: [E_loc · signal_blocks] i32 (DEVICE), else nullptr
+  int signal_blocks;  // ceil(M_max / kBlockM)
 };
 
 // Device scratch handed to a kernel TU: `bytes` at `data` (16-byte aligned).
@@ -42,9 +42,11 @@ struct Scratch {
 };
 
 // Bytes a kernel needs in the scratch for `groups` experts on a device with sm_count SMs.
-template <Kernel K> size_t workspace_bytes(int groups, int sm_count);
+template <Kernel K>
+size_t workspace_bytes(int groups, int sm_count);
 // Writes the per-expert arguments from p.counts on the device, then runs the grouped GEMM; both
 // on `stream`, no host synchronisation. Throws Error(kCuda|kInternal) on CUTLASS failures.
-template <Kernel K> void run(const Params& p, const Scratch& s, cudaStream_t stream);
+template <Kernel K>
+void run(const Params& p, const Scratch& s, cudaStream_t stream);
 
 }  // namespace epmoe::cuda::sm90

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cstdint>
-
 #include <cutlass/util/packed_stride.hpp>
 
 #include "epmoe/core/error.h"
@@ -15,7 +14,8 @@ namespace epmoe::cuda::sm90 {
 
 // Per-expert argument arrays of one call, carved from the front of the scratch; CUTLASS's own
 // workspace (TMA descriptors per SM, scheduler state) follows.
-template <class Cfg> struct GroupArrays {
+template <class Cfg>
+struct GroupArrays {
   using Gemm = typename Cfg::Gemm;
   using Shape = typename ProblemShape::UnderlyingProblemShape;
   using ElementA = typename Cfg::ElementA;
@@ -75,7 +75,8 @@ template <class Cfg> struct GroupArrays {
 // One thread per local expert: its rows from the device counts, then its CUTLASS arguments.
 // Counts are clamped (contiguous: begin to [0, N], end to [begin, N]; masked: to [0, M_max]) so
 // a corrupt count gives wrong rows, never an access outside in/out.
-template <class Cfg> __global__ void write_group_args(const Params p, const GroupArrays<Cfg> g) {
+template <class Cfg>
+__global__ void write_group_args(const Params p, const GroupArrays<Cfg> g) {
   using G = GroupArrays<Cfg>;
   const int e = int(blockIdx.x * blockDim.x + threadIdx.x);
   if (e >= p.e_loc) return;
@@ -93,9 +94,12 @@ template <class Cfg> __global__ void write_group_args(const Params p, const Grou
   g.a[e] = static_cast<const typename G::ElementA*>(p.in) + row0 * K;
   g.b[e] = static_cast<const typename G::ElementB*>(p.w) + expert * N * K;
   g.d[e] = static_cast<typename G::ElementD*>(p.out) + row0 * N;
-  g.stride_a[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(M, K, 1));
-  g.stride_b[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, cute::make_shape(N, K, 1));
-  g.stride_d[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, cute::make_shape(M, N, 1));
+  g.stride_a[e] =
+      cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(M, K, 1));
+  g.stride_b[e] =
+      cutlass::make_cute_packed_stride(typename G::StrideB{}, cute::make_shape(N, K, 1));
+  g.stride_d[e] =
+      cutlass::make_cute_packed_stride(typename G::StrideD{}, cute::make_shape(M, N, 1));
   if constexpr (Cfg::kScaled) {
     const int64_t kb = K / Cfg::kScaleBlock, nb = N / Cfg::kScaleBlock;
     g.sfa[e] = p.in_scale + row0 * kb;
@@ -141,7 +145,8 @@ typename Cfg::Gemm::Arguments make_arguments(const Params& p, const GroupArrays<
   return args;
 }
 
-template <Kernel K> size_t workspace_bytes(int groups, int sm_count) {
+template <Kernel K>
+size_t workspace_bytes(int groups, int sm_count) {
   using Cfg = typename ConfigOf<K>::type;
   const GroupArrays<Cfg> g = GroupArrays<Cfg>::carve(nullptr, groups);
   Params p{};
@@ -152,7 +157,8 @@ template <Kernel K> size_t workspace_bytes(int groups, int sm_count) {
 
 inline const char* status_name(cutlass::Status s) { return cutlassGetStatusString(s); }
 
-template <Kernel K> void run(const Params& p, const Scratch& s, cudaStream_t stream) {
+template <Kernel K>
+void run(const Params& p, const Scratch& s, cudaStream_t stream) {
   using Cfg = typename ConfigOf<K>::type;
   using Gemm = typename Cfg::Gemm;
   const GroupArrays<Cfg> g = GroupArrays<Cfg>::carve(s.data, p.e_loc);
@@ -179,4 +185,3 @@ template <Kernel K> void run(const Params& p, const Scratch& s, cudaStream_t str
 }
 
 }  // namespace epmoe::cuda::sm90
-

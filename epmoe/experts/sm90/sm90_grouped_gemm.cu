@@ -2,14 +2,13 @@
 // workspace, and the one runtime -> template switch (input dtype x output dtype). The CUTLASS
 // kernels live in the explicit-instantiation units sm90_gemm_<in>_<out>.cu; without CUTLASS
 // (EPMOE_WITH_CUTLASS undefined) every entry point reports kUnsupported.
-#include "epmoe/cuda/nvtx.h"
-#include "epmoe/experts/sm90/sm90_grouped_gemm.cuh"
-
 #include <algorithm>
 #include <utility>
 
 #include "epmoe/cuda/cuda_check.h"
+#include "epmoe/cuda/nvtx.h"
 #include "epmoe/experts/sm90/sm90_gemm_params.h"
+#include "epmoe/experts/sm90/sm90_grouped_gemm.cuh"
 
 namespace epmoe::cuda {
 
@@ -48,17 +47,21 @@ void check_operands(const char* fn, bool fp8, const TensorView& out, const Tenso
                     int bank_offset, const Sm90GemmWorkspace& ws, sm90::Params* p) {
   const NvtxRange nvtx("sm90.check_operands");
   const DType in_dt = fp8 ? DType::kF8E4M3 : DType::kBF16;
-  struct Named { const char* name; const TensorView* t; };
-  const Named all[] = {{"out", &out}, {"in", &in}, {"w", &w}, {counts_name, &counts},
-                       {"in_scale", in_scale}, {"w_scale", w_scale}};
+  struct Named {
+    const char* name;
+    const TensorView* t;
+  };
+  const Named all[] = {
+      {"out", &out},          {"in", &in},         {"w", &w}, {counts_name, &counts},
+      {"in_scale", in_scale}, {"w_scale", w_scale}};
   for (const auto& a : all)
     EPMOE_CHECK(a.t == nullptr || a.t->device == Device::kCuda, kInvalidArgument,
                 "{}: {} must be a device tensor (counts are read on the device)", fn, a.name);
   EPMOE_CHECK(in.dtype == in_dt, kInvalidArgument, "{}: in must be {}, got {}", fn,
               dtype_name(in_dt), dtype_name(in.dtype));
   EPMOE_CHECK(w.shape.rank == 3 && w.dtype == in_dt, kInvalidArgument,
-              "{}: w must be [E_bank, Nout, K] {}, got {} {}", fn, dtype_name(in_dt),
-              w.shape.str(), dtype_name(w.dtype));
+              "{}: w must be [E_bank, Nout, K] {}, got {} {}", fn, dtype_name(in_dt), w.shape.str(),
+              dtype_name(w.dtype));
   const int64_t K = in.shape[in.shape.rank - 1], n_out = w.shape[1];
   EPMOE_CHECK(w.shape[2] == K, kInvalidArgument, "{}: w {} has K = {} but in {} has K = {}", fn,
               w.shape.str(), w.shape[2], in.shape.str(), K);
@@ -125,14 +128,20 @@ void launch(bool fp8, DType out_dtype, const sm90::Params& p, const Sm90GemmWork
   const sm90::Scratch s{ws.data(), ws.bytes(), ws.max_sms()};
   const bool f32 = out_dtype == DType::kF32;
   if (p.signal != nullptr) {
-    if (fp8) sm90::run<Kernel::kFp8Bf16Signal>(p, s, stream);
-    else sm90::run<Kernel::kBf16Bf16Signal>(p, s, stream);
+    if (fp8)
+      sm90::run<Kernel::kFp8Bf16Signal>(p, s, stream);
+    else
+      sm90::run<Kernel::kBf16Bf16Signal>(p, s, stream);
   } else if (fp8) {
-    if (f32) sm90::run<Kernel::kFp8F32>(p, s, stream);
-    else sm90::run<Kernel::kFp8Bf16>(p, s, stream);
+    if (f32)
+      sm90::run<Kernel::kFp8F32>(p, s, stream);
+    else
+      sm90::run<Kernel::kFp8Bf16>(p, s, stream);
   } else {
-    if (f32) sm90::run<Kernel::kBf16F32>(p, s, stream);
-    else sm90::run<Kernel::kBf16Bf16>(p, s, stream);
+    if (f32)
+      sm90::run<Kernel::kBf16F32>(p, s, stream);
+    else
+      sm90::run<Kernel::kBf16Bf16>(p, s, stream);
   }
 #else
   (void)fp8, (void)out_dtype, (void)p, (void)ws, (void)stream;
@@ -147,10 +156,10 @@ void contiguous(const char* fn, bool fp8, const TensorView& out, const TensorVie
   require_sm90(fn);
   EPMOE_CHECK(in.shape.rank == 2, kInvalidArgument, "{}: in must be [N, K], got {}", fn,
               in.shape.str());
-  EPMOE_CHECK(seg_indptr.shape.rank == 1 && seg_indptr.shape[0] >= 1 &&
-                  seg_indptr.dtype == DType::kI32,
-              kInvalidArgument, "{}: seg_indptr must be [E_loc+1] i32, got {} {}", fn,
-              seg_indptr.shape.str(), dtype_name(seg_indptr.dtype));
+  EPMOE_CHECK(
+      seg_indptr.shape.rank == 1 && seg_indptr.shape[0] >= 1 && seg_indptr.dtype == DType::kI32,
+      kInvalidArgument, "{}: seg_indptr must be [E_loc+1] i32, got {} {}", fn,
+      seg_indptr.shape.str(), dtype_name(seg_indptr.dtype));
   const int64_t N = in.shape[0], e_loc = seg_indptr.shape[0] - 1;
   sm90::Params p{};
   check_operands(fn, fp8, out, in, in_scale, w, w_scale, seg_indptr, "seg_indptr", e_loc,
@@ -167,8 +176,8 @@ void masked(const char* fn, bool fp8, const TensorView& out, const TensorView* s
             Sm90GemmWorkspace& ws, cudaStream_t stream) {
   const NvtxRange nvtx("sm90.masked");
   require_sm90(fn);
-  EPMOE_CHECK(in.shape.rank == 3, kInvalidArgument, "{}: in must be [E_loc, M_max, K], got {}",
-              fn, in.shape.str());
+  EPMOE_CHECK(in.shape.rank == 3, kInvalidArgument, "{}: in must be [E_loc, M_max, K], got {}", fn,
+              in.shape.str());
   const int64_t e_loc = in.shape[0], m_max = in.shape[1];
   EPMOE_CHECK(count.shape == Shape({e_loc}) && count.dtype == DType::kI32, kInvalidArgument,
               "{}: count must be [{}] i32, got {} {}", fn, e_loc, count.shape.str(),
@@ -187,8 +196,7 @@ void masked(const char* fn, bool fp8, const TensorView& out, const TensorView* s
                 "{}: signal must be [E_loc · ceil(M_max / {})] = [{}] i32 on the device, got {} {}",
                 fn, sm90::kBlockM, e_loc * nb, signal->shape.str(), dtype_name(signal->dtype));
     EPMOE_CHECK(out.dtype == DType::kBF16, kUnsupported,
-                "{}: the signalling kernels write bf16 output, got {}", fn,
-                dtype_name(out.dtype));
+                "{}: the signalling kernels write bf16 output, got {}", fn, dtype_name(out.dtype));
     p.signal = static_cast<int32_t*>(signal->data);
     p.signal_blocks = int(nb);
   }
@@ -273,9 +281,9 @@ Sm90GemmWorkspace& Sm90GemmWorkspace::operator=(Sm90GemmWorkspace&& o) noexcept 
   return *this;
 }
 
-void sm90_grouped_gemm_contiguous(const TensorView& out, const TensorView& in,
-                                  const TensorView& w, const TensorView& seg_indptr,
-                                  int bank_offset, Sm90GemmWorkspace& ws, cudaStream_t stream) {
+void sm90_grouped_gemm_contiguous(const TensorView& out, const TensorView& in, const TensorView& w,
+                                  const TensorView& seg_indptr, int bank_offset,
+                                  Sm90GemmWorkspace& ws, cudaStream_t stream) {
   const NvtxRange nvtx("sm90.sm90_grouped_gemm_contiguous");
   contiguous("sm90_grouped_gemm_contiguous", false, out, in, nullptr, w, nullptr, seg_indptr,
              bank_offset, ws, stream);
@@ -311,11 +319,10 @@ void sm90_grouped_gemm_fp8_masked_signal(const TensorView& out, const TensorView
 void sm90_grouped_gemm_fp8_contiguous(const TensorView& out, const TensorView& in,
                                       const TensorView& in_scale, const TensorView& w,
                                       const TensorView& w_scale, const TensorView& seg_indptr,
-                                      int bank_offset, Sm90GemmWorkspace& ws,
-                                      cudaStream_t stream) {
+                                      int bank_offset, Sm90GemmWorkspace& ws, cudaStream_t stream) {
   const NvtxRange nvtx("sm90.sm90_grouped_gemm_fp8_contiguous");
-  contiguous("sm90_grouped_gemm_fp8_contiguous", true, out, in, &in_scale, w, &w_scale,
-             seg_indptr, bank_offset, ws, stream);
+  contiguous("sm90_grouped_gemm_fp8_contiguous", true, out, in, &in_scale, w, &w_scale, seg_indptr,
+             bank_offset, ws, stream);
 }
 
 void sm90_grouped_gemm_fp8_masked(const TensorView& out, const TensorView& in,

@@ -21,10 +21,10 @@
 // (two streams, two micro-batches) need one workspace each; calls on one stream may share one.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstddef>
 #include <cstdint>
-
-#include <cuda_runtime.h>
 
 #include "epmoe/core/tensor.h"
 
@@ -72,9 +72,9 @@ class Sm90GemmWorkspace {
 // features, as in checkpoints); seg_indptr: [E_loc+1] i32 DEVICE (non-decreasing, values in
 // [0, N]; the kernel clamps them to [0, N] and each segment's end to at least its begin).
 // K and Nout: positive multiples of 8; E_loc <= ws.max_experts().
-void sm90_grouped_gemm_contiguous(const TensorView& out, const TensorView& in,
-                                  const TensorView& w, const TensorView& seg_indptr,
-                                  int bank_offset, Sm90GemmWorkspace& ws, cudaStream_t stream);
+void sm90_grouped_gemm_contiguous(const TensorView& out, const TensorView& in, const TensorView& w,
+                                  const TensorView& seg_indptr, int bank_offset,
+                                  Sm90GemmWorkspace& ws, cudaStream_t stream);
 
 // Masked: rows [0, count[e]) of in[e] go through bank expert bank_offset + e; rows >= count[e]
 // are neither read nor written (count is clamped to [0, M_max] on the device).
@@ -95,8 +95,7 @@ void sm90_grouped_gemm_masked(const TensorView& out, const TensorView& in, const
 void sm90_grouped_gemm_fp8_contiguous(const TensorView& out, const TensorView& in,
                                       const TensorView& in_scale, const TensorView& w,
                                       const TensorView& w_scale, const TensorView& seg_indptr,
-                                      int bank_offset, Sm90GemmWorkspace& ws,
-                                      cudaStream_t stream);
+                                      int bank_offset, Sm90GemmWorkspace& ws, cudaStream_t stream);
 // Masked: out [E_loc, M_max, Nout] bf16|f32; in [E_loc, M_max, K] f8e4m3;
 // in_scale [E_loc, M_max, K/128] f32; w, w_scale as above; count [E_loc] i32 DEVICE.
 void sm90_grouped_gemm_fp8_masked(const TensorView& out, const TensorView& in,

@@ -14,14 +14,15 @@
 // kernel without signals.
 #pragma once
 
-#include <cstdint>
-
-#include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
+
+#include <cstdint>
+#include <cute/tensor.hpp>
 
 namespace epmoe::cuda::sm90 {
 
-template <class Base> class SignalEpilogue : public Base {
+template <class Base>
+class SignalEpilogue : public Base {
  public:
   struct Arguments : Base::Arguments {
     int32_t* signal = nullptr;  // [E_loc · blocks_per_group] i32, zeroed by the caller
@@ -51,8 +52,7 @@ template <class Base> class SignalEpilogue : public Base {
 
   template <class LoadPipeline, class LoadPipelineState, class StorePipeline,
             class StorePipelineState, class ProblemShapeMNKL, class TileShapeMNK,
-            class TileCoordMNKL, class AccEngine, class AccLayout, class TiledMma,
-            class TensorMapD>
+            class TileCoordMNKL, class AccEngine, class AccLayout, class TiledMma, class TensorMapD>
   CUTLASS_DEVICE auto store(LoadPipeline load_pipeline, LoadPipelineState load_pipe_consumer_state,
                             StorePipeline store_pipeline,
                             StorePipelineState store_pipe_producer_state,
