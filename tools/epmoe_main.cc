@@ -116,11 +116,12 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--json", run.json, "write machine-readable results to this file");
 
   epmoe::cli::BenchOptions bench;
-  auto* bench_cmd =
-      app.add_subcommand("bench", "GPU benchmarks: kernels, grouped GEMM, dispatch/combine");
+  auto* bench_cmd = app.add_subcommand(
+      "bench", "GPU benchmarks: kernels, grouped GEMMs, dispatch/combine, the layer");
   bench_cmd->add_option(
       "--kernel", bench.kernel,
-      "gate | permute | post_reorder | silu | grouped_gemm | all | gemm | dispatch | combine");
+      "gate | permute | post_reorder | silu | grouped_gemm | all | gemm (sm90, portable, cuBLAS) "
+      "| dispatch | combine | layer (the whole layer under none/tbo/sbo)");
   bench_cmd->add_option("--preset", bench.preset, "model preset");
   bench_cmd->add_option("--tokens", bench.tokens,
                         "comma list of token counts (per rank for dispatch/combine)");
