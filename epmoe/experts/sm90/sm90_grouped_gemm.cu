@@ -7,6 +7,7 @@
 
 #include "epmoe/cuda/cuda_check.h"
 #include "epmoe/cuda/nvtx.h"
+#include "epmoe/experts/grouped_gemm_checks.h"
 #include "epmoe/experts/sm90/sm90_gemm_params.h"
 #include "epmoe/experts/sm90/sm90_grouped_gemm.cuh"
 
@@ -47,43 +48,12 @@ void check_operands(const char* fn, bool fp8, const TensorView& out, const Tenso
                     int bank_offset, const Sm90GemmWorkspace& ws, sm90::Params* p) {
   const NvtxRange nvtx("sm90.check_operands");
   const DType in_dt = fp8 ? DType::kF8E4M3 : DType::kBF16;
-  struct Named {
-    const char* name;
-    const TensorView* t;
-  };
-  const Named all[] = {
-      {"out", &out},          {"in", &in},         {"w", &w}, {counts_name, &counts},
-      {"in_scale", in_scale}, {"w_scale", w_scale}};
-  for (const auto& a : all)
-    EPMOE_CHECK(a.t == nullptr || a.t->device == Device::kCuda, kInvalidArgument,
-                "{}: {} must be a device tensor (counts are read on the device)", fn, a.name);
-  EPMOE_CHECK(in.dtype == in_dt, kInvalidArgument, "{}: in must be {}, got {}", fn,
-              dtype_name(in_dt), dtype_name(in.dtype));
-  EPMOE_CHECK(w.shape.rank == 3 && w.dtype == in_dt, kInvalidArgument,
-              "{}: w must be [E_bank, Nout, K] {}, got {} {}", fn, dtype_name(in_dt), w.shape.str(),
-              dtype_name(w.dtype));
-  const int64_t K = in.shape[in.shape.rank - 1], n_out = w.shape[1];
-  EPMOE_CHECK(w.shape[2] == K, kInvalidArgument, "{}: w {} has K = {} but in {} has K = {}", fn,
-              w.shape.str(), w.shape[2], in.shape.str(), K);
-  const int64_t mult = fp8 ? kScaleBlock : 8;
-  EPMOE_CHECK(K > 0 && K % mult == 0 && K <= INT32_MAX, kUnsupported,
-              "{}: K = {} (in {}) must be a positive multiple of {}", fn, K, in.shape.str(), mult);
-  EPMOE_CHECK(n_out > 0 && n_out % mult == 0 && n_out <= INT32_MAX, kUnsupported,
-              "{}: Nout = {} (w {}) must be a positive multiple of {}", fn, n_out, w.shape.str(),
-              mult);
-  EPMOE_CHECK(out.dtype == DType::kBF16 || out.dtype == DType::kF32, kInvalidArgument,
-              "{}: out must be bf16 or f32, got {}", fn, dtype_name(out.dtype));
-  Shape want = in.shape;
-  want.dims[in.shape.rank - 1] = n_out;
-  EPMOE_CHECK(out.shape == want, kInvalidArgument, "{}: out must be {}, got {}", fn, want.str(),
-              out.shape.str());
-  EPMOE_CHECK(bank_offset >= 0 && bank_offset + e_loc <= w.shape[0], kInvalidArgument,
-              "{}: local experts [{}, {}) exceed the bank of {} (w {})", fn, bank_offset,
-              bank_offset + e_loc, w.shape[0], w.shape.str());
-  EPMOE_CHECK(aligned(in.data, 16) && aligned(w.data, 16) && aligned(out.data, 16) &&
-                  aligned(counts.data, 4),
-              kInvalidArgument, "{}: in, w and out must be 16-byte aligned (in {}, w {}, out {})",
-              fn, in.data, w.data, out.data);
+  for (const TensorView* sc : {in_scale, w_scale})
+    EPMOE_CHECK(sc == nullptr || sc->device == Device::kCuda, kInvalidArgument,
+                "{}: {} must be a device tensor", fn, sc == in_scale ? "in_scale" : "w_scale");
+  const GemmOperandDims dims = check_grouped_gemm_operands(
+      fn, in_dt, fp8 ? kScaleBlock : 8, out, in, w, counts, counts_name, e_loc, bank_offset);
+  const int64_t K = dims.k, n_out = dims.n_out;
   if (fp8) {
     Shape want_in = in.shape;
     want_in.dims[in.shape.rank - 1] = K / kScaleBlock;
