@@ -11,6 +11,9 @@
 #              prefill, DeepSeek-V3 and the large-EP slice, with a TBO trace
 #   gemm     : (not in the default list) the sm90 grouped GEMM: its tests, memcheck/racecheck on
 #              them (quick sizes), `epmoe bench --kernel gemm` and bench/torch_grouped_mm.py
+#   fp8      : (not in the default list) FP8 experts and the signalled SBO combine: their GPU
+#              tests (and memcheck/racecheck on them), golden files with --weights fp8, and the
+#              DeepSeek-V3 layer at 128 (decode) and 4096 (prefill) tokens per rank, bf16 vs fp8
 # The sm90 GEMM needs the CUTLASS headers: scripts/fetch-cutlass.sh unpacks the pinned wheel
 # carried in .whl/ (no network here) into third_party/ before the build.
 # The build directory (build-gpu) is reused, so a second call with other stages rebuilds nothing.
@@ -160,12 +163,42 @@ if has overlap; then
   {
     for shape in "--experts-per-rank 8" ""; do
       tag=$([ -n "$shape" ] && echo slice || echo dsv3)
-      echo "== decode $tag"; timeout 150 $B/epmoe bench --kernel layer --preset deepseek-v3 $shape --ranks $R --transport $TR --mode low-latency --tokens $OV_TOKENS --overlap all --attn-us -1 --graph --iters ${OV_ITERS:-20} --trace "$J/trace_tbo_decode_$tag.json" --json "$J/layer_decode_$tag.json"
+      for w in ${OV_WEIGHTS:-bf16}; do
+        echo "== decode $tag $w"; timeout 150 $B/epmoe bench --kernel layer --preset deepseek-v3 $shape --ranks $R --transport $TR --mode low-latency --weights $w --tokens $OV_TOKENS --overlap ${OV_OVERLAP:-all} --attn-us -1 --graph --iters ${OV_ITERS:-20} --trace "$J/trace_decode_${tag}_$w.json" --json "$J/layer_decode_${tag}_$w.json"
+      done
+      [ -n "${OV_NO_PREFILL:-}" ] && continue
       echo "== prefill $tag"; timeout 150 $B/epmoe bench --kernel layer --preset deepseek-v3 $shape --ranks $R --transport $TR --mode normal --tokens 4096 --overlap all --attn-us -1 --iters ${OV_ITERS:-10} --json "$J/layer_prefill_$tag.json"
     done
   } > "$OUT/overlap.log" 2>&1
   say "overlap bench: ($(elapsed $t0))"
   grep -E "^==|tokens/rank|^none|^tbo|^sbo|error" "$OUT/overlap.log" | cut -c1-60 | tee -a "$SUMMARY"
+fi
+
+if has fp8; then
+  t0=$(date +%s)
+  R=2; TR=nccl; [ "$NGPU" -lt 2 ] && TR=loopback
+  F8_TESTS='GpuOverlap.Sbo*:GpuOverlap.Signalled*:GpuOverlap.Fp8*:GpuLayer.GoldenFilesWithFp8Weights:GpuOverlap.Strategies*'
+  {
+    echo "== FP8 / signalled-combine tests"; timeout 200 $GT --gtest_filter="$F8_TESTS:GpuExpertParallelNccl.TwoGpus*" 2>&1 | grep -E "^\[  (FAILED|PASSED|SKIPPED|  OK)|Failure|Expected|Which is|golden fp8|seed|trial" | head -60
+    echo "== golden, --weights fp8"; for g in dsv3_fp8_block128 dsv3_small_grouped dsv3_routing_256e; do timeout 60 $B/epmoe run --backend cuda --ranks 1 --golden "$EPMOE_GOLDEN_DIR/$g.safetensors" --weights fp8 --mode low-latency --overlap sbo | grep -E "golden|PASS|FAIL|error"; done
+    echo "== golden split over $TR, --weights fp8, sbo"; timeout 60 $B/epmoe run --backend cuda --ranks $R --transport $TR --golden "$EPMOE_GOLDEN_DIR/dsv3_fp8_block128.safetensors" --tokens 30,18 --weights fp8 --mode low-latency --overlap sbo | grep -E "golden|reference|vs none|PASS|FAIL|error"
+    echo "== refused: H = 192 with --weights fp8"; timeout 60 $B/epmoe run --backend cuda --ranks 1 --golden "$EPMOE_GOLDEN_DIR/ungrouped_2shared_noscale.safetensors" --weights fp8; echo "exit $?"
+    echo "== deepseek-v3 checked, fp8 (16 tokens/rank)"; timeout 120 $B/epmoe run --backend cuda --ranks $R --transport $TR --preset deepseek-v3 --tokens 16 --mode low-latency --weights fp8 --overlap sbo --iters 2 | grep -E "reference|vs none|PASS|FAIL|error"
+    for w in bf16 fp8; do
+      echo "== deepseek-v3 decode 128 tokens/rank, $w"; timeout 150 $B/epmoe run --backend cuda --ranks $R --transport $TR --preset deepseek-v3 --tokens 128 --mode low-latency --weights $w --no-check --iters 10 --json "$J/run_decode_$w.json" | tail -16
+      echo "== deepseek-v3 prefill 4096 tokens/rank, $w"; timeout 150 $B/epmoe run --backend cuda --ranks $R --transport $TR --preset deepseek-v3 --tokens 4096 --mode normal --weights $w --no-check --iters 5 --json "$J/run_prefill_$w.json" | tail -16
+    done
+  } > "$OUT/fp8.log" 2>&1
+  say "fp8 stage: ($(elapsed $t0))"
+  grep -E "^==|PASS|FAIL|Failure|PASSED|error|golden fp8|exit|experts " "$OUT/fp8.log" | cut -c1-150 | tee -a "$SUMMARY"
+  if [ -n "${F8_SANITIZE:-}" ]; then
+    for tool in memcheck racecheck; do
+      t0=$(date +%s)
+      EPMOE_GPU_TEST_QUICK=1 EPMOE_TIMEOUT_MS=60000 EPMOE_SERIAL_HALVES=1 timeout 300 compute-sanitizer --tool $tool --error-exitcode 99 \
+        $GT --gtest_filter="GpuOverlap.Sbo*:GpuOverlap.Fp8*:GpuLayer.GoldenFilesWithFp8Weights" > "$J/fp8_$tool.log" 2>&1
+      say "fp8/sbo $tool: rc=$? ($(elapsed $t0)) $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$J/fp8_$tool.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$J/fp8_$tool.log" | tail -2 | tr '\n' ' ')"
+    done
+  fi
 fi
 
 if has sanitizer; then

@@ -39,7 +39,7 @@ void check_run_options(const CLI::App& cmd, const epmoe::cli::RunOptions& o) {
   EPMOE_CHECK(!given("--tokens") || !o.tokens.empty(), kInvalidArgument,
               "--tokens is empty (give N, or one count per rank: a,b,c)");
   if (o.backend == "cpu") {
-    for (const char* opt : {"--transport", "--ll-transfer", "--fp8-dispatch"})
+    for (const char* opt : {"--transport", "--ll-transfer", "--fp8-dispatch", "--weights"})
       EPMOE_CHECK(!given(opt), kInvalidArgument,
                   "{} applies to --backend cuda only (this run uses the cpu backend)", opt);
   }
@@ -87,6 +87,11 @@ int main(int argc, char** argv) {
       "cuda ranks: auto (nccl with a GPU per rank, else loopback) | nccl | loopback");
   run_cmd->add_flag("--fp8-dispatch", run.fp8_dispatch, "cuda ranks: FP8 dispatch payload");
   run_cmd
+      ->add_option("--weights", run.weights,
+                   "cuda: expert GEMMs in bf16 | fp8 (e4m3 with 128x128 block scales: FP8 "
+                   "checkpoints as they are, bf16 ones quantised at load)")
+      ->check(CLI::IsMember({"bf16", "fp8"}));
+  run_cmd
       ->add_option("--ll-transfer", run.ll_transfer,
                    "cuda ranks, low-latency: auto (load/store when every peer is reachable, "
                    "else host API) | device | host")
@@ -130,7 +135,9 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--ranks", bench.ranks, "dispatch/combine: ranks");
   bench_cmd->add_option("--transport", bench.transport, "dispatch/combine: loopback | nccl");
   bench_cmd->add_option("--mode", bench.mode, "dispatch/combine: low-latency | normal");
-  bench_cmd->add_flag("--fp8", bench.fp8, "dispatch/combine: FP8 dispatch payload");
+  bench_cmd->add_flag("--fp8", bench.fp8, "dispatch/combine, layer: FP8 dispatch payload");
+  bench_cmd->add_option("--weights", bench.weights, "layer: expert GEMMs in bf16 | fp8")
+      ->check(CLI::IsMember({"bf16", "fp8"}));
   bench_cmd
       ->add_option("--ll-transfer", bench.ll_transfer,
                    "dispatch/combine, low-latency: auto | device | host")

@@ -114,6 +114,7 @@ int run_command(const RunOptions& o) {
   spec.backend = o.backend;
   spec.transport = o.transport;
   spec.fp8_dispatch = o.fp8_dispatch;
+  spec.weights = o.weights;
   spec.ll_transfer = o.ll_transfer;
   spec.overlap = o.overlap;
   spec.iters = o.iters;
@@ -134,6 +135,10 @@ int run_command(const RunOptions& o) {
     how = r.ll_over_host_api ? ", low-latency transfers over the host API"
                              : ", low-latency transfers by load/store into peer windows";
   fmt::print("transport: {}{}{}\n", r.transport, o.fp8_dispatch ? ", FP8 dispatch" : "", how);
+  if (o.backend == "cuda")
+    fmt::print(
+        "experts: {} weights and activations{}\n", o.weights,
+        o.weights == "fp8" ? " (e4m3, 128 x 128 weight blocks, 1 x 128 activation groups)" : "");
   if (!r.tree_ranks)
     fmt::print(
         "note: {} ranks do not split the {} experts along the reduction tree; results "
@@ -181,6 +186,7 @@ int run_command(const RunOptions& o) {
   out["iters"] = o.iters;
   out["transport"] = r.transport;
   out["overlap"] = overlap_name(r.overlap);
+  out["weights"] = o.weights;
   out["strategy"] = r.strategy;
   out["per_rank"] = per_rank;
 
@@ -272,6 +278,7 @@ int bench_command(const BenchOptions& o) {
     lo.graph = o.graph;
     lo.comm_blocks = o.comm_blocks;
     lo.fp8 = o.fp8;
+    lo.fp8_experts = o.weights == "fp8";
     lo.iters = o.iters;
     lo.trace_file = o.trace;
     result = cuda::run_layer_bench(lo);

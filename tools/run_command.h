@@ -16,6 +16,7 @@ struct RunOptions {
   std::string backend = "cpu";       // cpu | cuda
   std::string transport = "auto";    // cuda EP: auto | nccl | loopback
   bool fp8_dispatch = false;         // cuda EP: FP8 dispatch payload
+  std::string weights = "bf16";      // cuda: expert GEMMs in bf16 | fp8 (block-scaled)
   std::string ll_transfer = "auto";  // cuda EP, low-latency: auto | device | host
   std::string overlap = "none";      // none | tbo | sbo | auto (overlap/executor.h)
   int iters = 3;
@@ -52,9 +53,10 @@ struct BenchOptions {
   bool fp8 = false;
   std::string ll_transfer = "auto";
   // --kernel layer
-  std::string overlap = "all";  // none | tbo | sbo | all (comma list allowed)
-  double attn_us = 0;           // attention stand-in per layer at the full batch
-  int experts_per_rank = 0;     // > 0: the large-EP slice
+  std::string weights = "bf16";  // bf16 | fp8 expert GEMMs
+  std::string overlap = "all";   // none | tbo | sbo | all (comma list allowed)
+  double attn_us = 0;            // attention stand-in per layer at the full batch
+  int experts_per_rank = 0;      // > 0: the large-EP slice
   bool graph = false;
   int comm_blocks = 24;
   std::string trace;  // Chrome trace file

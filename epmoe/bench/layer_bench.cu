@@ -46,8 +46,9 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& o) {
               "the layer benchmark needs `none` first (the baseline of every ratio)");
   const MoeWeights weights = random_moe_weights(cfg, o.seed);
   nlohmann::json out = nlohmann::json::array();
-  fmt::print("layer benchmark: {} | {} ranks, {} | attention stand-in {} us{}\n", cfg.summary(),
-             o.ranks, ep_mode_name(mode), o.attn_us, o.graph ? " | CUDA graphs" : "");
+  fmt::print("layer benchmark: {} | {} ranks, {} | {} experts{} | attention stand-in {} us{}\n",
+             cfg.summary(), o.ranks, ep_mode_name(mode), o.fp8_experts ? "FP8" : "bf16",
+             o.fp8 ? ", FP8 dispatch" : "", o.attn_us, o.graph ? " | CUDA graphs" : "");
   bool traced = false;
   for (int64_t T : o.tokens) {
     EPMOE_CHECK(T >= 1, kInvalidArgument, "--tokens must be >= 1, got {}", T);
@@ -62,6 +63,7 @@ nlohmann::json run_layer_bench(const LayerBenchOptions& o) {
     sp.x_all = &x;
     sp.transport = o.transport;
     sp.options.fp8_dispatch = o.fp8;
+    sp.options.fp8_experts = o.fp8_experts;
     sp.options.comm_blocks = o.comm_blocks;
     sp.strategies = kinds;
     sp.iters = o.iters;

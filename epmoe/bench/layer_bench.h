@@ -26,7 +26,8 @@ struct LayerBenchOptions {
   double attn_us = 0;
   bool graph = false;  // capture each strategy once, replay
   int comm_blocks = 24;
-  bool fp8 = false;
+  bool fp8 = false;          // FP8 dispatch payload
+  bool fp8_experts = false;  // FP8 expert GEMMs (weights quantised at load)
   int iters = 20;
   int trace_iters = 5;
   std::string trace_file;  // Chrome trace of the first overlapped strategy

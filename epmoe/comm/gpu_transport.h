@@ -34,6 +34,7 @@ struct DeviceWaitError {
   int rank, peer;
   unsigned long long expected, observed;
   char what[40];
+  int index;  // kernel-specific detail (a GEMM signal wait: the m-block)
 };
 
 class GpuTransport {

@@ -24,6 +24,14 @@ __device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// GPU-scope acquire load of a 32-bit counter another kernel of this GPU raises with release
+// semantics (the sm90 GEMMs' per-tile signals).
+__device__ __forceinline__ int ld_acquire_gpu(const int32_t* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // Bounded wait until (*flag & mask) == expected; false on timeout (*observed filled either way).
 __device__ __forceinline__ bool wait_flag(const uint64_t* flag, uint64_t expected, uint64_t mask,
                                           int64_t timeout_ns, uint64_t* observed) {

@@ -64,7 +64,15 @@ struct EpMicroBatchCuda::Impl {
       }
       const int64_t m_max = R * T;
       recv_seg = DeviceTensor(DType::kI32, {E_loc, R + 1});
-      recv_x = DeviceTensor(DType::kBF16, {E_loc, m_max, H});
+      keep_fp8 = opt.fp8_dispatch && opt.fp8_experts;
+      if (keep_fp8) {
+        EPMOE_CHECK(H % 128 == 0, kUnsupported,
+                    "FP8 experts need H to be a multiple of 128, got {}", H);
+        recv_q = DeviceTensor(DType::kF8E4M3, {E_loc, m_max, H});
+        recv_s = DeviceTensor(DType::kF32, {E_loc, m_max, H / 128});
+      } else {
+        recv_x = DeviceTensor(DType::kBF16, {E_loc, m_max, H});
+      }
       recv_count = DeviceTensor(DType::kI32, {E_loc});
       recv_count.fill_bytes(0);
       recv_src = DeviceTensor(DType::kI32, {E_loc, m_max, 3});
@@ -97,6 +105,9 @@ struct EpMicroBatchCuda::Impl {
   DeviceTensor dest_slot, dest_count, host_meta, seq, err;
   // low-latency
   DeviceTensor recv_x, recv_count, recv_src, recv_record, recv_seg, src_count, expert_out;
+  bool keep_fp8 = false;   // the FP8 payload stays FP8: recv_q, recv_s instead of recv_x
+  int signal_block_m = 0;  // of the last signalled combine-send (messages)
+  DeviceTensor recv_q, recv_s;
   DeviceTensor ret_out, ret_in;  // host-API path: return records
   // sizes learned on the host (normal mode; low-latency over the host API)
   std::vector<int32_t> send_counts, recv_counts, send_pairs, recv_pairs;
@@ -176,7 +187,8 @@ struct EpMicroBatchCuda::Impl {
       }
       ep::ll_expand_received(recv_x.view().data, recv_count.as<int32_t>(), recv_src.as<int32_t>(),
                              recv_record.as<int32_t>(), recv_seg.as<int32_t>(), counts, win_local,
-                             ll, rec, err_ptr(), d, s);
+                             ll, rec, err_ptr(), d, s, keep_fp8 ? recv_q.view().data : nullptr,
+                             keep_fp8 ? recv_s.as<float>() : nullptr);
       return;
     }
     exchange_counts("normal dispatch (receive half)");
@@ -195,10 +207,28 @@ struct EpMicroBatchCuda::Impl {
   }
 
   // ---- combine ----
-  void combine_send(cudaStream_t s) {
+  bool can_signal() const { return ep.mode == EpMode::kLowLatency && !ll_host; }
+
+  void combine_send(cudaStream_t s, const CombineSignals* signals) {
     NvtxRange r("ep.combine_send");
     if (ep.mode != EpMode::kNormal) require_comm_stream(s);
     require_dispatched("combine (send half)");
+    EPMOE_CHECK(signals == nullptr || can_signal(), kInvalidArgument,
+                "rank {}, micro-batch {}: a signalled combine-send needs low-latency mode by "
+                "load/store",
+                d.rank, name);
+    if (signals != nullptr) {
+      signal_block_m = signals->block_m;
+      ep::ll_combine_send_signalled(
+          window.peers, ll, expert_out.view().data, recv_count.as<int32_t>(),
+          recv_src.as<int32_t>(),
+          ep::GemmSignals{signals->signal, signals->block_m, signals->threshold}, seq_ptr(),
+          err_ptr(), timeout_ns, d, s);
+      // Under EPMOE_SERIAL_HALVES the GEMM it waits on was launched first, so a checking tool
+      // that runs kernels one at a time in launch order finishes the GEMM before this kernel.
+      serial_point("combine send half (signalled)");
+      return;
+    }
     if (ep.mode == EpMode::kLowLatency && !ll_host) {
       ep::ll_combine_send(window.peers, ll, expert_out.view().data, recv_count.as<int32_t>(),
                           recv_src.as<int32_t>(), seq_ptr(), d, s);
@@ -381,6 +411,14 @@ struct EpMicroBatchCuda::Impl {
     t.synchronize(fmt::format("micro-batch {}'s communication stream", name).c_str());
     DeviceWaitError e{};
     EPMOE_CUDA_CHECK(cudaMemcpy(&e, err.view().data, sizeof(e), cudaMemcpyDeviceToHost));
+    if (e.failed == ep::kSignalTimedOut) {
+      err.fill_bytes(0);
+      EPMOE_FAIL(
+          kTimeout,
+          "rank {}, micro-batch {}: the combine-send timed out waiting for the down GEMM's "
+          "signal of local expert {}, m-block {} (its rows from {}): expected {}, observed {}",
+          e.rank, name, e.peer, e.index, int64_t(e.index) * signal_block_m, e.expected, e.observed);
+    }
     if (e.failed == ep::kOverflowedExpert) {
       err.fill_bytes(0);
       EPMOE_FAIL(kInvalidArgument,
@@ -442,7 +480,10 @@ void EpMicroBatchCuda::dispatch_send(const EpTokens& in, cudaStream_t s) {
   impl_->dispatch_send(in, s);
 }
 void EpMicroBatchCuda::dispatch_recv(cudaStream_t s) { impl_->dispatch_recv(s); }
-void EpMicroBatchCuda::combine_send(cudaStream_t s) { impl_->combine_send(s); }
+void EpMicroBatchCuda::combine_send(cudaStream_t s, const CombineSignals* signals) {
+  impl_->combine_send(s, signals);
+}
+bool EpMicroBatchCuda::can_signal_combine() const { return impl_->can_signal(); }
 bool EpMicroBatchCuda::combine_transfers_in_recv() const {
   return impl_->ep.mode == EpMode::kNormal;
 }
@@ -451,6 +492,8 @@ void EpMicroBatchCuda::combine_recv(float* y, const float* fused_shared, cudaStr
   impl_->combine_recv(y, fused_shared, s);
 }
 TensorView EpMicroBatchCuda::recv_x() const { return impl_->recv_x.view(); }
+TensorView EpMicroBatchCuda::recv_x_fp8() const { return impl_->recv_q.view(); }
+TensorView EpMicroBatchCuda::recv_x_scale() const { return impl_->recv_s.view(); }
 TensorView EpMicroBatchCuda::recv_count() const { return impl_->recv_count.view(); }
 TensorView EpMicroBatchCuda::recv_src() const { return impl_->recv_src.view(); }
 TensorView EpMicroBatchCuda::ll_expert_out() const { return impl_->expert_out.view(); }

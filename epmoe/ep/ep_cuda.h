@@ -43,6 +43,18 @@ struct EpCudaOptions {
   LlTransfer ll_transfer = LlTransfer::kAuto;
   // Blocks each communication kernel may use (DeepEP's num_sms); 0 = as many as the work has.
   int comm_blocks = 24;
+  // The layer's expert GEMMs (routed and shared) in FP8 e4m3 with DeepSeek's block scales
+  // (MoeLayerRankCuda, `--weights fp8`). With fp8_dispatch in low-latency mode the received FP8
+  // payload is then kept as it came (recv_x_fp8) instead of being widened to bf16.
+  bool fp8_experts = false;
+};
+
+// The down GEMM's per-tile completion signals a signalled combine-send waits on
+// (sm90_gemm_signal_info): entry e·nb + m covers rows [m·block_m, (m+1)·block_m) of local expert
+// e, nb = ceil(R·T_max / block_m); it reaches `threshold` when those rows are stored.
+struct CombineSignals {
+  const int32_t* signal = nullptr;  // device [E_loc · nb] i32, zeroed before the GEMM
+  int block_m = 0, threshold = 0;
 };
 
 // Traffic of the last dispatch/combine to other ranks (self excluded), bytes as they crossed.
@@ -85,7 +97,14 @@ class EpMicroBatchCuda {
   void dispatch_recv(cudaStream_t s);
   // Expert side. Low-latency: expert_out = the masked [E_loc, R·T_max, H] bf16 down-GEMM output.
   // Normal: expert_out = partial sums [N_recv, H] f32 per received token (normal_partials()).
-  void combine_send(cudaStream_t s);
+  // signals (low-latency by load/store only, can_signal_combine()): the call may be enqueued as
+  // soon as the down GEMM that writes expert_out is, on another stream; it sends each block of
+  // rows when its signal says the rows are final (single-batch overlap, seed 001).
+  void combine_send(cudaStream_t s, const CombineSignals* signals = nullptr);
+  // Whether combine_send can wait on GEMM signals: low-latency by load/store. The GEMM must be
+  // enqueued before the combine-send (checking tools that run kernels one at a time in launch
+  // order then finish it first).
+  bool can_signal_combine() const;
   // Normal mode sends nothing in combine_send: its partial sums travel at the start of the
   // receive half, combine_transfer (on the transport's stream), then combine_recv reduces them
   // (any stream, after the transfer). This keeps a micro-batch's combine from sitting between
@@ -100,7 +119,11 @@ class EpMicroBatchCuda {
   // Low-latency: recv_x [E_loc, R·T_max, H] bf16, recv_count [E_loc] i32 (device),
   // recv_src [E_loc, R·T_max, 3] i32 (source rank, source token, slot); expert_out has recv_x's
   // shape and is what combine_send returns.
-  TensorView recv_x() const;
+  TensorView recv_x() const;  // empty when the FP8 payload is kept (recv_x_fp8)
+  // FP8 payload kept (options fp8_dispatch + fp8_experts, low-latency): [E_loc, R·T_max, H]
+  // e4m3 codes and [E_loc, R·T_max, H/128] f32 scales, else empty views.
+  TensorView recv_x_fp8() const;
+  TensorView recv_x_scale() const;
   TensorView recv_count() const;
   TensorView recv_src() const;
   TensorView ll_expert_out() const;

@@ -311,8 +311,12 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 // Thread r: raise rank r's flag for us. seq is this rank's call counter.
+// skip_if != nullptr: raise nothing once that error record holds a failure (the rows before the
+// flags are incomplete; the peers then time out naming this rank, and this rank reports why).
 __global__ void raise_flags_kernel(void* const* peers, size_t flags_off, const int32_t* counts,
-                                   uint64_t* seq, int increment, int rank, int R) {
+                                   uint64_t* seq, int increment, int rank, int R,
+                                   const DeviceWaitError* skip_if = nullptr) {
+  if (skip_if != nullptr && *reinterpret_cast<volatile const int*>(&skip_if->failed) != 0) return;
   const uint64_t s = *seq + uint64_t(increment);
   __syncthreads();
   if (int(threadIdx.x) < R) {
@@ -423,18 +427,30 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// recv_q != nullptr (FP8 payloads kept): the row's codes and scales as they came.
 __global__ void __launch_bounds__(kWarps * 32)
     ll_expand_kernel(__nv_bfloat16* recv_x, const int32_t* recv_count, const int32_t* recv_record,
-                     const char* window, LowLatencyLayout ll, RecordLayout rec, EpDims d) {
+                     const char* window, LowLatencyLayout ll, RecordLayout rec, EpDims d,
+                     uint8_t* recv_q, float* recv_scale) {
   const int lane = threadIdx.x & 31;
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
+  const int64_t nsc = d.hidden / 128;
   for (int e = blockIdx.x; e < d.local_experts; e += gridDim.x) {
     const int64_t n = recv_count[e];
     for (int64_t row = int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5); row < n;
          row += int64_t(gridDim.y) * kWarps) {
       const int32_t r = recv_record[int64_t(e) * m_max + row];
-      payload_to_row(recv_x + (int64_t(e) * m_max + row) * d.hidden,
-                     window + ll.staging + size_t(r) * rec.bytes, rec, lane);
+      const char* rp = window + ll.staging + size_t(r) * rec.bytes;
+      const int64_t at = int64_t(e) * m_max + row;
+      if (recv_q == nullptr) {
+        payload_to_row(recv_x + at * d.hidden, rp, rec, lane);
+        continue;
+      }
+      const uint2* q = reinterpret_cast<const uint2*>(rp);
+      uint2* out = reinterpret_cast<uint2*>(recv_q + at * d.hidden);
+      for (int64_t v = lane; v < d.hidden / 8; v += 32) out[v] = q[v];
+      const float* sc = reinterpret_cast<const float*>(rp + rec.scales_off);
+      for (int64_t b = lane; b < nsc; b += 32) recv_scale[at * nsc + b] = sc[b];
     }
   }
 }
@@ -448,6 +464,77 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int64_t n = recv_count[e];
     for (int64_t row = int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5); row < n;
          row += int64_t(gridDim.y) * kWarps) {
+      const int32_t* src = recv_src + (int64_t(e) * m_max + row) * 3;
+      const int s = src[0], t = src[1], k = src[2];
+      uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(peers[s]) + ll.combine +
+                                            (size_t(t) * d.num_slots + size_t(k)) * d.hidden * 2);
+      const uint4* in =
+          reinterpret_cast<const uint4*>(expert_out + (int64_t(e) * m_max + row) * d.hidden);
+      for (int64_t v = lane; v < d.hidden / 8; v += 32) dst[v] = in[v];
+    }
+  }
+  __threadfence_system();
+}
+
+// The signalled combine-send: work items (local expert e, m-block m) in expert-major order, the
+// order the GEMM's persistent scheduler finishes them in; a block takes items with a grid
+// stride, thread 0 waits for the item's signal, then the block's warps send its rows.
+__global__ void __launch_bounds__(kWarps * 32)
+    ll_combine_send_signalled_kernel(void* const* peers, LowLatencyLayout ll,
+                                     const __nv_bfloat16* expert_out, const int32_t* recv_count,
+                                     const int32_t* recv_src, GemmSignals sig, DeviceWaitError* err,
+                                     int64_t timeout_ns, EpDims d) {
+  __shared__ int s_go;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
+  const int64_t nb = (m_max + sig.block_m - 1) / sig.block_m;
+  const int64_t items = int64_t(d.local_experts) * nb;
+  for (int64_t i = blockIdx.x; i < items; i += gridDim.x) {
+    const int e = int(i / nb);
+    const int64_t m = i % nb, n = recv_count[e];
+    const int64_t first = m * sig.block_m;
+    if (first >= n) continue;  // block-uniform: no rows, no signal to wait for
+    if (threadIdx.x == 0) {
+      const uint64_t start = global_ns();
+      int go = 1;
+      while (true) {
+        const int v = ld_acquire_gpu(sig.signal + i);
+        if (v >= sig.threshold) break;
+        // Another block timed out already: stop waiting (the host reports the first one).
+        if (*reinterpret_cast<volatile const int*>(&err->failed) != 0) {
+          go = 0;
+          break;
+        }
+        if (int64_t(global_ns() - start) > timeout_ns) {
+          if (atomicCAS(&err->failed, 0, kSignalTimedOut) == 0) {
+            err->rank = d.rank;
+            err->peer = e;
+            err->index = int(m);
+            err->expected = unsigned(sig.threshold);
+            err->observed = unsigned(v);
+            const char what[] = "down-GEMM signal";
+            for (int c = 0; c < int(sizeof(what)); ++c) err->what[c] = what[c];
+            __threadfence();
+          }
+          printf(
+              "epmoe: rank %d timed out waiting for the down GEMM's signal of local expert %d "
+              "m-block %lld: expected %d, observed %d\n",
+              d.rank, e, (long long)m, sig.threshold, v);
+          go = 0;
+          break;
+        }
+        __nanosleep(64);
+      }
+      s_go = go;
+    }
+    // NOTES: the rows are read with plain loads after thread 0's acquire and the CTA barrier
+    // (cumulativity makes the GEMM's stores visible to every thread of the block).
+    __syncthreads();
+    const int go = s_go;
+    __syncthreads();  // s_go is rewritten by the next item
+    if (!go) return;
+    const int64_t last = n < first + sig.block_m ? n : first + sig.block_m;
+    for (int64_t row = first + warp; row < last; row += kWarps) {
       const int32_t* src = recv_src + (int64_t(e) * m_max + row) * 3;
       const int s = src[0], t = src[1], k = src[2];
       uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(peers[s]) + ll.combine +
@@ -676,6 +763,7 @@ void prepare_kernels() {
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, wait_flags_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_expand_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_combine_send_kernel));
+  EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_combine_send_signalled_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_return_pack_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, ll_return_unpack_kernel));
   EPMOE_CUDA_CHECK(cudaFuncGetAttributes(&a, normal_unpack_kernel));
@@ -738,8 +826,12 @@ void ll_wait_dispatch(int32_t* src_count, const void* local_window, const LowLat
 void ll_expand_received(void* recv_x, int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
                         int32_t* recv_seg, const int32_t* src_count, const void* local_window,
                         const LowLatencyLayout& ll, const RecordLayout& rec, DeviceWaitError* err,
-                        const EpDims& d, cudaStream_t stream) {
+                        const EpDims& d, cudaStream_t stream, void* recv_q, float* recv_scale) {
   const NvtxRange nvtx("ep.ll_expand_received");
+  EPMOE_CHECK(recv_q == nullptr || (rec.fp8 && d.hidden % 128 == 0), kInvalidArgument,
+              "ll_expand_received: FP8 codes can be kept only from FP8 payloads with H % 128 == 0 "
+              "(H = {})",
+              d.hidden);
   const char* win = static_cast<const char*>(local_window);
   ll_recv_index_kernel<<<capped(d.local_experts, d), 256, 0, stream>>>(
       recv_count, recv_src, recv_record, recv_seg, win, ll, rec, src_count, err, d);
@@ -747,7 +839,7 @@ void ll_expand_received(void* recv_x, int32_t* recv_count, int32_t* recv_src, in
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
   ll_expand_kernel<<<capped2(d.local_experts, blocks_for(m_max, kWarps), d), kWarps * 32, 0,
                      stream>>>(static_cast<__nv_bfloat16*>(recv_x), recv_count, recv_record, win,
-                               ll, rec, d);
+                               ll, rec, d, static_cast<uint8_t*>(recv_q), recv_scale);
   EPMOE_CUDA_CHECK_LAUNCH("ll_expand_kernel");
 }
 
@@ -762,6 +854,27 @@ void ll_combine_send(void* const* peers, const LowLatencyLayout& ll, const void*
   EPMOE_CUDA_CHECK_LAUNCH("ll_combine_send_kernel");
   raise_flags_kernel<<<1, kMaxRanks, 0, stream>>>(
       peers, ll.combine_flags, nullptr, const_cast<uint64_t*>(seq), 0, d.rank, d.num_ranks);
+  EPMOE_CUDA_CHECK_LAUNCH("raise_flags_kernel");
+}
+
+void ll_combine_send_signalled(void* const* peers, const LowLatencyLayout& ll,
+                               const void* expert_out, const int32_t* recv_count,
+                               const int32_t* recv_src, const GemmSignals& signals,
+                               const uint64_t* seq, DeviceWaitError* err, int64_t timeout_ns,
+                               const EpDims& d, cudaStream_t stream) {
+  const NvtxRange nvtx("ep.ll_combine_send_signalled");
+  EPMOE_CHECK(signals.signal != nullptr && signals.block_m > 0 && signals.threshold > 0,
+              kInvalidArgument, "ll_combine_send_signalled: no signals (block_m {}, threshold {})",
+              signals.block_m, signals.threshold);
+  const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
+  const int64_t items =
+      int64_t(d.local_experts) * ((m_max + signals.block_m - 1) / signals.block_m);
+  ll_combine_send_signalled_kernel<<<capped(items, d), kWarps * 32, 0, stream>>>(
+      peers, ll, static_cast<const __nv_bfloat16*>(expert_out), recv_count, recv_src, signals, err,
+      timeout_ns, d);
+  EPMOE_CUDA_CHECK_LAUNCH("ll_combine_send_signalled_kernel");
+  raise_flags_kernel<<<1, kMaxRanks, 0, stream>>>(
+      peers, ll.combine_flags, nullptr, const_cast<uint64_t*>(seq), 0, d.rank, d.num_ranks, err);
   EPMOE_CUDA_CHECK_LAUNCH("raise_flags_kernel");
 }
 

@@ -41,6 +41,9 @@ LowLatencyLayout make_ll_layout(int num_ranks, int64_t t_max, const RecordLayout
 // observed = rows).
 constexpr int kWaitTimedOut = 1;
 constexpr int kOverflowedExpert = 2;
+// A signalled combine-send waited too long for the down GEMM's signal of one block of rows
+// (peer = the local expert, index = the m-block, expected = the threshold, observed = the value).
+constexpr int kSignalTimedOut = 3;
 
 // What the kernels need to know about the rank and the problem.
 struct EpDims {
@@ -91,16 +94,40 @@ void ll_wait_dispatch(int32_t* src_count, const void* local_window, const LowLat
 // dequantised); recv_count: [E_loc] i32; recv_src: [E_loc, M_max, 3] i32 (source rank, source
 // token, slot); recv_record: [E_loc, M_max] i32 (staging record of the row); recv_seg:
 // [E_loc, R + 1] i32, the first row of each source in each expert's rows. M_max = R·T_max.
+// FP8 payloads with recv_q != nullptr: the codes and scales are kept as they came, recv_q
+// [E_loc, M_max, H] e4m3 and recv_scale [E_loc, M_max, H/128] f32 (H % 128 == 0), and recv_x is
+// not written (the FP8 expert GEMMs read them directly).
 void ll_expand_received(void* recv_x, int32_t* recv_count, int32_t* recv_src, int32_t* recv_record,
                         int32_t* recv_seg, const int32_t* src_count, const void* local_window,
                         const LowLatencyLayout& ll, const RecordLayout& rec, DeviceWaitError* err,
-                        const EpDims& d, cudaStream_t stream);
+                        const EpDims& d, cudaStream_t stream, void* recv_q = nullptr,
+                        float* recv_scale = nullptr);
 
 // Sends each expert row back into its source's window, then raises the combine flags.
 // expert_out: [E_loc, M_max, H] bf16.
 void ll_combine_send(void* const* peers, const LowLatencyLayout& ll, const void* expert_out,
                      const int32_t* recv_count, const int32_t* recv_src, const uint64_t* seq,
                      const EpDims& d, cudaStream_t stream);
+
+// Per-tile completion signals of the down GEMM (sm90_grouped_gemm.cuh): entry e·nb + m covers
+// rows [m·block_m, (m+1)·block_m) of local expert e (nb = ceil(M_max / block_m)) and reaches
+// `threshold` once they are stored.
+struct GemmSignals {
+  const int32_t* signal = nullptr;
+  int block_m = 0, threshold = 0;
+};
+
+// Single-batch overlap (seed 001, second half): ll_combine_send started together with the down
+// GEMM. Each block of rows of each expert with rows is sent as soon as its signal reaches the
+// threshold (acquire load, bounded wait: a timeout is recorded as kSignalTimedOut naming the
+// expert and m-block, and the remaining waits stop); then the combine flags as ll_combine_send.
+// Run it on its own stream with at most d.max_blocks blocks beside the GEMM, whose persistent
+// kernel must leave it SMs (Sm90GemmWorkspace::set_max_sms).
+void ll_combine_send_signalled(void* const* peers, const LowLatencyLayout& ll,
+                               const void* expert_out, const int32_t* recv_count,
+                               const int32_t* recv_src, const GemmSignals& signals,
+                               const uint64_t* seq, DeviceWaitError* err, int64_t timeout_ns,
+                               const EpDims& d, cudaStream_t stream);
 
 // Waits (bounded) for every rank's combine flag.
 void ll_wait_combine(const void* local_window, const LowLatencyLayout& ll, const uint64_t* seq,

@@ -93,6 +93,62 @@ __global__ void __launch_bounds__(kSiluWarps * 32)
   }
 }
 
+// One warp per row, as silu_and_mul_kernel: 16 lanes hold one group of 128 values.
+__global__ void __launch_bounds__(kSiluWarps * 32)
+    quantize_rows_kernel(uint8_t* __restrict__ out, float* __restrict__ scales,
+                         const __nv_bfloat16* __restrict__ in, int64_t rows, int64_t k,
+                         RowFilter filter) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * kSiluWarps;
+  const int64_t lim = filter.limit();
+  const int64_t vecs = k / 8, nb = (k + 127) / 128;
+  for (int64_t r = int64_t(blockIdx.x) * kSiluWarps + (threadIdx.x >> 5); r < rows; r += warps) {
+    if (!filter.ok(r, lim)) continue;  // warp-uniform
+    for (int64_t base = 0; base < vecs; base += 32) {
+      const int64_t v = base + lane;
+      const bool valid = v < vecs;
+      float a[8];
+      if (valid) {
+        load8(a, in + r * k + v * 8);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) a[i] = 0.f;
+      }
+      float scale;
+      const uint2 packed = quantize8_fp8_group128(a, &scale);
+      if (valid) {
+        reinterpret_cast<uint2*>(out)[r * vecs + v] = packed;
+        if ((lane & 15) == 0) scales[r * nb + v / 16] = scale;
+      }
+    }
+  }
+}
+
+void launch_quantize(const TensorView& out, const TensorView& scales, const TensorView& in,
+                     bool masked, RowFilter filter, cudaStream_t stream) {
+  const int rank = masked ? 3 : 2;
+  EPMOE_CHECK(in.shape.rank == rank && in.dtype == DType::kBF16, kInvalidArgument,
+              "quantize_rows_fp8: input must be {} bf16, got {} {}",
+              masked ? "[E_loc, M_max, K]" : "[M, K]", in.shape.str(), dtype_name(in.dtype));
+  const int64_t k = in.shape[rank - 1];
+  EPMOE_CHECK(k % 8 == 0, kUnsupported, "quantize_rows_fp8: K = {} must be a multiple of 8", k);
+  out.expect("quantize_rows_fp8 output", DType::kF8E4M3, in.shape);
+  Shape ss = in.shape;
+  ss.dims[rank - 1] = (k + 127) / 128;
+  scales.expect("quantize_rows_fp8 scales", DType::kF32, ss);
+  const int64_t rows = masked ? in.shape[0] * in.shape[1] : in.shape[0];
+  if (rows == 0) return;
+  int sms = 0, dev = 0;
+  EPMOE_CUDA_CHECK(cudaGetDevice(&dev));
+  EPMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const unsigned grid =
+      unsigned(std::min<int64_t>((rows + kSiluWarps - 1) / kSiluWarps, int64_t(sms) * 16));
+  quantize_rows_kernel<<<grid, kSiluWarps * 32, 0, stream>>>(
+      static_cast<uint8_t*>(out.data), scales.as<float>(),
+      static_cast<const __nv_bfloat16*>(in.data), rows, k, filter);
+  EPMOE_CUDA_CHECK_LAUNCH("quantize_rows_kernel");
+}
+
 // Shapes: in [rows, 2I] (or [E, M_max, 2I]); returns rows and I after checking.
 void check_silu(const TensorView& out, const TensorView* scales, const TensorView& in, bool masked,
                 bool fp8, int64_t* rows, int64_t* inter) {
@@ -194,6 +250,22 @@ void silu_and_mul_fp8_masked(const TensorView& out, const TensorView& scales, co
   launch_silu(out, scales.as<float>(), in, rows, inter,
               RowFilter{nullptr, count.as<int32_t>(), std::max<int64_t>(1, in.shape[1])}, true,
               stream);
+}
+
+void quantize_rows_fp8(const TensorView& out, const TensorView& scales, const TensorView& in,
+                       const int32_t* num_rows, cudaStream_t stream) {
+  const NvtxRange nvtx("experts.quantize_rows_fp8");
+  launch_quantize(out, scales, in, false, RowFilter{num_rows, nullptr, 1}, stream);
+}
+
+void quantize_rows_fp8_masked(const TensorView& out, const TensorView& scales, const TensorView& in,
+                              const TensorView& count, cudaStream_t stream) {
+  const NvtxRange nvtx("experts.quantize_rows_fp8_masked");
+  if (in.shape.rank == 3) check_count(count, in);
+  launch_quantize(out, scales, in, true,
+                  RowFilter{nullptr, count.as<int32_t>(),
+                            std::max<int64_t>(1, in.shape.rank == 3 ? in.shape[1] : 1)},
+                  stream);
 }
 
 // --- grouped GEMM ------------------------------------------------------------------------------

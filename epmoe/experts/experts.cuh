@@ -34,6 +34,19 @@ void silu_and_mul_fp8(const TensorView& out, const TensorView& scales, const Ten
 void silu_and_mul_fp8_masked(const TensorView& out, const TensorView& scales, const TensorView& in,
                              const TensorView& count, cudaStream_t stream);
 
+// --- FP8 quantisation of bf16 rows ------------------------------------------------------------
+// The input of the FP8 expert GEMMs: each row to e4m3 with one f32 scale per 128 values, by
+// fp8.cuh's rule (the one the FP8 dispatch payload follows, so a row quantised here has the codes
+// and scales an FP8 dispatch would have carried). K a multiple of 8.
+// Contiguous: out [M, K] e4m3; scales [M, ceil(K/128)] f32; in [M, K] bf16; rows >= *num_rows are
+// neither read nor written (nullptr = all M rows).
+void quantize_rows_fp8(const TensorView& out, const TensorView& scales, const TensorView& in,
+                       const int32_t* num_rows, cudaStream_t stream);
+// Masked: out [E_loc, M_max, K]; scales [E_loc, M_max, ceil(K/128)]; in [E_loc, M_max, K] bf16;
+// count [E_loc] i32 device; rows >= count[e] are neither read nor written.
+void quantize_rows_fp8_masked(const TensorView& out, const TensorView& scales, const TensorView& in,
+                              const TensorView& count, cudaStream_t stream);
+
 // --- grouped GEMM on cuBLAS -------------------------------------------------------------------
 // Per local expert e: out_e = in_e · W[bank_offset + e]ᵀ, f32 accumulation.
 enum class GroupedGemmImpl {

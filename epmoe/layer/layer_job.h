@@ -28,9 +28,12 @@ struct LayerJobSpec {
   std::string tokens;
   int64_t max_tokens = 0;  // T_max; 0 = the largest count
   EpMode mode = EpMode::kNormal;
-  std::string backend = "cpu";       // cpu | cuda
-  std::string transport = "auto";    // cuda: auto | nccl | loopback (comm/launch.h chooses)
-  bool fp8_dispatch = false;         // cuda: FP8 dispatch payload
+  std::string backend = "cpu";     // cpu | cuda
+  std::string transport = "auto";  // cuda: auto | nccl | loopback (comm/launch.h chooses)
+  bool fp8_dispatch = false;       // cuda: FP8 dispatch payload
+  // cuda: expert GEMMs in "bf16" or "fp8" (e4m3, DeepSeek's block scales: an FP8 checkpoint is
+  // uploaded as it is, a bf16 one quantised at load); the check's tolerance follows (kFp8Tol).
+  std::string weights = "bf16";
   std::string ll_transfer = "auto";  // cuda, low-latency: auto | device | host
   std::string overlap = "none";      // none | tbo | sbo | auto
   int iters = 3;

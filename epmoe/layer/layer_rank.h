@@ -59,6 +59,10 @@ struct ForwardPlan {
   bool concurrent = false;
   // With `concurrent`: the shared expert on a third stream of its own (single-batch overlap).
   bool shared_lane = false;
+  // With `concurrent`: combine_send starts with the down GEMM and sends each block of rows as
+  // the GEMM signals it done (single-batch overlap, second half; GPU low-latency by load/store
+  // with the sm90 GEMM — elsewhere combine_send waits for the experts as usual).
+  bool signalled_combine = false;
 };
 
 // Where an operation ran (GPU streams; the CPU backend reports kCompute).

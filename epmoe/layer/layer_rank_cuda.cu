@@ -60,6 +60,53 @@ DeviceTensor upload_bank(const Tensor& bank, const Tensor& scale, int64_t first,
   return DeviceTensor::from_host(out.view());
 }
 
+int64_t round_up128(int64_t v) { return (v + 127) / 128 * 128; }
+
+// A [n, a, b] host tensor with its intermediate dimension padded with zeros from `inter` to
+// `inter_p` (a multiple of 128, what the FP8 GEMMs' K and N need): halves = 2 (w13: rows [0, I)
+// gate_proj and [I, 2I) up_proj go to [0, I) and [Ip, Ip + I)), halves = 1 (w2: columns I → Ip).
+// Zero bytes are zero in bf16, f32 and e4m3, so the padded rows give zero activations (silu(0)·0)
+// and add nothing; the per-128 block layout of the checkpoints' scales is unchanged by it.
+Tensor pad_intermediate(const TensorView& src, int halves, int64_t inter, int64_t inter_p) {
+  const int64_t n = src.shape[0], a = src.shape[1], b = src.shape[2];
+  const size_t es = dtype_size(src.dtype);
+  const char* in = static_cast<const char*>(src.data);
+  if (halves == 2) {
+    Tensor out = Tensor::zeros(src.dtype, {n, 2 * inter_p, b});
+    char* o = static_cast<char*>(out.view().data);
+    for (int64_t e = 0; e < n; ++e)
+      for (int h = 0; h < 2; ++h)
+        std::memcpy(o + size_t((e * 2 * inter_p + h * inter_p) * b) * es,
+                    in + size_t((e * a + h * inter) * b) * es, size_t(inter * b) * es);
+    return out;
+  }
+  Tensor out = Tensor::zeros(src.dtype, {n, a, inter_p});
+  char* o = static_cast<char*>(out.view().data);
+  for (int64_t r = 0; r < n * a; ++r)
+    std::memcpy(o + size_t(r * inter_p) * es, in + size_t(r * b) * es, size_t(b) * es);
+  return out;
+}
+
+// FP8 weights on the device: e4m3 codes [n, ·, ·] and their 128 x 128 block scales.
+struct Fp8Upload {
+  DeviceTensor q, scale;
+};
+// src: [n, a, b] host bank slice; scale: its block scales when src is e4m3 (uploaded as they
+// are, no dequantisation), else src (bf16|f32) is quantised here (quantize_fp8_block128).
+Fp8Upload upload_fp8(const TensorView& src, const TensorView& scale, int halves, int64_t inter,
+                     int64_t inter_p) {
+  Tensor padded;
+  TensorView v = src;
+  if (inter_p != inter) {
+    padded = pad_intermediate(src, halves, inter, inter_p);
+    v = padded.view();
+  }
+  if (src.dtype == DType::kF8E4M3)
+    return {DeviceTensor::from_host(v), DeviceTensor::from_host(scale)};
+  const Fp8Tensor f = quantize_fp8_block128(v);
+  return {DeviceTensor::from_host(f.q.view()), DeviceTensor::from_host(f.scale.view())};
+}
+
 // ---- micro-batch split and merge (device-side counts: capturable) ----
 // Range of micro-batch mb of a rank with *rank_tokens tokens, as micro_batch_range() computes it.
 __device__ void mb_range(int64_t tokens, int nmb, int mb, bool a_takes_odd, int64_t* begin,
@@ -174,6 +221,15 @@ struct MoeLayerRankCuda::Impl {
     // low-latency experts: [E_loc, R·T_max, ·]; normal: grow-only contiguous buffers
     DeviceTensor gu, act;
     DeviceTensor n_seg, n_s2d, n_sorted, n_gu, n_act, n_down, workspace;
+    // FP8 experts: e4m3 activations and their per-128 scales (the GEMMs' inputs)
+    DeviceTensor xq, xqs, act8, act8s;                    // low-latency (xq: bf16 dispatch)
+    DeviceTensor n_sorted8, n_sorted8s, n_act8, n_act8s;  // normal
+    DeviceTensor shared_xq, shared_xqs, shared_act8, shared_act8s;
+    // Single-batch overlap: the down GEMM's per-tile signals, zeroed before it (low-latency,
+    // sm90), and the event the signalled combine-send starts after.
+    DeviceTensor signal;
+    cudaEvent_t signal_ready = nullptr;
+    bool signalled = false;  // this forward's down GEMM signals
     std::unique_ptr<EpMicroBatchCuda> ep;
     // sm90 GEMM scratch: one for the compute lane (gate, experts), one for the shared lane.
     Sm90GemmWorkspace ws_compute, ws_shared;
@@ -200,25 +256,69 @@ struct MoeLayerRankCuda::Impl {
     // The Hopper grouped GEMM (wgmma + TMA) where this build and device have it; epmoe's portable
     // deterministic kernel otherwise. Both are row-independent (see their headers).
     sm90 = sm90_gemm_available() && env_int("SM90_GEMM", 1) != 0;
+    fp8 = opt.fp8_experts;
+    EPMOE_CHECK(!fp8 || sm90, kUnsupported,
+                "FP8 experts (--weights fp8) run on the sm90 FP8 grouped GEMM: they need an sm_90 "
+                "GPU, a build with the CUTLASS headers (scripts/fetch-cutlass.sh) and "
+                "EPMOE_SM90_GEMM unset or 1");
+    EPMOE_CHECK(!fp8 || cfg.hidden % 128 == 0, kUnsupported,
+                "FP8 experts (--weights fp8) need the hidden size to be a multiple of 128 (the "
+                "block scales), got H = {}",
+                cfg.hidden);
     EPMOE_CUDA_CHECK(
         cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, tr.device()));
     E_loc = cfg.n_routed_experts / ep.num_ranks;
     const int64_t T = ep.max_tokens_per_rank, H = cfg.hidden, I = cfg.moe_intermediate;
     const int64_t Kp = cfg.num_slots(), R = ep.num_ranks;
+    // FP8: the intermediate size padded to the 128-wide blocks (zeros; see pad_intermediate).
+    inter = fp8 ? round_up128(I) : I;
+    const int64_t si = int64_t(cfg.n_shared_experts) * I;  // the unfused shared MLP
+    shared_inter = cfg.fuse_shared ? inter : (fp8 ? round_up128(si) : si);
 
-    // The model: this rank's experts, the shared expert(s), the router.
-    w13 = upload_bank(w.w13, w.w13_scale, rank * E_loc, E_loc, 2);
-    w2 = upload_bank(w.w2, w.w2_scale, rank * E_loc, E_loc, 1);
-    if (cfg.fuse_shared) {
-      sw13 = upload_bank(w.w13, w.w13_scale, cfg.n_routed_experts, cfg.n_shared_experts, 2);
-      sw2 = upload_bank(w.w2, w.w2_scale, cfg.n_routed_experts, cfg.n_shared_experts, 1);
-    } else if (cfg.n_shared_experts > 0) {
-      const int64_t si = int64_t(cfg.n_shared_experts) * I;
-      Tensor a = to_dtype(w.shared_w13, DType::kBF16), b = to_dtype(w.shared_w2, DType::kBF16);
-      sw13 = DeviceTensor::from_host(
-          TensorView{a.view().data, {1, 2 * si, H}, DType::kBF16, Device::kCpu});
-      sw2 = DeviceTensor::from_host(
-          TensorView{b.view().data, {1, H, si}, DType::kBF16, Device::kCpu});
+    // The model: this rank's experts, the shared expert(s), the router. FP8: codes and block
+    // scales, from the checkpoint as they are or quantised here from bf16.
+    auto bank = [&](const Tensor& t, int64_t first, int64_t n) { return bank_rows(t, first, n); };
+    if (fp8) {
+      const bool q = w.fp8();
+      Fp8Upload a =
+          upload_fp8(bank(w.w13, rank * E_loc, E_loc),
+                     q ? bank(w.w13_scale, rank * E_loc, E_loc) : TensorView{}, 2, I, inter);
+      Fp8Upload b =
+          upload_fp8(bank(w.w2, rank * E_loc, E_loc),
+                     q ? bank(w.w2_scale, rank * E_loc, E_loc) : TensorView{}, 1, I, inter);
+      w13 = std::move(a.q), w13s = std::move(a.scale), w2 = std::move(b.q),
+      w2s = std::move(b.scale);
+      if (cfg.fuse_shared) {
+        const int64_t f = cfg.n_routed_experts, n = cfg.n_shared_experts;
+        Fp8Upload c =
+            upload_fp8(bank(w.w13, f, n), q ? bank(w.w13_scale, f, n) : TensorView{}, 2, I, inter);
+        Fp8Upload d =
+            upload_fp8(bank(w.w2, f, n), q ? bank(w.w2_scale, f, n) : TensorView{}, 1, I, inter);
+        sw13 = std::move(c.q), sw13s = std::move(c.scale), sw2 = std::move(d.q),
+        sw2s = std::move(d.scale);
+      } else if (cfg.n_shared_experts > 0) {
+        // Kept in f32 (or bf16) by the loader: quantised here as one [2·SI, H] / [H, SI] expert.
+        const TensorView a13 = w.shared_w13.view(), a2 = w.shared_w2.view();
+        Fp8Upload c = upload_fp8(TensorView{a13.data, {1, 2 * si, H}, a13.dtype, Device::kCpu}, {},
+                                 2, si, shared_inter);
+        Fp8Upload d = upload_fp8(TensorView{a2.data, {1, H, si}, a2.dtype, Device::kCpu}, {}, 1, si,
+                                 shared_inter);
+        sw13 = std::move(c.q), sw13s = std::move(c.scale), sw2 = std::move(d.q),
+        sw2s = std::move(d.scale);
+      }
+    } else {
+      w13 = upload_bank(w.w13, w.w13_scale, rank * E_loc, E_loc, 2);
+      w2 = upload_bank(w.w2, w.w2_scale, rank * E_loc, E_loc, 1);
+      if (cfg.fuse_shared) {
+        sw13 = upload_bank(w.w13, w.w13_scale, cfg.n_routed_experts, cfg.n_shared_experts, 2);
+        sw2 = upload_bank(w.w2, w.w2_scale, cfg.n_routed_experts, cfg.n_shared_experts, 1);
+      } else if (cfg.n_shared_experts > 0) {
+        Tensor a = to_dtype(w.shared_w13, DType::kBF16), b = to_dtype(w.shared_w2, DType::kBF16);
+        sw13 = DeviceTensor::from_host(
+            TensorView{a.view().data, {1, 2 * si, H}, DType::kBF16, Device::kCpu});
+        sw2 = DeviceTensor::from_host(
+            TensorView{b.view().data, {1, H, si}, DType::kBF16, Device::kCpu});
+      }
     }
     // The router as S = H / kc column chunks [S, E, kc]: the gate GEMM runs as a masked grouped
     // GEMM over the chunks (S times the parallelism of one [T, H] x [H, E] product at decode
@@ -289,20 +389,41 @@ struct MoeLayerRankCuda::Impl {
       b.seg1 = DeviceTensor(DType::kI32, {2});
       b.seg_shared = DeviceTensor(DType::kI32, {2});
       if (cfg.n_shared_experts > 0) {
-        const int64_t si = cfg.fuse_shared ? I : int64_t(cfg.n_shared_experts) * I;
-        b.shared_gu = DeviceTensor(DType::kBF16, {T, 2 * si});
-        b.shared_act = DeviceTensor(DType::kBF16, {T, si});
+        const int64_t sp = shared_inter;
+        b.shared_gu = DeviceTensor(DType::kBF16, {T, 2 * sp});
+        if (fp8) {
+          b.shared_xq = DeviceTensor(DType::kF8E4M3, {T, H});
+          b.shared_xqs = DeviceTensor(DType::kF32, {T, H / 128});
+          b.shared_act8 = DeviceTensor(DType::kF8E4M3, {T, sp});
+          b.shared_act8s = DeviceTensor(DType::kF32, {T, sp / 128});
+        } else {
+          b.shared_act = DeviceTensor(DType::kBF16, {T, sp});
+        }
         b.shared_tmp = DeviceTensor(DType::kF32, {T, H});
         if (cfg.fuse_shared) b.shared_out = DeviceTensor(DType::kF32, {T, cfg.n_shared_experts, H});
       }
+      b.ep = std::make_unique<EpMicroBatchCuda>(tr, cfg, ep, opt, names[m]);
       if (ep.mode == EpMode::kLowLatency) {
         const int64_t m_max = R * T;
-        b.gu = DeviceTensor(DType::kBF16, {E_loc, m_max, 2 * I});
-        b.act = DeviceTensor(DType::kBF16, {E_loc, m_max, I});
+        b.gu = DeviceTensor(DType::kBF16, {E_loc, m_max, 2 * inter});
+        if (fp8) {
+          if (!b.ep->recv_x_fp8().data) {  // bf16 dispatch: quantised on the expert side
+            b.xq = DeviceTensor(DType::kF8E4M3, {E_loc, m_max, H});
+            b.xqs = DeviceTensor(DType::kF32, {E_loc, m_max, H / 128});
+          }
+          b.act8 = DeviceTensor(DType::kF8E4M3, {E_loc, m_max, inter});
+          b.act8s = DeviceTensor(DType::kF32, {E_loc, m_max, inter / 128});
+        } else {
+          b.act = DeviceTensor(DType::kBF16, {E_loc, m_max, I});
+        }
+        if (sm90) {
+          const Sm90SignalInfo si2 = signal_info();
+          b.signal = DeviceTensor(DType::kI32, {E_loc * ((m_max + si2.block_m - 1) / si2.block_m)});
+          b.signal.fill_bytes(0);
+        }
       } else {
         b.n_seg = DeviceTensor(DType::kI32, {E_loc + 1});
       }
-      b.ep = std::make_unique<EpMicroBatchCuda>(tr, cfg, ep, opt, names[m]);
       if (sm90) {
         b.ws_compute = Sm90GemmWorkspace(int(std::max<int64_t>(E_loc, gate_chunks)));
         b.ws_shared = Sm90GemmWorkspace(std::max(1, cfg.n_shared_experts));
@@ -310,6 +431,7 @@ struct MoeLayerRankCuda::Impl {
       for (auto& ev : b.done)
         EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
       EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&b.split_done, cudaEventDisableTiming));
+      EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&b.signal_ready, cudaEventDisableTiming));
       EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&b.xfer_fork, cudaEventDisableTiming));
       EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&b.xfer_join, cudaEventDisableTiming));
     }
@@ -324,6 +446,7 @@ struct MoeLayerRankCuda::Impl {
       for (auto ev : b.done)
         if (ev) cudaEventDestroy(ev);
       if (b.split_done) cudaEventDestroy(b.split_done);
+      if (b.signal_ready) cudaEventDestroy(b.signal_ready);
       if (b.xfer_fork) cudaEventDestroy(b.xfer_fork);
       if (b.xfer_join) cudaEventDestroy(b.xfer_join);
     }
@@ -346,6 +469,10 @@ struct MoeLayerRankCuda::Impl {
   bool sm90 = false;
   int sm_count = 0;
   DeviceTensor w13, w2, sw13, sw2, gate_w, gate_bias;  // gate_w: [S, E, kc] bf16
+  // FP8 experts: w13/w2/sw13/sw2 hold e4m3 codes, these their 128 x 128 block scales.
+  bool fp8 = false;
+  DeviceTensor w13s, w2s, sw13s, sw2s;
+  int64_t inter = 0, shared_inter = 0;  // GEMM intermediate sizes (FP8: padded to 128)
   int64_t gate_kc = 0, gate_chunks = 1;
   DeviceTensor x, ids, wts, ntok, y;
   bool external_routing = false;
@@ -368,6 +495,15 @@ struct MoeLayerRankCuda::Impl {
     cudaEvent_t start, end;
   };
   std::vector<TraceEntry> trace;
+
+  Sm90SignalInfo signal_info() const {
+    return sm90_gemm_signal_info(fp8 ? DType::kF8E4M3 : DType::kBF16, cfg.hidden);
+  }
+  // Whether this forward's down GEMM signals its tiles and combine_send waits on them.
+  bool signals_on(const MicroBatch& b) const {
+    return plan.signalled_combine && plan.concurrent && sm90 && ep.mode == EpMode::kLowLatency &&
+           b.ep->can_signal_combine();
+  }
 
   cudaStream_t compute() const { return lane[int(OpLane::kCompute)]; }
   cudaStream_t comm() const { return lane[int(OpLane::kComm)]; }
@@ -435,6 +571,7 @@ struct MoeLayerRankCuda::Impl {
     for (int m = 0; m < plan.num_micro_batches; ++m) {
       MicroBatch& b = mbs[m];
       for (bool& r : b.ran) r = false;
+      b.signalled = false;
       split_kernel<<<grid_for(T * H / 8, 256), 256, 0, compute()>>>(
           reinterpret_cast<__nv_bfloat16*>(b.x.view().data), b.ids.as<int32_t>(), b.wts.as<float>(),
           b.ntok.as<int32_t>(), reinterpret_cast<const __nv_bfloat16*>(x.view().data),
@@ -471,8 +608,9 @@ struct MoeLayerRankCuda::Impl {
       // every transfer under TBO, the dispatch under SBO (beside the shared expert); a
       // sequential plan lets them use the whole GPU.
       const bool beside_compute =
-          plan.concurrent && (plan.num_micro_batches == 2 || op == LayerOp::kDispatchSend ||
-                              op == LayerOp::kDispatchRecv);
+          plan.concurrent &&
+          (plan.num_micro_batches == 2 || op == LayerOp::kDispatchSend ||
+           op == LayerOp::kDispatchRecv || (op == LayerOp::kCombineSend && b.signalled));
       b.ep->set_comm_blocks(beside_compute ? opt.comm_blocks : 0);
     }
     TraceEntry* te = trace_begin(layer_op_name(op), m, l, s);
@@ -495,7 +633,13 @@ struct MoeLayerRankCuda::Impl {
         experts(b, s);
         break;
       case LayerOp::kCombineSend:
-        b.ep->combine_send(s);
+        if (b.signalled) {
+          const Sm90SignalInfo si = signal_info();
+          const CombineSignals sig{b.signal.as<int32_t>(), si.block_m, si.threshold};
+          b.ep->combine_send(s, &sig);
+        } else {
+          b.ep->combine_send(s);
+        }
         break;
       case LayerOp::kCombineRecv:
         if (b.ep->combine_transfers_in_recv()) {
@@ -561,7 +705,11 @@ struct MoeLayerRankCuda::Impl {
         after(LayerOp::kDispatchRecv);
         break;
       case LayerOp::kCombineSend:
-        after(LayerOp::kExperts);
+        // Signalled: from the moment the down GEMM's signals are zeroed, not after the experts.
+        if (b.signalled)
+          EPMOE_CUDA_CHECK(cudaStreamWaitEvent(s, b.signal_ready, 0));
+        else
+          after(LayerOp::kExperts);
         break;
       case LayerOp::kCombineRecv:
         after(LayerOp::kCombineSend);
@@ -640,17 +788,48 @@ struct MoeLayerRankCuda::Impl {
   void experts(MicroBatch& b, cudaStream_t s) {
     if (ep.mode == EpMode::kLowLatency) {
       const TensorView cnt = b.ep->recv_count();
+      const TensorView out = b.ep->ll_expert_out();
+      b.signalled = signals_on(b);
+      // The signals are zeroed just before the down GEMM; the signalled combine-send (another
+      // stream) starts from this event and waits on them block by block.
+      auto arm_signals = [&] {
+        if (!b.signalled) return;
+        EPMOE_CUDA_CHECK(cudaMemsetAsync(b.signal.view().data, 0, b.signal.nbytes(), s));
+        EPMOE_CUDA_CHECK(cudaEventRecord(b.signal_ready, s));
+      };
+      if (fp8) {
+        TensorView xq = b.ep->recv_x_fp8(), xs = b.ep->recv_x_scale();
+        if (!xq.data) {  // bf16 dispatch: the same per-128 codes an FP8 dispatch would carry
+          quantize_rows_fp8_masked(b.xq.view(), b.xqs.view(), b.ep->recv_x(), cnt, s);
+          xq = b.xq.view();
+          xs = b.xqs.view();
+        }
+        sm90_grouped_gemm_fp8_masked(b.gu.view(), xq, xs, w13.view(), w13s.view(), cnt, 0,
+                                     b.ws_compute, s);
+        silu_and_mul_fp8_masked(b.act8.view(), b.act8s.view(), b.gu.view(), cnt, s);
+        arm_signals();
+        if (b.signalled)
+          sm90_grouped_gemm_fp8_masked_signal(out, b.signal.view(), b.act8.view(), b.act8s.view(),
+                                              w2.view(), w2s.view(), cnt, 0, b.ws_compute, s);
+        else
+          sm90_grouped_gemm_fp8_masked(out, b.act8.view(), b.act8s.view(), w2.view(), w2s.view(),
+                                       cnt, 0, b.ws_compute, s);
+        return;
+      }
       gemm_masked(b.gu.view(), b.ep->recv_x(), w13.view(), cnt, b.ws_compute, s);
       silu_and_mul_masked(b.act.view(), b.gu.view(), cnt, s);
-      gemm_masked(b.ep->ll_expert_out(), b.act.view(), w2.view(), cnt, b.ws_compute, s);
+      arm_signals();
+      if (b.signalled)
+        sm90_grouped_gemm_masked_signal(out, b.signal.view(), b.act.view(), w2.view(), cnt, 0,
+                                        b.ws_compute, s);
+      else
+        gemm_masked(out, b.act.view(), w2.view(), cnt, b.ws_compute, s);
       return;
     }
-    const int64_t H = cfg.hidden, I = cfg.moe_intermediate, Kp = cfg.num_slots();
+    const int64_t H = cfg.hidden, Kp = cfg.num_slots();
     const int64_t n = b.ep->normal_num_recv(), rows = std::max<int64_t>(1, n * Kp);
     ensure_rows(b.n_s2d, DType::kI32, {std::max<int64_t>(1, n), Kp});
-    ensure_rows(b.n_sorted, DType::kBF16, {rows, H});
-    ensure_rows(b.n_gu, DType::kBF16, {rows, 2 * I});
-    ensure_rows(b.n_act, DType::kBF16, {rows, I});
+    ensure_rows(b.n_gu, DType::kBF16, {rows, 2 * inter});
     ensure_rows(b.n_down, DType::kBF16, {rows, H});
     const size_t ws = preprocess_workspace_bytes(n * Kp, int(E_loc));
     ensure_rows(b.workspace, DType::kI32, {int64_t(ws / 4 + 1)});
@@ -658,22 +837,51 @@ struct MoeLayerRankCuda::Impl {
     const TensorView s2d_v{b.n_s2d.view().data, {n, Kp}, DType::kI32, Device::kCuda};
     const TensorView x_v = b.ep->normal_recv_x();
     preprocess(b.n_seg.view(), s2d_v, ids_v, 0, int(E_loc), b.workspace.view().data, s);
-    if (n > 0) pre_reorder(b.n_sorted.view(), x_v, s2d_v, s);
-    gemm_contiguous(b.n_gu.view(), b.n_sorted.view(), w13.view(), b.n_seg.view(), 0, b.ws_compute,
-                    s);
-    silu_and_mul(b.n_act.view(), b.n_gu.view(), b.n_seg.as<int32_t>() + E_loc, s);
-    gemm_contiguous(b.n_down.view(), b.n_act.view(), w2.view(), b.n_seg.view(), 0, b.ws_compute, s);
+    if (fp8) {
+      ensure_rows(b.n_sorted8, DType::kF8E4M3, {rows, H});
+      ensure_rows(b.n_sorted8s, DType::kF32, {rows, H / 128});
+      ensure_rows(b.n_act8, DType::kF8E4M3, {rows, inter});
+      ensure_rows(b.n_act8s, DType::kF32, {rows, inter / 128});
+      if (n > 0) pre_reorder_fp8(b.n_sorted8.view(), b.n_sorted8s.view(), x_v, s2d_v, s);
+      sm90_grouped_gemm_fp8_contiguous(b.n_gu.view(), b.n_sorted8.view(), b.n_sorted8s.view(),
+                                       w13.view(), w13s.view(), b.n_seg.view(), 0, b.ws_compute, s);
+      silu_and_mul_fp8(b.n_act8.view(), b.n_act8s.view(), b.n_gu.view(),
+                       b.n_seg.as<int32_t>() + E_loc, s);
+      sm90_grouped_gemm_fp8_contiguous(b.n_down.view(), b.n_act8.view(), b.n_act8s.view(),
+                                       w2.view(), w2s.view(), b.n_seg.view(), 0, b.ws_compute, s);
+    } else {
+      ensure_rows(b.n_sorted, DType::kBF16, {rows, H});
+      ensure_rows(b.n_act, DType::kBF16, {rows, inter});
+      if (n > 0) pre_reorder(b.n_sorted.view(), x_v, s2d_v, s);
+      gemm_contiguous(b.n_gu.view(), b.n_sorted.view(), w13.view(), b.n_seg.view(), 0, b.ws_compute,
+                      s);
+      silu_and_mul(b.n_act.view(), b.n_gu.view(), b.n_seg.as<int32_t>() + E_loc, s);
+      gemm_contiguous(b.n_down.view(), b.n_act.view(), w2.view(), b.n_seg.view(), 0, b.ws_compute,
+                      s);
+    }
     if (n > 0)
       post_reorder(b.ep->normal_partials(), b.n_down.view(), s2d_v, ids_v, w_v,
                    cfg.n_routed_experts, int(rank * E_loc), s);
   }
 
   // One MLP (bank expert e of w13b/w2b) on the micro-batch's live rows; f32 out [T_max, H].
+  // FP8: the rows were quantised into shared_xq by shared_experts.
   void mlp_rows(MicroBatch& b, const DeviceTensor& out_f32, const DeviceTensor& w13b,
                 const DeviceTensor& w2b, int e, cudaStream_t s) {
+    const int32_t* live = b.seg_shared.as<int32_t>() + 1;
+    if (fp8) {
+      sm90_grouped_gemm_fp8_contiguous(b.shared_gu.view(), b.shared_xq.view(), b.shared_xqs.view(),
+                                       w13b.view(), sw13s.view(), b.seg_shared.view(), e,
+                                       b.ws_shared, s);
+      silu_and_mul_fp8(b.shared_act8.view(), b.shared_act8s.view(), b.shared_gu.view(), live, s);
+      sm90_grouped_gemm_fp8_contiguous(out_f32.view(), b.shared_act8.view(), b.shared_act8s.view(),
+                                       w2b.view(), sw2s.view(), b.seg_shared.view(), e, b.ws_shared,
+                                       s);
+      return;
+    }
     gemm_contiguous(b.shared_gu.view(), b.x.view(), w13b.view(), b.seg_shared.view(), e,
                     b.ws_shared, s);
-    silu_and_mul(b.shared_act.view(), b.shared_gu.view(), b.seg_shared.as<int32_t>() + 1, s);
+    silu_and_mul(b.shared_act.view(), b.shared_gu.view(), live, s);
     gemm_contiguous(out_f32.view(), b.shared_act.view(), w2b.view(), b.seg_shared.view(), e,
                     b.ws_shared, s);
   }
@@ -682,6 +890,9 @@ struct MoeLayerRankCuda::Impl {
     if (cfg.n_shared_experts == 0) return;
     // Its own segment array: the gate's may be in use on another lane.
     ep::make_single_segment(b.seg_shared.as<int32_t>(), b.ntok.as<int32_t>(), s);
+    if (fp8)  // once for every shared slice: the per-128 codes a dispatch would carry
+      quantize_rows_fp8(b.shared_xq.view(), b.shared_xqs.view(), b.x.view(), b.ntok.as<int32_t>(),
+                        s);
     if (cfg.fuse_shared) {
       for (int j = 0; j < cfg.n_shared_experts; ++j) {
         mlp_rows(b, b.shared_tmp, sw13, sw2, j, s);
@@ -807,6 +1018,12 @@ EpMicroBatchCuda& MoeLayerRankCuda::ep_micro_batch(int mb) {
   EPMOE_CHECK(mb == 0 || mb == 1, kInvalidArgument, "micro-batch {} (0 or 1)", mb);
   return *impl_->mbs[mb].ep;
 }
+
+bool MoeLayerRankCuda::combine_was_signalled(int mb) const {
+  EPMOE_CHECK(mb == 0 || mb == 1, kInvalidArgument, "micro-batch {} (0 or 1)", mb);
+  return impl_->mbs[mb].signalled;
+}
+bool MoeLayerRankCuda::fp8_experts() const { return impl_->fp8; }
 
 EpCudaTraffic MoeLayerRankCuda::last_traffic() {
   Impl& m = *impl_;

@@ -72,6 +72,11 @@ class MoeLayerRankCuda final : public MoeLayerRank {
   bool ll_over_host_api() const;
   // The dispatch/combine state of micro-batch mb (receive layouts, for tests).
   EpMicroBatchCuda& ep_micro_batch(int mb);
+  // Whether micro-batch mb's combine-send of the last forward waited on the down GEMM's per-tile
+  // signals (ForwardPlan::signalled_combine took effect), rather than on the whole GEMM.
+  bool combine_was_signalled(int mb) const;
+  // The expert GEMMs run in FP8 (EpCudaOptions::fp8_experts).
+  bool fp8_experts() const;
 
  private:
   struct Impl;

@@ -84,7 +84,11 @@ Strategy make_strategy(OverlapKind kind, EpMode mode, const UserOps& u) {
                   L::kDispatchRecv, L::kExperts, L::kCombineSend, L::kCombineRecv, L::kOutput})
         op(o);
       add_user(v, "layer_postprocess", u.layer_postprocess);
-      s.plan = ForwardPlan{.num_micro_batches = 1, .concurrent = true, .shared_lane = true};
+      // Second half: combine_send overlaps the down GEMM, block by block (signalled_combine).
+      s.plan = ForwardPlan{.num_micro_batches = 1,
+                           .concurrent = true,
+                           .shared_lane = true,
+                           .signalled_combine = true};
       break;
     case OverlapKind::kTbo:
       if (mode == EpMode::kLowLatency) {

@@ -32,7 +32,7 @@ float quantize_block(const TensorView& src, int64_t off, int64_t ld, int64_t row
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c)
       amax = std::max(amax, std::fabs(load(src, off + r * ld + c)));
-  EPMOE_CHECK(std::isfinite(amax), kNumeric, "quantize_fp8: a block holds NaN or Inf");
+  if (!std::isfinite(amax)) return -1.f;  // reported by the caller (outside its parallel loop)
   const float scale = amax > 0.f ? amax / kFp8E4M3Max : 1.f;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c)
@@ -53,6 +53,10 @@ Fp8Tensor quantize_fp8_block128(const TensorView& w) {
                 Tensor(DType::kF32, batched ? Shape({E, nb, kb}) : Shape({nb, kb}))};
   auto* q = out.q.as<fp8e4m3>();
   auto* s = out.scale.as<float>();
+  // Blocks are independent: a bank of DeepSeek-V3 experts (billions of values, quantised at
+  // load for FP8 runs) is spread over the cores; small matrices stay on one thread.
+  const bool big = E * N * K > (int64_t(1) << 24);
+#pragma omp parallel for collapse(2) schedule(static) if (big)
   for (int64_t e = 0; e < E; ++e)
     for (int64_t i = 0; i < nb; ++i)
       for (int64_t j = 0; j < kb; ++j) {
@@ -61,6 +65,8 @@ Fp8Tensor quantize_fp8_block128(const TensorView& w) {
             quantize_block(w, (e * N + r0) * K + c0, K, std::min(kFp8BlockSize, N - r0),
                            std::min(kFp8BlockSize, K - c0), q);
       }
+  for (int64_t i = 0; i < out.scale.numel(); ++i)
+    EPMOE_CHECK(s[i] >= 0.f, kNumeric, "quantize_fp8: a block holds NaN or Inf");
   return out;
 }
 

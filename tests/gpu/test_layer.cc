@@ -9,6 +9,7 @@
 #include "epmoe/comm/gpu_transport.h"
 #include "epmoe/comm/launch.h"
 #include "epmoe/cuda/cuda_check.h"
+#include "epmoe/experts/sm90/sm90_grouped_gemm.cuh"
 #include "epmoe/layer/layer_rank_cuda.h"
 #include "epmoe/layer/moe_layer_cpu.h"
 #include "epmoe/layer/run_layer_cuda.h"
@@ -133,14 +134,15 @@ std::string golden_dir() {
 // The single-GPU layer: R = 1 of the per-rank layer over a one-rank transport, the gate on the
 // GPU, through the executor. Returns host y [T, H] f32 and the routing.
 LayerResult gpu_forward(const MoeWeights& w, const Tensor& x, OverlapKind kind = OverlapKind::kNone,
-                        EpMode mode = EpMode::kLowLatency) {
+                        EpMode mode = EpMode::kLowLatency, const EpCudaOptions& opt = {}) {
   const int64_t T = x.shape()[0], H = w.config.hidden, Kp = w.config.num_slots();
   LayerResult r{Tensor::zeros(DType::kF32, {T, H}), Tensor::zeros(DType::kI32, {T, Kp}),
                 Tensor::zeros(DType::kF32, {T, Kp})};
   launch_ranks("loopback", 1, [&](GpuTransport& t) {
     MoeLayerRankCuda layer(
         t, w,
-        EpConfig{.num_ranks = 1, .mode = mode, .max_tokens_per_rank = std::max<int64_t>(1, T)});
+        EpConfig{.num_ranks = 1, .mode = mode, .max_tokens_per_rank = std::max<int64_t>(1, T)},
+        opt);
     layer.upload(x);
     execute(layer, make_strategy(kind, mode));
     layer.check();
@@ -184,6 +186,54 @@ TEST(GpuLayer, GoldenFiles) {
     }
   }
   EXPECT_GT(files, 0) << "no golden files in " << dir;
+}
+
+// --weights fp8 on the golden files: the FP8 checkpoint uploaded as it is (codes and block
+// scales, no dequantisation), the bf16 ones quantised at load (128 x 128 blocks), activations
+// quantised per 128 values; both modes, none and sbo (signalled combine). Stated bound: rel L2
+// <= 5e-2 against the file's output, the same expert sets. A layer whose H is not a multiple of
+// 128 is refused with an error naming it.
+TEST(GpuLayer, GoldenFilesWithFp8Weights) {
+  EPMOE_REQUIRE_GPU();
+  if (!sm90_gemm_available()) GTEST_SKIP() << "FP8 experts run on the sm90 GEMM";
+  const std::string dir = golden_dir();
+  ASSERT_TRUE(std::filesystem::is_directory(dir)) << "golden dir " << dir << " is missing";
+  int ran = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().extension() != ".safetensors") continue;
+    const Golden g(entry.path().string());
+    const Tensor x = g.get("input"), y_ref = g.get("output"), ids_ref = g.get("topk_ids");
+    const bool fp8_file = g.config().contains("weights");
+    const MoeWeights w =
+        fp8_file ? load_moe_weights(entry.path().string(),
+                                    config_from_safetensors_metadata(entry.path().string()),
+                                    LoadOptions{.keep_fp8 = true})
+                 : golden_weights(g, true, false);
+    const EpCudaOptions f8{.fp8_experts = true};
+    if (w.config.hidden % 128 != 0) {
+      try {
+        gpu_forward(w, to_dtype(x, DType::kBF16), OverlapKind::kNone, EpMode::kLowLatency, f8);
+        ADD_FAILURE() << entry.path().filename() << ": H = " << w.config.hidden << " was accepted";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.kind(), ErrorKind::kUnsupported) << e.what();
+        EXPECT_NE(std::string(e.what()).find("multiple of 128"), std::string::npos) << e.what();
+      }
+      continue;
+    }
+    for (EpMode mode : {EpMode::kNormal, EpMode::kLowLatency})
+      for (OverlapKind k : {OverlapKind::kNone, OverlapKind::kSbo}) {
+        SCOPED_TRACE(entry.path().filename().string() + " " + ep_mode_name(mode) + " " +
+                     overlap_name(k));
+        const LayerResult r = gpu_forward(w, to_dtype(x, DType::kBF16), k, mode, f8);
+        const double err = testing::rel_l2(r.y, y_ref);
+        EXPECT_LE(err, 5e-2);
+        EXPECT_TRUE(same_id_sets(r.topk_ids, ids_ref, w.config.top_k));
+        std::printf("[golden fp8] %s %s %s: rel L2 %.3e\n", entry.path().filename().c_str(),
+                    ep_mode_name(mode), overlap_name(k), err);
+        ++ran;
+      }
+  }
+  EXPECT_GT(ran, 0);
 }
 
 // Random weights (bf16, 1/sqrt(fan_in)) for a config, built here (the library's generator is
