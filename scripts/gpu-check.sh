@@ -184,7 +184,7 @@ if has fp8; then
     echo "== golden split over $TR, --weights fp8, sbo"; timeout 60 $B/epmoe run --backend cuda --ranks $R --transport $TR --golden "$EPMOE_GOLDEN_DIR/dsv3_fp8_block128.safetensors" --tokens 30,18 --weights fp8 --mode low-latency --overlap sbo | grep -E "golden|reference|vs none|PASS|FAIL|error"
     echo "== refused: H = 192 with --weights fp8"; timeout 60 $B/epmoe run --backend cuda --ranks 1 --golden "$EPMOE_GOLDEN_DIR/ungrouped_2shared_noscale.safetensors" --weights fp8; echo "exit $?"
     echo "== deepseek-v3 checked, fp8 (16 tokens/rank)"; timeout 120 $B/epmoe run --backend cuda --ranks $R --transport $TR --preset deepseek-v3 --tokens 16 --mode low-latency --weights fp8 --overlap sbo --iters 2 | grep -E "reference|vs none|PASS|FAIL|error"
-    for w in bf16 fp8; do
+    for w in ${F8_LAYER_WEIGHTS-bf16 fp8}; do
       echo "== deepseek-v3 decode 128 tokens/rank, $w"; timeout 150 $B/epmoe run --backend cuda --ranks $R --transport $TR --preset deepseek-v3 --tokens 128 --mode low-latency --weights $w --no-check --iters 10 --json "$J/run_decode_$w.json" | tail -16
       echo "== deepseek-v3 prefill 4096 tokens/rank, $w"; timeout 150 $B/epmoe run --backend cuda --ranks $R --transport $TR --preset deepseek-v3 --tokens 4096 --mode normal --weights $w --no-check --iters 5 --json "$J/run_prefill_$w.json" | tail -16
     done
@@ -194,8 +194,8 @@ if has fp8; then
   if [ -n "${F8_SANITIZE:-}" ]; then
     for tool in memcheck racecheck; do
       t0=$(date +%s)
-      EPMOE_GPU_TEST_QUICK=1 EPMOE_TIMEOUT_MS=60000 EPMOE_SERIAL_HALVES=1 timeout 300 compute-sanitizer --tool $tool --error-exitcode 99 \
-        $GT --gtest_filter="GpuOverlap.Sbo*:GpuOverlap.Fp8*:GpuLayer.GoldenFilesWithFp8Weights" > "$J/fp8_$tool.log" 2>&1
+      EPMOE_GPU_TEST_QUICK=1 EPMOE_TIMEOUT_MS=60000 EPMOE_SERIAL_HALVES=1 timeout ${F8_SANITIZE_S:-200} compute-sanitizer --tool $tool --error-exitcode 99 \
+        $GT --gtest_filter="GpuOverlap.Sbo*:GpuOverlap.Signalled*:GpuOverlap.Fp8*" > "$J/fp8_$tool.log" 2>&1
       say "fp8/sbo $tool: rc=$? ($(elapsed $t0)) $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$J/fp8_$tool.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$J/fp8_$tool.log" | tail -2 | tr '\n' ' ')"
     done
   fi

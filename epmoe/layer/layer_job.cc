@@ -147,8 +147,10 @@ RunOutput run_cpu(const LayerJobSpec& s, const MoeWeights& weights, const EpConf
 }
 
 // Relative L2 the GPU output must reach against the f32 reference: bf16 GEMM inputs and outputs
-// give ~3e-3; FP8 e4m3 activations and weights (3 mantissa bits, per-128 scales) ~2-3e-2.
-double gpu_tolerance(const LayerJobSpec& s) { return s.weights == "fp8" ? 5e-2 : 2e-2; }
+// give ~3e-3. FP8 e4m3 (3 mantissa bits: ~3.6 % RMS rounding per value) on the activations of
+// both GEMMs and on the weights gives 4.5e-2 on an FP8 checkpoint (weights exact) and 6.2-6.4e-2
+// on bf16 checkpoints quantised at load (measured on an H200: golden files, DeepSeek-V3 preset).
+double gpu_tolerance(const LayerJobSpec& s) { return s.weights == "fp8" ? 8e-2 : 2e-2; }
 
 #ifdef EPMOE_WITH_CUDA
 RunOutput run_cuda(const LayerJobSpec& s, const MoeWeights& weights, const EpConfig& ep,

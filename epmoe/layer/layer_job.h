@@ -32,7 +32,7 @@ struct LayerJobSpec {
   std::string transport = "auto";  // cuda: auto | nccl | loopback (comm/launch.h chooses)
   bool fp8_dispatch = false;       // cuda: FP8 dispatch payload
   // cuda: expert GEMMs in "bf16" or "fp8" (e4m3, DeepSeek's block scales: an FP8 checkpoint is
-  // uploaded as it is, a bf16 one quantised at load); the check's tolerance follows (kFp8Tol).
+  // uploaded as it is, a bf16 one quantised at load); the check's tolerance is then 8e-2.
   std::string weights = "bf16";
   std::string ll_transfer = "auto";  // cuda, low-latency: auto | device | host
   std::string overlap = "none";      // none | tbo | sbo | auto
