@@ -15,6 +15,7 @@
 #include "epmoe/cuda/device.h"
 #include "epmoe/experts/experts.cuh"
 #include "epmoe/experts/grouped_gemm.cuh"
+#include "epmoe/experts/sm90/sm90_gemm_tune.h"
 #include "epmoe/experts/sm90/sm90_grouped_gemm.cuh"
 
 namespace epmoe::cuda {
@@ -63,6 +64,51 @@ struct Gemm {
   const char* name;
   int64_t n_out, k;
 };
+
+// Bitwise differences between two bf16 buffers over their valid rows: masked layout
+// (a, b: [groups, rows, n_out], count: [groups] i32 DEVICE, rows >= count[g] skipped) or, with
+// count == nullptr, every row of [rows, n_out] (groups = 1).
+__global__ void count_diff_kernel(const uint16_t* a, const uint16_t* b, int64_t rows, int64_t n_out,
+                                  int64_t total, const int32_t* count, unsigned long long* diff) {
+  unsigned long long local = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    if (count != nullptr) {
+      const int64_t row = i / n_out;
+      if (row % rows >= count[row / rows]) continue;
+    }
+    local += a[i] != b[i];
+  }
+  if (local) atomicAdd(diff, local);
+}
+
+int64_t count_diff(const void* a, const void* b, int64_t groups, int64_t rows, int64_t n_out,
+                   const int32_t* count, cudaStream_t stream) {
+  const int64_t total = groups * rows * n_out;
+  if (total == 0) return 0;
+  DeviceTensor d(DType::kI64, {1});
+  EPMOE_CUDA_CHECK(cudaMemsetAsync(d.view().data, 0, d.nbytes(), stream));
+  count_diff_kernel<<<1024, 256, 0, stream>>>(
+      static_cast<const uint16_t*>(a), static_cast<const uint16_t*>(b), rows, n_out, total, count,
+      static_cast<unsigned long long*>(d.view().data));
+  EPMOE_CUDA_CHECK_LAUNCH("count_diff_kernel");
+  EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return d.to_host().as<int64_t>()[0];
+}
+
+// Entries of a signal array [E_loc · nb] left by the last signalled call that differ from the
+// contract (sm90_grouped_gemm.cuh): `threshold` for m-blocks holding rows, 0 for the others.
+int64_t bad_signal_entries(const DeviceTensor& signal, const std::vector<int32_t>& count,
+                           int64_t nb, const Sm90SignalInfo& info) {
+  const Tensor h = signal.to_host();
+  int64_t bad = 0;
+  for (size_t e = 0; e < count.size(); ++e)
+    for (int64_t m = 0; m < nb; ++m) {
+      const int32_t want = m * info.block_m < count[e] ? info.threshold : 0;
+      bad += h.as<int32_t>()[int64_t(e) * nb + m] != want;
+    }
+  return bad;
+}
 
 __device__ __forceinline__ uint64_t hash64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -185,6 +231,19 @@ struct Row {
   double det_us = 0, sm90_bf16_us = 0, sm90_fp8_us = 0, grouped_us = 0;
   double bytes_bf16 = 0, bytes_fp8 = 0;  // weights of experts with rows + activations + output
   double check = 0;
+  // Masked rows: the same calls with per-tile completion signals, their output elements that
+  // differ bitwise from the plain calls' (valid rows) and the wrong final signal entries (both
+  // dtypes); -1 = not measured.
+  double sig_bf16_us = 0, sig_fp8_us = 0;
+  int64_t sig_bf16_diff = -1, sig_fp8_diff = -1, sig_bad_entries = -1;
+  // Contiguous rows: the bench-only FP8 candidates (sm90_gemm_tune.h) on sm90_fp8_us's inputs.
+  struct Variant {
+    std::string name, error;  // error: why the candidate did not run (us = 0)
+    double us = 0;
+    int64_t diff = -1;  // output elements differing bitwise from the production FP8 kernel's
+    double rel_l2 = 0;  // vs the production FP8 output, sampled rows
+  };
+  std::vector<Variant> variants;
   double flops() const { return 2.0 * double(rows) * double(n_out) * double(k); }
   double tflops(double us) const { return us > 0 ? flops() / (us * 1e6) : 0.0; }
 };
@@ -217,6 +276,36 @@ nlohmann::json row_json(const Row& r, const Ceilings& c) {
           {"sm90_fp8_pct_roofline", r.sm90_fp8_us > 0 ? 100.0 * rf / r.sm90_fp8_us : 0.0},
           {"fp8_speedup_vs_bf16", r.sm90_fp8_us > 0 ? r.sm90_bf16_us / r.sm90_fp8_us : 0.0},
           {"check_rel_l2", r.check}};
+}
+
+double overhead_pct(double us, double base_us) {
+  return us > 0 && base_us > 0 ? 100.0 * (us / base_us - 1.0) : 0.0;
+}
+
+// The signal and candidate fields of a row (only those it measured).
+void add_extra_json(nlohmann::json& j, const Row& r) {
+  if (r.sig_bf16_diff >= 0) {
+    j["sig_bf16_us"] = r.sig_bf16_us;
+    j["sig_fp8_us"] = r.sig_fp8_us;
+    j["sig_bf16_overhead_pct"] = overhead_pct(r.sig_bf16_us, r.sm90_bf16_us);
+    j["sig_fp8_overhead_pct"] = overhead_pct(r.sig_fp8_us, r.sm90_fp8_us);
+    j["sig_bf16_diff_elems"] = r.sig_bf16_diff;
+    j["sig_fp8_diff_elems"] = r.sig_fp8_diff;
+    j["sig_bad_entries"] = r.sig_bad_entries;
+  }
+  if (r.variants.empty()) return;
+  nlohmann::json vs = nlohmann::json::array();
+  for (const Row::Variant& v : r.variants)
+    vs.push_back({{"name", v.name},
+                  {"us", v.us},
+                  {"tflops", r.tflops(v.us)},
+                  {"speedup_vs_fp8", v.us > 0 ? r.sm90_fp8_us / v.us : 0.0},
+                  {"speedup_vs_bf16", v.us > 0 ? r.sm90_bf16_us / v.us : 0.0},
+                  {"diff_elems", v.diff},
+                  {"bitwise_equal", v.diff == 0},
+                  {"rel_l2_vs_fp8", v.rel_l2},
+                  {"error", v.error}});
+  j["fp8_variants"] = vs;
 }
 
 }  // namespace
@@ -297,6 +386,29 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
             sm90_grouped_gemm_fp8_contiguous(out8.view(), in8.view(), in8_scale.view(), w8.view(),
                                              w8_scale.view(), dseg.view(), 0, ws, stream);
           });
+          // The FP8 candidates on the same inputs, each checked against the production output
+          // (poisoned first, so unwritten elements count as differences).
+          DeviceTensor outv;
+          if (sm90_fp8_tune_variants() > 0) outv = DeviceTensor(DType::kBF16, {N, g.n_out});
+          for (int v = 0; v < sm90_fp8_tune_variants(); ++v) {
+            Row::Variant rv;
+            rv.name = sm90_fp8_tune_name(v);
+            try {
+              EPMOE_CUDA_CHECK(cudaMemsetAsync(outv.view().data, 0xff, outv.nbytes(), stream));
+              rv.us = median_us([&] {
+                sm90_fp8_contiguous_variant(v, outv.view(), in8.view(), in8_scale.view(), w8.view(),
+                                            w8_scale.view(), dseg.view(), 0, ws, stream);
+              });
+              rv.diff =
+                  count_diff(outv.view().data, out8.view().data, 1, N, g.n_out, nullptr, stream);
+              rv.rel_l2 = sample_rel_l2(outv.view().data, out8.view().data,
+                                        std::min<int64_t>(N, 512), g.n_out);
+            } catch (const Error& e) {  // a candidate CUTLASS refuses is a result, not the end
+              rv.error = e.what();
+              rv.us = 0;
+            }
+            r.variants.push_back(rv);
+          }
         }
         EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
         // sm90 bf16 (or cuBLAS without it) against the deterministic kernel.
@@ -317,6 +429,7 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
         }());
         Row m = r;
         m.layout = "masked";
+        m.variants.clear();  // the candidates run on the contiguous layout only
         m.det_us = median_us([&] {
           grouped_gemm_masked(mout_ref.view(), m_in.view(), w.view(), dcount.view(), 0, stream);
         });
@@ -336,6 +449,33 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
             sm90_grouped_gemm_fp8_masked(mout8.view(), m_in8.view(), m_in8_scale.view(), w8.view(),
                                          w8_scale.view(), dcount.view(), 0, ws, stream);
           });
+          // The same calls with per-tile completion signals. NOTES: the memset is timed: a caller
+          // must zero the signals before every call, so it is part of what signals cost.
+          const int64_t nb =
+              (m_max + sm90_gemm_block_m(DType::kBF16) - 1) / sm90_gemm_block_m(DType::kBF16);
+          DeviceTensor sig(DType::kI32, {e_loc * nb}), mout_sig(DType::kBF16, mout.shape());
+          const int32_t* dcnt = dcount.as<int32_t>();
+          EPMOE_CUDA_CHECK(cudaMemsetAsync(mout_sig.view().data, 0xff, mout_sig.nbytes(), stream));
+          m.sig_bf16_us = median_us([&] {
+            EPMOE_CUDA_CHECK(cudaMemsetAsync(sig.view().data, 0, sig.nbytes(), stream));
+            sm90_grouped_gemm_masked_signal(mout_sig.view(), sig.view(), m_in.view(), w.view(),
+                                            dcount.view(), 0, ws, stream);
+          });
+          m.sig_bf16_diff = count_diff(mout_sig.view().data, mout.view().data, e_loc, m_max,
+                                       g.n_out, dcnt, stream);
+          m.sig_bad_entries =
+              bad_signal_entries(sig, cnt, nb, sm90_gemm_signal_info(DType::kBF16, g.n_out));
+          EPMOE_CUDA_CHECK(cudaMemsetAsync(mout_sig.view().data, 0xff, mout_sig.nbytes(), stream));
+          m.sig_fp8_us = median_us([&] {
+            EPMOE_CUDA_CHECK(cudaMemsetAsync(sig.view().data, 0, sig.nbytes(), stream));
+            sm90_grouped_gemm_fp8_masked_signal(mout_sig.view(), sig.view(), m_in8.view(),
+                                                m_in8_scale.view(), w8.view(), w8_scale.view(),
+                                                dcount.view(), 0, ws, stream);
+          });
+          m.sig_fp8_diff = count_diff(mout_sig.view().data, mout8.view().data, e_loc, m_max,
+                                      g.n_out, dcnt, stream);
+          m.sig_bad_entries +=
+              bad_signal_entries(sig, cnt, nb, sm90_gemm_signal_info(DType::kF8E4M3, g.n_out));
         }
         EPMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
         // Expert 0's valid rows (rows past count hold stale data in both buffers).
@@ -375,7 +515,8 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
                      {"dense_size", kDense}}}};
   j["rows"] = nlohmann::json::array();
   for (const Row& r : rows) {
-    const nlohmann::json rj = row_json(r, ceil);
+    nlohmann::json rj = row_json(r, ceil);
+    add_extra_json(rj, r);
     fmt::print(
         "{:<8} {:<10} {:>5} {:>6} {:>7} | {:>8.1f} {:>6.0f} | {:>8.1f} {:>6.0f} {:>5.0f} "
         "{:>5.0f} | {:>8.1f} {:>6.0f} {:>5.0f} {:>5.0f} | {:>8.1f} {:>6.0f} | {:>7.1e}\n",
@@ -385,6 +526,61 @@ nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int it
         rj["sm90_fp8_pct_dense"].get<double>(), rj["sm90_fp8_pct_roofline"].get<double>(),
         r.grouped_us, r.tflops(r.grouped_us), r.check);
     j["rows"].push_back(rj);
+  }
+
+  if (sm90) {
+    fmt::print(
+        "\nsignals (masked rows): the sm90 calls with per-tile completion signals, the signal "
+        "array zeroed\n(cudaMemsetAsync) inside every timed run; ovh% = vs the plain call; diff = "
+        "output elements differing\nbitwise from the plain call (valid rows), bf16 + fp8; bad = "
+        "wrong final signal entries\n");
+    fmt::print("{:<8} {:>5} {:>6} {:>7} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>6} {:>4}\n",
+               "gemm", "E_loc", "T", "rows", "bf16_us", "sig_us", "ovh%", "fp8_us", "sig_us",
+               "ovh%", "diff", "bad");
+    int64_t sig_wrong = 0;
+    for (const Row& r : rows) {
+      if (r.sig_bf16_diff < 0) continue;
+      fmt::print(
+          "{:<8} {:>5} {:>6} {:>7} | {:>8.1f} {:>8.1f} {:>6.1f} | {:>8.1f} {:>8.1f} {:>6.1f} | "
+          "{:>6} {:>4}\n",
+          r.gemm, r.e_loc, r.tokens, r.rows, r.sm90_bf16_us, r.sig_bf16_us,
+          overhead_pct(r.sig_bf16_us, r.sm90_bf16_us), r.sm90_fp8_us, r.sig_fp8_us,
+          overhead_pct(r.sig_fp8_us, r.sm90_fp8_us), r.sig_bf16_diff + r.sig_fp8_diff,
+          r.sig_bad_entries);
+      sig_wrong += r.sig_bf16_diff + r.sig_fp8_diff + r.sig_bad_entries;
+    }
+    if (sig_wrong > 0)
+      fmt::print(
+          "SIGNALS MISMATCH: {} output elements or signal entries differ from the contract\n",
+          sig_wrong);
+  }
+
+  if (sm90 && sm90_fp8_tune_variants() > 0) {
+    fmt::print(
+        "\nFP8 candidates (EPMOE_SM90_TUNING, contiguous rows, the production FP8 call's "
+        "inputs): x_fp8 / x_bf16 = speedup\nvs the production FP8 / sm90 bf16 kernels; diff = "
+        "output elements differing bitwise from production FP8\n");
+    fmt::print("{:<8} {:>5} {:>6} {:>7} {:<10} | {:>8} {:>6} {:>6} {:>6} | {:>9} {:>7}\n", "gemm",
+               "E_loc", "T", "rows", "variant", "us", "TF/s", "x_fp8", "x_bf16", "diff", "rel_l2");
+    for (const Row& r : rows) {
+      if (r.variants.empty()) continue;
+      fmt::print(
+          "{:<8} {:>5} {:>6} {:>7} {:<10} | {:>8.1f} {:>6.0f} {:>6.2f} {:>6.2f} | {:>9} {:>7}\n",
+          r.gemm, r.e_loc, r.tokens, r.rows, "production", r.sm90_fp8_us, r.tflops(r.sm90_fp8_us),
+          1.0, r.sm90_fp8_us > 0 ? r.sm90_bf16_us / r.sm90_fp8_us : 0.0, 0, "-");
+      for (const Row::Variant& v : r.variants) {
+        if (!v.error.empty()) {
+          fmt::print("{:<8} {:>5} {:>6} {:>7} {:<10} | failed: {}\n", r.gemm, r.e_loc, r.tokens,
+                     r.rows, v.name, v.error);
+          continue;
+        }
+        fmt::print(
+            "{:<8} {:>5} {:>6} {:>7} {:<10} | {:>8.1f} {:>6.0f} {:>6.2f} {:>6.2f} | {:>9} "
+            "{:>7.1e}\n",
+            r.gemm, r.e_loc, r.tokens, r.rows, v.name, v.us, r.tflops(v.us), r.sm90_fp8_us / v.us,
+            r.sm90_bf16_us / v.us, v.diff, v.rel_l2);
+      }
+    }
   }
   return j;
 }

@@ -22,8 +22,16 @@ namespace epmoe::cuda {
 // "tokens", "rows", "n_out", "k", "det_us", "sm90_bf16_us", "sm90_fp8_us", "cublas_grouped_us",
 // "*_tflops", "sm90_bf16_pct_dense", "sm90_fp8_pct_dense", "sm90_bf16_pct_roofline",
 // "sm90_fp8_pct_roofline", "roofline_bf16_us", "roofline_fp8_us", "check_rel_l2"}]}; sm90
-// columns are 0 in a build without the sm90 kernels. Throws Error(kUnsupported) without a GPU,
-// Error(kInvalidArgument) for iters < 1, warmup < 0 or a token count < 1.
+// columns are 0 in a build without the sm90 kernels. Masked rows with the sm90 kernels add the
+// signalled calls (sm90_grouped_gemm_*masked_signal, the signal memset inside the timed run):
+// "sig_bf16_us", "sig_fp8_us", "sig_*_overhead_pct" (vs the plain call), "sig_*_diff_elems"
+// (valid output elements differing bitwise from the plain call) and "sig_bad_entries" (final
+// signal entries off the contract); a second table prints them. Contiguous rows of a build with
+// -DEPMOE_SM90_TUNING=ON add "fp8_variants": [{"name", "us", "tflops", "speedup_vs_fp8",
+// "speedup_vs_bf16", "diff_elems", "bitwise_equal", "rel_l2_vs_fp8", "error"}], the bench-only FP8
+// candidates (sm90_gemm_tune.h) on the production FP8 call's inputs, printed in a third table.
+// Throws Error(kUnsupported) without a GPU, Error(kInvalidArgument) for iters < 1, warmup < 0 or
+// a token count < 1.
 nlohmann::json run_grouped_gemm_bench(const std::vector<int64_t>& tokens, int iters, int warmup);
 
 }  // namespace epmoe::cuda

@@ -10,8 +10,19 @@
 namespace epmoe::cuda::sm90 {
 
 // The instantiated kernels: input dtype x output dtype (x per-tile completion signals). Tile
-// configs: sm90_gemm_config.cuh.
-enum class Kernel { kBf16Bf16, kBf16F32, kFp8Bf16, kFp8F32, kBf16Bf16Signal, kFp8Bf16Signal };
+// configs: sm90_gemm_config.cuh. The kFp8Bf16Tune* kernels are bench-only FP8 candidates, built
+// with -DEPMOE_SM90_TUNING=ON (configs: sm90_gemm_tune.cuh; launcher: sm90_gemm_tune.h).
+enum class Kernel {
+  kBf16Bf16,
+  kBf16F32,
+  kFp8Bf16,
+  kFp8F32,
+  kBf16Bf16Signal,
+  kFp8Bf16Signal,
+  kFp8Bf16TunePingpong,
+  kFp8Bf16TuneCluster2x1,
+  kFp8Bf16TuneCluster1x2,
+};
 
 // Tile sizes (the configs static_assert them): m-blocks of kBlockM rows for every dtype; n-blocks
 // of kBf16BlockN (bf16) or kFp8BlockN (FP8) output features.

@@ -1,7 +1,8 @@
 // Host launchers of the sm90 grouped GEMM family (sm90_grouped_gemm.cuh): argument checks, the
 // workspace, and the one runtime -> template switch (input dtype x output dtype). The CUTLASS
 // kernels live in the explicit-instantiation units sm90_gemm_<in>_<out>.cu; without CUTLASS
-// (EPMOE_WITH_CUTLASS undefined) every entry point reports kUnsupported.
+// (EPMOE_WITH_CUTLASS undefined) every entry point reports kUnsupported. The bench-only FP8
+// candidates (sm90_gemm_tune.h) go through the same checks; they exist with EPMOE_SM90_TUNING.
 #include <algorithm>
 #include <utility>
 
@@ -9,6 +10,7 @@
 #include "epmoe/cuda/nvtx.h"
 #include "epmoe/experts/grouped_gemm_checks.h"
 #include "epmoe/experts/sm90/sm90_gemm_params.h"
+#include "epmoe/experts/sm90/sm90_gemm_tune.h"
 #include "epmoe/experts/sm90/sm90_grouped_gemm.cuh"
 
 namespace epmoe::cuda {
@@ -21,6 +23,18 @@ constexpr int kScaleBlock = 128;
 constexpr bool kBuilt = true;
 #else
 constexpr bool kBuilt = false;
+#endif
+
+#if EPMOE_WITH_CUTLASS && EPMOE_SM90_TUNING
+// The bench-only FP8 candidates, in sm90_fp8_contiguous_variant's numbering.
+constexpr sm90::Kernel kTuneKernels[] = {sm90::Kernel::kFp8Bf16TunePingpong,
+                                         sm90::Kernel::kFp8Bf16TuneCluster2x1,
+                                         sm90::Kernel::kFp8Bf16TuneCluster1x2};
+constexpr const char* kTuneNames[] = {"pingpong", "cluster2x1", "cluster1x2"};
+constexpr int kTuneVariants = 3;
+#else
+constexpr const char* kTuneNames[] = {""};
+constexpr int kTuneVariants = 0;
 #endif
 
 void require_sm90(const char* fn) {
@@ -89,15 +103,32 @@ void check_operands(const char* fn, bool fp8, const TensorView& out, const Tenso
 }
 
 // The one runtime -> template switch: input dtype x output dtype (x signals: bf16 output only,
-// checked by the caller).
+// checked by the caller; x a bench-only FP8 candidate, variant >= 0: FP8 in, bf16 out, checked by
+// the caller).
 void launch(bool fp8, DType out_dtype, const sm90::Params& p, const Sm90GemmWorkspace& ws,
-            cudaStream_t stream) {
+            cudaStream_t stream, int variant = -1) {
   const NvtxRange nvtx("sm90.launch");
 #if EPMOE_WITH_CUTLASS
   using sm90::Kernel;
   const sm90::Scratch s{ws.data(), ws.bytes(), ws.max_sms()};
   const bool f32 = out_dtype == DType::kF32;
-  if (p.signal != nullptr) {
+  if (variant >= 0) {
+#if EPMOE_SM90_TUNING
+    switch (kTuneKernels[variant]) {
+      case Kernel::kFp8Bf16TunePingpong:
+        sm90::run<Kernel::kFp8Bf16TunePingpong>(p, s, stream);
+        break;
+      case Kernel::kFp8Bf16TuneCluster2x1:
+        sm90::run<Kernel::kFp8Bf16TuneCluster2x1>(p, s, stream);
+        break;
+      case Kernel::kFp8Bf16TuneCluster1x2:
+        sm90::run<Kernel::kFp8Bf16TuneCluster1x2>(p, s, stream);
+        break;
+      default:
+        EPMOE_CHECK(false, kInternal, "sm90 launch: FP8 candidate {}", variant);
+    }
+#endif
+  } else if (p.signal != nullptr) {
     if (fp8)
       sm90::run<Kernel::kFp8Bf16Signal>(p, s, stream);
     else
@@ -114,14 +145,14 @@ void launch(bool fp8, DType out_dtype, const sm90::Params& p, const Sm90GemmWork
       sm90::run<Kernel::kBf16Bf16>(p, s, stream);
   }
 #else
-  (void)fp8, (void)out_dtype, (void)p, (void)ws, (void)stream;
+  (void)fp8, (void)out_dtype, (void)p, (void)ws, (void)stream, (void)variant;
 #endif
 }
 
 void contiguous(const char* fn, bool fp8, const TensorView& out, const TensorView& in,
                 const TensorView* in_scale, const TensorView& w, const TensorView* w_scale,
                 const TensorView& seg_indptr, int bank_offset, Sm90GemmWorkspace& ws,
-                cudaStream_t stream) {
+                cudaStream_t stream, int variant = -1) {
   const NvtxRange nvtx("sm90.contiguous");
   require_sm90(fn);
   EPMOE_CHECK(in.shape.rank == 2, kInvalidArgument, "{}: in must be [N, K], got {}", fn,
@@ -137,7 +168,7 @@ void contiguous(const char* fn, bool fp8, const TensorView& out, const TensorVie
   p.masked = false;
   p.rows = N;
   if (N == 0 || e_loc == 0) return;
-  launch(fp8, out.dtype, p, ws, stream);
+  launch(fp8, out.dtype, p, ws, stream, variant);
 }
 
 void masked(const char* fn, bool fp8, const TensorView& out, const TensorView* signal,
@@ -217,6 +248,12 @@ Sm90GemmWorkspace::Sm90GemmWorkspace(int max_experts) {
                     sm90::workspace_bytes<Kernel::kFp8F32>(max_experts, sm_count_),
                     sm90::workspace_bytes<Kernel::kBf16Bf16Signal>(max_experts, sm_count_),
                     sm90::workspace_bytes<Kernel::kFp8Bf16Signal>(max_experts, sm_count_)});
+#if EPMOE_SM90_TUNING
+  bytes =
+      std::max({bytes, sm90::workspace_bytes<Kernel::kFp8Bf16TunePingpong>(max_experts, sm_count_),
+                sm90::workspace_bytes<Kernel::kFp8Bf16TuneCluster2x1>(max_experts, sm_count_),
+                sm90::workspace_bytes<Kernel::kFp8Bf16TuneCluster1x2>(max_experts, sm_count_)});
+#endif
 #endif
   EPMOE_CUDA_CHECK(cudaMalloc(&data_, bytes));
   EPMOE_CUDA_CHECK(cudaMemset(data_, 0, bytes));
@@ -302,6 +339,34 @@ void sm90_grouped_gemm_fp8_masked(const TensorView& out, const TensorView& in,
   const NvtxRange nvtx("sm90.sm90_grouped_gemm_fp8_masked");
   masked("sm90_grouped_gemm_fp8_masked", true, out, nullptr, in, &in_scale, w, &w_scale, count,
          bank_offset, ws, stream);
+}
+
+}  // namespace epmoe::cuda
+
+namespace epmoe::cuda {
+
+int sm90_fp8_tune_variants() noexcept { return kTuneVariants; }
+
+const char* sm90_fp8_tune_name(int variant) {
+  EPMOE_CHECK(variant >= 0 && variant < kTuneVariants, kInvalidArgument,
+              "sm90_fp8_tune_name: variant {} outside [0, {})", variant, kTuneVariants);
+  return kTuneNames[variant];
+}
+
+void sm90_fp8_contiguous_variant(int variant, const TensorView& out, const TensorView& in,
+                                 const TensorView& in_scale, const TensorView& w,
+                                 const TensorView& w_scale, const TensorView& seg_indptr,
+                                 int bank_offset, Sm90GemmWorkspace& ws, cudaStream_t stream) {
+  const NvtxRange nvtx("sm90.sm90_fp8_contiguous_variant");
+  EPMOE_CHECK(variant >= 0 && variant < kTuneVariants, kUnsupported,
+              "sm90_fp8_contiguous_variant: variant {} not in this build ({} candidates; "
+              "configure with -DEPMOE_SM90_TUNING=ON)",
+              variant, kTuneVariants);
+  EPMOE_CHECK(out.dtype == DType::kBF16, kUnsupported,
+              "sm90_fp8_contiguous_variant: the candidates write bf16 output, got {}",
+              dtype_name(out.dtype));
+  contiguous("sm90_fp8_contiguous_variant", true, out, in, &in_scale, w, &w_scale, seg_indptr,
+             bank_offset, ws, stream, variant);
 }
 
 }  // namespace epmoe::cuda
