@@ -476,9 +476,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   __threadfence_system();
 }
 
-// The signalled combine-send: work items (local expert e, m-block m) in expert-major order, the
-// order the GEMM's persistent scheduler finishes them in; a block takes items with a grid
-// stride, thread 0 waits for the item's signal, then the block's warps send its rows.
+// The signalled combine-send: work items (local expert e, m-block m, part p) in expert-major
+// order, the order the GEMM's persistent scheduler finishes them in; a part is kSignalPartRows
+// rows of the m-block, so the few blocks this kernel may use all have work even with few experts
+// (a block per m-block left most of them idle at decode). A block takes items with a grid
+// stride, thread 0 waits for the item's m-block signal, then the block's warps send its rows.
+constexpr int kSignalPartRows = 2 * kWarps;
+
 __global__ void __launch_bounds__(kWarps * 32)
     ll_combine_send_signalled_kernel(void* const* peers, LowLatencyLayout ll,
                                      const __nv_bfloat16* expert_out, const int32_t* recv_count,
@@ -488,17 +492,20 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
   const int64_t nb = (m_max + sig.block_m - 1) / sig.block_m;
-  const int64_t items = int64_t(d.local_experts) * nb;
+  const int64_t parts = (sig.block_m + kSignalPartRows - 1) / kSignalPartRows;
+  const int64_t items = int64_t(d.local_experts) * nb * parts;
   for (int64_t i = blockIdx.x; i < items; i += gridDim.x) {
-    const int e = int(i / nb);
-    const int64_t m = i % nb, n = recv_count[e];
-    const int64_t first = m * sig.block_m;
-    if (first >= n) continue;  // block-uniform: no rows, no signal to wait for
+    const int64_t mb = i / parts;  // signal entry e·nb + m
+    const int e = int(mb / nb);
+    const int64_t m = mb % nb, n = recv_count[e];
+    const int64_t first = m * sig.block_m + (i % parts) * kSignalPartRows;
+    const int64_t last = min(min(n, (m + 1) * sig.block_m), first + kSignalPartRows);
+    if (first >= last) continue;  // block-uniform: no rows here, nothing to wait for
     if (threadIdx.x == 0) {
       const uint64_t start = global_ns();
       int go = 1;
       while (true) {
-        const int v = ld_acquire_gpu(sig.signal + i);
+        const int v = ld_acquire_gpu(sig.signal + mb);
         if (v >= sig.threshold) break;
         // Another block timed out already: stop waiting (the host reports the first one).
         if (*reinterpret_cast<volatile const int*>(&err->failed) != 0) {
@@ -533,7 +540,6 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int go = s_go;
     __syncthreads();  // s_go is rewritten by the next item
     if (!go) return;
-    const int64_t last = n < first + sig.block_m ? n : first + sig.block_m;
     for (int64_t row = first + warp; row < last; row += kWarps) {
       const int32_t* src = recv_src + (int64_t(e) * m_max + row) * 3;
       const int s = src[0], t = src[1], k = src[2];

@@ -76,7 +76,11 @@ Strategy make_strategy(OverlapKind kind, EpMode mode, const UserOps& u) {
       s.plan = ForwardPlan{.num_micro_batches = 1, .concurrent = false};
       break;
     case OverlapKind::kSbo:
-      // Seed 001, first half: the shared expert fills the dispatch latency.
+      // Seed 001, first half: the shared expert fills the dispatch latency. It runs on the
+      // compute lane (before the routed experts, which wait for the dispatch anyway), not on a
+      // lane of its own: measured on 2 x H200, a third lane let the routed GEMM, the shared
+      // GEMMs and the combine-send's waiting blocks ask for more SMs than there are, and the
+      // starved shared expert (4-5x its time) became the critical path.
       add_user(v, "attn_prepare", u.attn_prepare);
       add_user(v, "attn_core", u.attn_core);
       add_user(v, "mlp_prepare", u.mlp_prepare);
@@ -87,7 +91,7 @@ Strategy make_strategy(OverlapKind kind, EpMode mode, const UserOps& u) {
       // Second half: combine_send overlaps the down GEMM, block by block (signalled_combine).
       s.plan = ForwardPlan{.num_micro_batches = 1,
                            .concurrent = true,
-                           .shared_lane = true,
+                           .shared_lane = false,
                            .signalled_combine = true};
       break;
     case OverlapKind::kTbo:
