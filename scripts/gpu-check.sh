@@ -166,9 +166,10 @@ if has overlap; then
   R=2; TR=nccl; [ "$NGPU" -lt 2 ] && TR=loopback
   OV_TOKENS=${OV_TOKENS:-32,64,128,256}
   {
-    for shape in "--experts-per-rank 8" ""; do
-      tag=$([ -n "$shape" ] && echo slice || echo dsv3)
-      for w in ${OV_WEIGHTS:-bf16}; do
+    for tag in ${OV_SHAPES:-slice dsv3}; do
+      shape=$([ "$tag" = slice ] && echo "--experts-per-rank 8")
+      wl=${OV_WEIGHTS:-bf16}; [ "$tag" = dsv3 ] && wl=${OV_DSV3_WEIGHTS:-$wl}
+      for w in $wl; do
         echo "== decode $tag $w"; timeout 150 $B/epmoe bench --kernel layer --preset deepseek-v3 $shape --ranks $R --transport $TR --mode low-latency --weights $w --tokens $OV_TOKENS --overlap ${OV_OVERLAP:-all} --attn-us -1 --graph --iters ${OV_ITERS:-20} --trace "$J/trace_decode_${tag}_$w.json" --json "$J/layer_decode_${tag}_$w.json"
       done
       [ -n "${OV_NO_PREFILL:-}" ] && continue
@@ -200,7 +201,7 @@ if has fp8; then
     for tool in memcheck racecheck; do
       t0=$(date +%s)
       EPMOE_GPU_TEST_QUICK=1 EPMOE_TIMEOUT_MS=60000 EPMOE_SERIAL_HALVES=1 timeout ${F8_SANITIZE_S:-200} compute-sanitizer --tool $tool --error-exitcode 99 \
-        $GT --gtest_filter="GpuOverlap.Sbo*:GpuOverlap.Signalled*:GpuOverlap.Fp8*" > "$J/fp8_$tool.log" 2>&1
+        $GT --gtest_filter="${F8_SANITIZE_FILTER:-GpuOverlap.Sbo*:GpuOverlap.Signalled*:GpuOverlap.Fp8*}" > "$J/fp8_$tool.log" 2>&1
       say "fp8/sbo $tool: rc=$? ($(elapsed $t0)) $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$J/fp8_$tool.log" | tail -1) $(grep -E '^\[  (PASSED|FAILED)  \]' "$J/fp8_$tool.log" | tail -2 | tr '\n' ' ')"
     done
   fi
