@@ -57,12 +57,14 @@ struct EpConfig {
 // When `--overlap auto` chooses two-batch (TBO) or single-batch (SBO) overlap, by the tokens of
 // the busiest rank (SGLang enables TBO above a token threshold). Defaults come from the layer
 // benchmark (docs/benchmarks/overlap.md); 0 turns a strategy off.
-// Measured on 2 x H200 over NVLink (docs/benchmarks/overlap.md): SBO was at least as fast as
-// `none` at every decode size (32-256 tokens per rank, both shapes); TBO was slower than `none`
-// at every decode size (splitting the batch reads the expert weights twice) and so stays off.
+// Measured on 2 x H200 over NVLink (docs/benchmarks/overlap.md): TBO was slower than `none` at
+// every decode size (splitting the batch reads the expert weights twice); SBO with the signalled
+// combine-send (its second half, issue 12) was slower than `none` at every decode size measured
+// (32-128 tokens per rank, bf16 and FP8 experts: 0.86-1.0x, one cell 1.015x), so `auto` picks
+// neither and decodes with `none`; `--overlap sbo` stays available.
 struct OverlapConfig {
   int64_t decode_tbo_min_tokens = 0;   // low-latency: TBO from this many tokens per rank
-  int64_t decode_sbo_min_tokens = 1;   // low-latency: SBO from this many (below TBO's threshold)
+  int64_t decode_sbo_min_tokens = 0;   // low-latency: SBO from this many (below TBO's threshold)
   int64_t prefill_tbo_min_tokens = 0;  // normal: TBO from this many tokens per rank
 };
 
