@@ -496,11 +496,12 @@ struct MoeLayerRankCuda::Impl {
   };
   std::vector<TraceEntry> trace;
 
-  // SMs every GEMM leaves to communication running beside it in an overlapped plan: the
-  // transfers under TBO, the dispatch (beside the shared expert) and the signalled combine-send
-  // (beside the down GEMM) under SBO. Measured on 2 x H200: giving the other SBO GEMMs the whole
-  // GPU and the down GEMM all but 16 SMs was slower (DeepSeek-V3 decode 0.79-0.95x vs 0.98-1.0x).
-  int gemm_reserve() const { return plan.concurrent ? std::max(opt.comm_blocks, 8) : 0; }
+  // SMs (and blocks) of the signalled combine-send beside the down GEMM: 16 leaves the slice's
+  // 224-tile down GEMM two waves on an H200 (24 made it three).
+  static constexpr int kSignalBlocks = 16;
+  int gemm_reserve() const {
+    return plan.concurrent && plan.num_micro_batches == 2 ? std::max(opt.comm_blocks, 8) : 0;
+  }
 
   Sm90SignalInfo signal_info() const {
     return sm90_gemm_signal_info(fp8 ? DType::kF8E4M3 : DType::kBF16, cfg.hidden);
@@ -554,8 +555,11 @@ struct MoeLayerRankCuda::Impl {
     plan = p;
     in_forward = true;
     if (sm90) {
-      // Overlapped plans leave SMs to the communication kernels running beside the persistent
-      // GEMMs; the tile configuration, hence every bit, is unchanged.
+      // Overlapped plans leave SMs to the communication kernels (and the shared expert) running
+      // beside the persistent GEMMs; the tile configuration, hence every bit, is unchanged.
+      // Single-batch overlap runs its communication beside the shared expert (its own lane) and
+      // the down GEMM (the signalled combine-send, kSignalBlocks SMs left to it in experts());
+      // the other GEMMs take the whole GPU. Two-batch overlap has transfers beside every GEMM.
       const int gemm_sms = std::max(1, sm_count - gemm_reserve());
       for (MicroBatch& b : mbs) {
         b.ws_compute.set_max_sms(gemm_sms);
@@ -616,7 +620,9 @@ struct MoeLayerRankCuda::Impl {
           plan.concurrent &&
           (plan.num_micro_batches == 2 || op == LayerOp::kDispatchSend ||
            op == LayerOp::kDispatchRecv || (op == LayerOp::kCombineSend && b.signalled));
-      b.ep->set_comm_blocks(beside_compute ? opt.comm_blocks : 0);
+      b.ep->set_comm_blocks(!beside_compute                              ? 0
+                            : op == LayerOp::kCombineSend && b.signalled ? kSignalBlocks
+                                                                         : opt.comm_blocks);
     }
     TraceEntry* te = trace_begin(layer_op_name(op), m, l, s);
     switch (op) {
@@ -797,13 +803,16 @@ struct MoeLayerRankCuda::Impl {
       b.signalled = signals_on(b);
       // The signals are zeroed just before the down GEMM; the signalled combine-send (another
       // stream) starts from this event and waits on them block by block.
-      // The down GEMM leaves gemm_reserve() SMs to the combine-send blocks waiting on its
-      // signals (at most that many blocks: a waiting block must never hold an SM the GEMM's
-      // tiles need).
+      // The down GEMM leaves kSignalBlocks SMs to the combine-send blocks waiting on its
+      // signals (they must be resident, or they could hold SMs the GEMM's tiles wait for).
       auto arm_signals = [&] {
         if (!b.signalled) return;
         EPMOE_CUDA_CHECK(cudaMemsetAsync(b.signal.view().data, 0, b.signal.nbytes(), s));
         EPMOE_CUDA_CHECK(cudaEventRecord(b.signal_ready, s));
+        b.ws_compute.set_max_sms(std::max(1, sm_count - kSignalBlocks));
+      };
+      auto disarm = [&] {  // the next GEMMs of this micro-batch take the GPU again
+        if (b.signalled) b.ws_compute.set_max_sms(std::max(1, sm_count - gemm_reserve()));
       };
       if (fp8) {
         TensorView xq = b.ep->recv_x_fp8(), xs = b.ep->recv_x_scale();
@@ -822,6 +831,7 @@ struct MoeLayerRankCuda::Impl {
         else
           sm90_grouped_gemm_fp8_masked(out, b.act8.view(), b.act8s.view(), w2.view(), w2s.view(),
                                        cnt, 0, b.ws_compute, s);
+        disarm();
         return;
       }
       gemm_masked(b.gu.view(), b.ep->recv_x(), w13.view(), cnt, b.ws_compute, s);
@@ -832,6 +842,7 @@ struct MoeLayerRankCuda::Impl {
                                         b.ws_compute, s);
       else
         gemm_masked(out, b.act.view(), w2.view(), cnt, b.ws_compute, s);
+      disarm();
       return;
     }
     const int64_t H = cfg.hidden, Kp = cfg.num_slots();
