@@ -60,8 +60,8 @@ struct EpConfig {
 // Measured on 2 x H200 over NVLink (docs/benchmarks/overlap.md): TBO was slower than `none` at
 // every decode size (splitting the batch reads the expert weights twice); SBO with the signalled
 // combine-send (its second half, issue 12) was slower than `none` at every decode size measured
-// (32-128 tokens per rank, bf16 and FP8 experts: 0.86-1.0x, one cell 1.015x), so `auto` picks
-// neither and decodes with `none`; `--overlap sbo` stays available.
+// (32-128 tokens per rank, bf16 and FP8 experts: 0.79-0.97x at this code, 0.86-1.015x in an
+// earlier variant), so `auto` picks neither and decodes with `none`; `--overlap sbo` stays.
 struct OverlapConfig {
   int64_t decode_tbo_min_tokens = 0;   // low-latency: TBO from this many tokens per rank
   int64_t decode_sbo_min_tokens = 0;   // low-latency: SBO from this many (below TBO's threshold)
