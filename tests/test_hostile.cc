@@ -286,6 +286,8 @@ std::vector<Case> cases() {
        "--ll-transfer applies to --backend cuda only"},
       {"fp8_dispatch_on_cpu", a("run --fp8-dispatch"), "",
        "--fp8-dispatch applies to --backend cuda only"},
+      {"weights_on_cpu", a("run --weights fp8"), "", "--weights applies to --backend cuda only"},
+      {"weights_unknown", a("run --backend cuda --weights fp4"), "", "--weights"},
       {"transport_unknown", a("run --transport carrier-pigeon"), "",
        "--transport must be auto, nccl or loopback"},
       {"ll_transfer_unknown", a("run --ll-transfer warp"), "", "--ll-transfer"},
