@@ -455,6 +455,21 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// One warp: row `row` of local expert e's down-GEMM output into the combine area of the window
+// of the rank it came from, at (source token, slot) (recv_src).
+__device__ __forceinline__ void send_row_back(void* const* peers, const LowLatencyLayout& ll,
+                                              const __nv_bfloat16* expert_out,
+                                              const int32_t* recv_src, int e, int64_t row,
+                                              int64_t m_max, const EpDims& d, int lane) {
+  const int32_t* src = recv_src + (int64_t(e) * m_max + row) * 3;
+  const int s = src[0], t = src[1], k = src[2];
+  uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(peers[s]) + ll.combine +
+                                        (size_t(t) * d.num_slots + size_t(k)) * d.hidden * 2);
+  const uint4* in =
+      reinterpret_cast<const uint4*>(expert_out + (int64_t(e) * m_max + row) * d.hidden);
+  for (int64_t v = lane; v < d.hidden / 8; v += 32) dst[v] = in[v];
+}
+
 __global__ void __launch_bounds__(kWarps * 32)
     ll_combine_send_kernel(void* const* peers, LowLatencyLayout ll, const __nv_bfloat16* expert_out,
                            const int32_t* recv_count, const int32_t* recv_src, EpDims d) {
@@ -464,13 +479,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int64_t n = recv_count[e];
     for (int64_t row = int64_t(blockIdx.y) * kWarps + (threadIdx.x >> 5); row < n;
          row += int64_t(gridDim.y) * kWarps) {
-      const int32_t* src = recv_src + (int64_t(e) * m_max + row) * 3;
-      const int s = src[0], t = src[1], k = src[2];
-      uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(peers[s]) + ll.combine +
-                                            (size_t(t) * d.num_slots + size_t(k)) * d.hidden * 2);
-      const uint4* in =
-          reinterpret_cast<const uint4*>(expert_out + (int64_t(e) * m_max + row) * d.hidden);
-      for (int64_t v = lane; v < d.hidden / 8; v += 32) dst[v] = in[v];
+      send_row_back(peers, ll, expert_out, recv_src, e, row, m_max, d, lane);
     }
   }
   __threadfence_system();
@@ -541,13 +550,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     __syncthreads();  // s_go is rewritten by the next item
     if (!go) return;
     for (int64_t row = first + warp; row < last; row += kWarps) {
-      const int32_t* src = recv_src + (int64_t(e) * m_max + row) * 3;
-      const int s = src[0], t = src[1], k = src[2];
-      uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(peers[s]) + ll.combine +
-                                            (size_t(t) * d.num_slots + size_t(k)) * d.hidden * 2);
-      const uint4* in =
-          reinterpret_cast<const uint4*>(expert_out + (int64_t(e) * m_max + row) * d.hidden);
-      for (int64_t v = lane; v < d.hidden / 8; v += 32) dst[v] = in[v];
+      send_row_back(peers, ll, expert_out, recv_src, e, row, m_max, d, lane);
     }
   }
   __threadfence_system();
