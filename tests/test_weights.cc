@@ -854,6 +854,17 @@ TEST(Weights, HostMemoryCheck) {
 // ---------------------------------------------------------------------------------------------
 // FP8 banks: block quantisation, the golden FP8 checkpoint kept as FP8, the CPU reference on FP8
 
+// A NaN or an Inf anywhere in a block is refused (std::max skips NaN, so it is tested apart),
+// also in a bank big enough for the parallel loop.
+TEST(Fp8Block, NonFiniteWeightsAreRefused) {
+  for (const float bad : {std::nanf(""), INFINITY, -INFINITY})
+    for (const int64_t rows : {int64_t(200), int64_t(1) << 17}) {
+      Tensor w = Tensor::zeros(DType::kF32, Shape{rows, 256});
+      w.as<float>()[(rows / 2) * 256 + 77] = bad;
+      expect_error([&] { quantize_fp8_block128(w.view()); }, ErrorKind::kNumeric, {"NaN or Inf"});
+    }
+}
+
 TEST(Fp8Block, QuantiseDequantiseRules) {
   std::mt19937 rng(5);
   std::normal_distribution<float> d(0.f, 1.f);

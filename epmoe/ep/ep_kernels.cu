@@ -491,6 +491,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 // (a block per m-block left most of them idle at decode). A block takes items with a grid
 // stride, thread 0 waits for the item's m-block signal, then the block's warps send its rows.
 constexpr int kSignalPartRows = 2 * kWarps;
+constexpr int kSignalBlocksDefault = 16;
 
 __global__ void __launch_bounds__(kWarps * 32)
     ll_combine_send_signalled_kernel(void* const* peers, LowLatencyLayout ll,
@@ -878,7 +879,11 @@ void ll_combine_send_signalled(void* const* peers, const LowLatencyLayout& ll,
   const int64_t m_max = int64_t(d.num_ranks) * d.t_max;
   const int64_t items =
       int64_t(d.local_experts) * ((m_max + signals.block_m - 1) / signals.block_m);
-  ll_combine_send_signalled_kernel<<<capped(items, d), kWarps * 32, 0, stream>>>(
+  // Never an unbounded grid: waiting blocks that filled the GPU before the GEMM started would
+  // leave it no SM (the layer passes its budget; a caller without one gets kSignalBlocksDefault).
+  EpDims bounded = d;
+  if (bounded.max_blocks <= 0) bounded.max_blocks = kSignalBlocksDefault;
+  ll_combine_send_signalled_kernel<<<capped(items, bounded), kWarps * 32, 0, stream>>>(
       peers, ll, static_cast<const __nv_bfloat16*>(expert_out), recv_count, recv_src, signals, err,
       timeout_ns, d);
   EPMOE_CUDA_CHECK_LAUNCH("ll_combine_send_signalled_kernel");

@@ -121,8 +121,10 @@ struct GemmSignals {
 // GEMM. Each block of rows of each expert with rows is sent as soon as its signal reaches the
 // threshold (acquire load, bounded wait: a timeout is recorded as kSignalTimedOut naming the
 // expert and m-block, and the remaining waits stop); then the combine flags as ll_combine_send.
-// Run it on its own stream with at most d.max_blocks blocks beside the GEMM, whose persistent
-// kernel must leave it SMs (Sm90GemmWorkspace::set_max_sms).
+// Run it on its own stream with at most d.max_blocks blocks (16 when 0) beside the GEMM, whose
+// persistent kernel must leave it SMs (Sm90GemmWorkspace::set_max_sms). A failure already in
+// `err` (an earlier wait of this micro-batch) stops the sends and leaves the flags down, so peers
+// never read partial rows; they time out naming this rank.
 void ll_combine_send_signalled(void* const* peers, const LowLatencyLayout& ll,
                                const void* expert_out, const int32_t* recv_count,
                                const int32_t* recv_src, const GemmSignals& signals,

@@ -297,7 +297,10 @@ struct MoeLayerRankCuda::Impl {
         sw13 = std::move(c.q), sw13s = std::move(c.scale), sw2 = std::move(d.q),
         sw2s = std::move(d.scale);
       } else if (cfg.n_shared_experts > 0) {
-        // Kept in f32 (or bf16) by the loader: quantised here as one [2·SI, H] / [H, SI] expert.
+        // Kept in f32 (or bf16) by the loader, also from an FP8 checkpoint (dequantised exactly):
+        // quantised here as one [2·SI, H] / [H, SI] expert. From an FP8 checkpoint this gives the
+        // checkpoint's codes back wherever a block's largest code is ±448 (the usual
+        // quantisation); a scale may differ by an ulp otherwise.
         const TensorView a13 = w.shared_w13.view(), a2 = w.shared_w2.view();
         Fp8Upload c = upload_fp8(TensorView{a13.data, {1, 2 * si, H}, a13.dtype, Device::kCpu}, {},
                                  2, si, shared_inter);
@@ -883,18 +886,20 @@ struct MoeLayerRankCuda::Impl {
                    cfg.n_routed_experts, int(rank * E_loc), s);
   }
 
-  // One MLP (bank expert e of w13b/w2b) on the micro-batch's live rows; f32 out [T_max, H].
-  // FP8: the rows were quantised into shared_xq by shared_experts.
+  // One MLP (bank expert e of w13b/w2b; FP8: their block scales s13/s2) on the micro-batch's
+  // live rows; f32 out [T_max, H]. FP8: the rows were quantised into shared_xq by
+  // shared_experts.
   void mlp_rows(MicroBatch& b, const DeviceTensor& out_f32, const DeviceTensor& w13b,
-                const DeviceTensor& w2b, int e, cudaStream_t s) {
+                const DeviceTensor& s13, const DeviceTensor& w2b, const DeviceTensor& s2, int e,
+                cudaStream_t s) {
     const int32_t* live = b.seg_shared.as<int32_t>() + 1;
     if (fp8) {
       sm90_grouped_gemm_fp8_contiguous(b.shared_gu.view(), b.shared_xq.view(), b.shared_xqs.view(),
-                                       w13b.view(), sw13s.view(), b.seg_shared.view(), e,
-                                       b.ws_shared, s);
+                                       w13b.view(), s13.view(), b.seg_shared.view(), e, b.ws_shared,
+                                       s);
       silu_and_mul_fp8(b.shared_act8.view(), b.shared_act8s.view(), b.shared_gu.view(), live, s);
       sm90_grouped_gemm_fp8_contiguous(out_f32.view(), b.shared_act8.view(), b.shared_act8s.view(),
-                                       w2b.view(), sw2s.view(), b.seg_shared.view(), e, b.ws_shared,
+                                       w2b.view(), s2.view(), b.seg_shared.view(), e, b.ws_shared,
                                        s);
       return;
     }
@@ -914,13 +919,13 @@ struct MoeLayerRankCuda::Impl {
                         s);
     if (cfg.fuse_shared) {
       for (int j = 0; j < cfg.n_shared_experts; ++j) {
-        mlp_rows(b, b.shared_tmp, sw13, sw2, j, s);
+        mlp_rows(b, b.shared_tmp, sw13, sw13s, sw2, sw2s, j, s);
         ep::scatter_shared(b.shared_out.as<float>(), b.shared_tmp.as<float>(), j,
                            cfg.n_shared_experts, b.ntok.as<int32_t>(), ep.max_tokens_per_rank,
                            cfg.hidden, s);
       }
     } else {
-      mlp_rows(b, b.shared_tmp, sw13, sw2, 0, s);
+      mlp_rows(b, b.shared_tmp, sw13, sw13s, sw2, sw2s, 0, s);
     }
   }
 

@@ -30,9 +30,12 @@ float quantize_block(const TensorView& src, int64_t off, int64_t ld, int64_t row
                      fp8e4m3* q) {
   float amax = 0.f;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c)
-      amax = std::max(amax, std::fabs(load(src, off + r * ld + c)));
-  if (!std::isfinite(amax)) return -1.f;  // reported by the caller (outside its parallel loop)
+    for (int64_t c = 0; c < cols; ++c) {
+      const float v = std::fabs(load(src, off + r * ld + c));
+      // NOTES: std::max(amax, NaN) keeps amax, so NaN is tested for itself.
+      if (!std::isfinite(v)) return -1.f;  // reported by the caller (outside its parallel loop)
+      amax = std::max(amax, v);
+    }
   const float scale = amax > 0.f ? amax / kFp8E4M3Max : 1.f;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c)

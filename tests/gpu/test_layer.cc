@@ -143,6 +143,7 @@ LayerResult gpu_forward(const MoeWeights& w, const Tensor& x, OverlapKind kind =
         t, w,
         EpConfig{.num_ranks = 1, .mode = mode, .max_tokens_per_rank = std::max<int64_t>(1, T)},
         opt);
+    EXPECT_EQ(layer.fp8_experts(), opt.fp8_experts);
     layer.upload(x);
     execute(layer, make_strategy(kind, mode));
     layer.check();
