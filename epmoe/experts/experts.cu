@@ -31,22 +31,6 @@ struct RowFilter {
   }
 };
 
-__device__ __forceinline__ void load8(float* f, const __nv_bfloat16* p) {
-  bf16x8_to_f32(f, __ldg(reinterpret_cast<const uint4*>(p)));
-}
-__device__ __forceinline__ void load8(float* f, const float* p) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-  f[0] = a.x;
-  f[1] = a.y;
-  f[2] = a.z;
-  f[3] = a.w;
-  f[4] = b.x;
-  f[5] = b.y;
-  f[6] = b.z;
-  f[7] = b.w;
-}
-
 // One warp per row (grid-stride over rows); lane handles 8 columns per step.
 // FP8: 16 lanes form one block of 128 values; the trip count is uniform so shuffles are safe.
 template <typename In, bool kFp8>
@@ -67,8 +51,8 @@ __global__ void __launch_bounds__(kSiluWarps * 32)
       float a[8];
       if (valid) {
         float g[8], u[8];
-        load8(g, g_row + v * 8);
-        load8(u, u_row + v * 8);
+        ldg8(g, g_row + v * 8);
+        ldg8(u, u_row + v * 8);
 #pragma unroll
         for (int i = 0; i < 8; ++i) a[i] = exact_silu_mul(g[i], u[i]);
       } else {
@@ -109,7 +93,7 @@ __global__ void __launch_bounds__(kSiluWarps * 32)
       const bool valid = v < vecs;
       float a[8];
       if (valid) {
-        load8(a, in + r * k + v * 8);
+        ldg8(a, in + r * k + v * 8);
       } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i) a[i] = 0.f;

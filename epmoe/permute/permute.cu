@@ -197,9 +197,7 @@ template <typename T>
 struct Vec8;  // 8 values, loaded with 16-byte accesses
 template <>
 struct Vec8<__nv_bfloat16> {
-  __device__ static void load(float* f, const __nv_bfloat16* p) {
-    bf16x8_to_f32(f, __ldg(reinterpret_cast<const uint4*>(p)));
-  }
+  __device__ static void load(float* f, const __nv_bfloat16* p) { ldg8(f, p); }
   __device__ static void store(__nv_bfloat16* p, const float* f) {
     uint4 v;
     __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
@@ -210,18 +208,7 @@ struct Vec8<__nv_bfloat16> {
 };
 template <>
 struct Vec8<float> {
-  __device__ static void load(float* f, const float* p) {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    f[0] = a.x;
-    f[1] = a.y;
-    f[2] = a.z;
-    f[3] = a.w;
-    f[4] = b.x;
-    f[5] = b.y;
-    f[6] = b.z;
-    f[7] = b.w;
-  }
+  __device__ static void load(float* f, const float* p) { ldg8(f, p); }
   __device__ static void store(float* p, const float* f) {
     reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
     reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);

@@ -68,16 +68,22 @@ struct Bf16Config {
 
 // FP8 e4m3 x e4m3 -> Out with block scales: A per (row, 128 of K), B per (128 of N, 128 of K),
 // both K-major in memory (as DeepSeek's activations and `weight_scale_inv` are laid out).
-// 128 x 128 x 128 tiles: one K block per pipeline stage, scales promoted every K block.
-template <class Out>
+// Production: 128 x 128 x 128 tiles, no cluster, cooperative: one K block per pipeline stage,
+// scales promoted every K block. The other parameters serve the bench-only tile candidates
+// (sm90_gemm_tune.cuh), which keep the K step of 128 and so every output bit.
+template <class Out,
+          class Tile = cute::Shape<cute::Int<kBlockM>, cute::Int<kFp8BlockN>, cute::_128>,
+          class Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>,
+          class Schedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+          class EpiSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>
 struct Fp8BlockConfig {
   using ElementA = cutlass::float_e4m3_t;
   using ElementB = cutlass::float_e4m3_t;
   using ElementD = Out;
-  using TileShape = cute::Shape<cute::Int<kBlockM>, cute::Int<kFp8BlockN>, cute::_128>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  using TileShape = Tile;
+  using ClusterShape = Cluster;
+  using KernelSchedule = Schedule;
+  using EpilogueSchedule = EpiSchedule;
   static constexpr bool kScaled = true;
   static constexpr bool kSignal = false;
   static constexpr int kBlockM = cute::size<0>(TileShape{});

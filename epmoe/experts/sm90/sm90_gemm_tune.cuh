@@ -18,28 +18,11 @@
 
 namespace epmoe::cuda::sm90 {
 
+// The production FP8 config with another tile, cluster or schedule (bf16 output).
 template <class Tile, class Cluster, class Schedule, class EpiSchedule>
-struct Fp8TuneConfig : Fp8BlockConfig<cutlass::bfloat16_t> {
-  using Base = Fp8BlockConfig<cutlass::bfloat16_t>;
-  using TileShape = Tile;
-  using ClusterShape = Cluster;
-  using KernelSchedule = Schedule;
-  using EpilogueSchedule = EpiSchedule;
-  static constexpr int kBlockM = cute::size<0>(TileShape{});
-  static_assert(cute::size<2>(TileShape{}) == kScaleBlock,
+struct Fp8TuneConfig : Fp8BlockConfig<cutlass::bfloat16_t, Tile, Cluster, Schedule, EpiSchedule> {
+  static_assert(cute::size<2>(Tile{}) == 128,
                 "one 128-wide K block per stage keeps production's K order and promotion points");
-
-  using Epilogue = EpilogueOf<ElementD, TileShape, ClusterShape, EpilogueSchedule>;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,                         //
-      ElementA, cute::tuple<cutlass::layout::RowMajor*, Base::LayoutSFA*>, 16,     // A: [M, K]
-      ElementB, cute::tuple<cutlass::layout::ColumnMajor*, Base::LayoutSFB*>, 16,  // B: [Nout, K]
-      float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename Epilogue::SharedStorage))>,
-      KernelSchedule>::CollectiveOp;
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 };
 
 // NOTES: not a candidate: 128 x 256 x 128 (cooperative) does not compile with this scale layout:
